@@ -1,0 +1,1 @@
+"""Entry points and the ``tal`` command-line interface."""

@@ -1,0 +1,1 @@
+"""Data pipelines: annotation formats and (later) Ray Data feature extraction."""

@@ -1,0 +1,27 @@
+"""Evaluation with the ActivityNet reference semantics (see ../shared/DESIGN.md).
+
+- ``evaluate_detection``: AP per class and tIoU, mAP, average mAP, Recall@k x.
+- ``evaluate_proposals``: AR@AN and the area under the AR-AN curve.
+- ``parse_tiou``: threshold lists and ``start:stop:step`` ranges as the references build them.
+"""
+
+from tal_models.evaluation.detection import (
+    ACTIVITYNET_TIOU,
+    THUMOS14_TIOU,
+    DetectionMetrics,
+    evaluate_detection,
+    interpolated_ap,
+)
+from tal_models.evaluation.proposals import ProposalMetrics, evaluate_proposals
+from tal_models.evaluation.thresholds import parse_tiou
+
+__all__ = [
+    "ACTIVITYNET_TIOU",
+    "THUMOS14_TIOU",
+    "DetectionMetrics",
+    "ProposalMetrics",
+    "evaluate_detection",
+    "evaluate_proposals",
+    "interpolated_ap",
+    "parse_tiou",
+]
