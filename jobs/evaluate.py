@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.errors import UsageError
-from pipelines.annotations import detect_format, read_activitynet_results, read_annotations
+from pipelines.annotations import read_activitynet_results, read_annotations
 from tal_models.evaluation import (
     ACTIVITYNET_TIOU,
     THUMOS14_TIOU,
@@ -57,8 +57,8 @@ class EvaluationReport:
 
 
 def run(request: EvaluationRequest) -> EvaluationReport:
-    gt_format = detect_format(request.ground_truth)
-    ground_truth = read_annotations(request.ground_truth, format=gt_format)
+    ground_truth = read_annotations(request.ground_truth)
+    gt_format = ground_truth.format or "activitynet"
     if request.subset is not None and request.subset.lower() not in {s.lower() for s in ground_truth.subsets}:
         raise UsageError(f"--subset {request.subset!r} is not in {request.ground_truth}; it has {ground_truth.subsets}")
     predictions = read_activitynet_results(request.predictions, ground_truth.label_map)

@@ -381,6 +381,7 @@ class AnnotationSet:
     videos: Mapping[str, VideoAnnotation]
     label_map: LabelMap
     source: str = ""  # where it was read from, for messages
+    format: str | None = None  # the file format it was read from (pipelines.annotations.FORMATS)
 
     def __len__(self) -> int:
         return len(self.videos)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs the project with its test extras.
+# Idempotent: a second run only checks that everything is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1); pip takes them from this
+# machine's local index when it has one, from PyPI otherwise.
+.venv/bin/python -m pip install -q -e '.[test]' \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+.venv/bin/python -c "import torch, torchvision, tal_models, pipelines, jobs" \
+  || { echo "setup failed: the project does not import" >&2; exit 1; }
