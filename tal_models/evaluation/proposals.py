@@ -100,7 +100,8 @@ def evaluate_proposals(
         seg = np.asarray(det.segments.data, np.float64)[order[:n]]
         values = _tiou(gt_seg[:, None, :], seg[None, :, :])  # [n_gt, n]
         reach = values[None, :, :] >= tiou[:, None, None]  # [T, n_gt, n]
-        first_hit.append(np.where(reach.any(axis=2), reach.argmax(axis=2), np.iinfo(np.int64).max))
+        hit = reach.any(axis=2)
+        first_hit.append(np.where(hit, reach.argmax(axis=2) if n else 0, np.iinfo(np.int64).max))
     total_kept = int(sum(k for k, v in zip(kept, videos) if v.video_id in by_video and len(by_video[v.video_id])))
 
     fractions = np.arange(1, 101) / 100.0 * (max_avg_proposals * len(videos) / max(total_kept, 1))
