@@ -18,19 +18,21 @@ from actionformer.utils.metrics import compute_average_precision_detection
 
 def strip(video_id: str) -> str:
     # The reference matches ids literally; our evaluator accepts the v_ prefix either way.
-    return video_id[2:] if video_id.startswith("v_") else video_id
+    return video_id.removeprefix("v_")
 
 
 def main() -> None:
     gt_path, pred_path, tiou_text = sys.argv[1:4]
     tiou = np.array(json.loads(tiou_text), dtype=np.float64)
-    gt_json = json.load(open(gt_path))
+    with open(gt_path) as f:
+        gt_json = json.load(f)
     database = gt_json.get("database", gt_json)
     rows = [(strip(v), a["segment"][0], a["segment"][1], a["label"]) for v, d in database.items() for a in d["annotations"]]
     gt = pd.DataFrame(rows, columns=["video-id", "t-start", "t-end", "label"])
     classes = {name: i for i, name in enumerate(sorted(gt["label"].unique()))}
     gt["label"] = gt["label"].map(classes)
-    results = json.load(open(pred_path))["results"]
+    with open(pred_path) as f:
+        results = json.load(f)["results"]
     rows = [
         (strip(v), p["segment"][0], p["segment"][1], classes[p["label"]], p["score"])
         for v, preds in results.items()

@@ -183,7 +183,7 @@ def main() -> None:
     counts = np.bincount(labels, minlength=CLASSES)
     print(json.dumps({
         "benchmark": "soft_nms_gaussian_per_class",
-        "candidates": int(len(scores)),
+        "candidates": len(scores),
         "classes": CLASSES,
         "largest_class": int(counts.max()),
         "kept": len(ours),

@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from tal_models.evaluation import DetectionMetrics  # noqa: E402
+from tal_models.evaluation import DetectionMetrics
 
 RECALL_GRID = np.linspace(0, 1, 101)
 

@@ -26,7 +26,7 @@ import torch
 Array = Union[np.ndarray, torch.Tensor]
 
 
-class Unit(str, enum.Enum):
+class Unit(enum.StrEnum):
     """The unit a set of segments is measured in."""
 
     SECONDS = "seconds"
@@ -80,7 +80,7 @@ class Segments:
     def __len__(self) -> int:
         return int(self.data.shape[0])
 
-    def __getitem__(self, item) -> "Segments":
+    def __getitem__(self, item) -> Segments:
         if isinstance(item, int):
             item = slice(item, item + 1) if item != -1 else slice(-1, None)
         return Segments(self.data[item], self.unit, check=False)
@@ -108,25 +108,25 @@ class Segments:
         return (self.data[:, 0] + self.data[:, 1]) / 2
 
     # --- transforms (each returns a new object) ----------------------------------------
-    def clip(self, low: float, high: float) -> "Segments":
+    def clip(self, low: float, high: float) -> Segments:
         """Clamp both ends into ``[low, high]`` (e.g. ``[0, duration]``)."""
         x = self.data.clamp(low, high) if _is_torch(self.data) else np.clip(self.data, low, high)
         return Segments(x, self.unit, check=False)
 
-    def scale(self, factor: float, unit: Unit | str) -> "Segments":
+    def scale(self, factor: float, unit: Unit | str) -> Segments:
         """Multiply by ``factor`` and relabel the unit, e.g. normalized -> seconds by duration."""
         return Segments(self.data * factor, unit, check=False)
 
-    def to_numpy(self) -> "Segments":
+    def to_numpy(self) -> Segments:
         x = self.data.detach().cpu().double().numpy() if _is_torch(self.data) else self.data
         return Segments(x, self.unit, check=False)
 
-    def to_torch(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> "Segments":
+    def to_torch(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Segments:
         x = self.data if _is_torch(self.data) else torch.from_numpy(np.ascontiguousarray(self.data))
         return Segments(x.to(device=device, dtype=dtype), self.unit, check=False)
 
     @staticmethod
-    def cat(items: Sequence["Segments"]) -> "Segments":
+    def cat(items: Sequence[Segments]) -> Segments:
         if not items:
             raise ValueError("Segments.cat needs at least one Segments")
         units = {s.unit for s in items}
@@ -217,7 +217,7 @@ class LabelMap:
             self._name_of[cid] = name
 
     @classmethod
-    def from_names(cls, names: Iterable[str]) -> "LabelMap":
+    def from_names(cls, names: Iterable[str]) -> LabelMap:
         """Ids 0..K-1 in order of first appearance."""
         ordered = list(dict.fromkeys(names))
         return cls({n: i for i, n in enumerate(ordered)})
@@ -267,7 +267,7 @@ class Detections:
     Indexing with a boolean mask, an index array or a slice selects detections.
     """
 
-    __slots__ = ("video_id", "segments", "scores", "labels")
+    __slots__ = ("labels", "scores", "segments", "video_id")
 
     def __init__(self, video_id: str, segments: Segments, scores: Array, labels: Array):
         if not isinstance(segments, Segments):
@@ -288,13 +288,13 @@ class Detections:
         self.labels = labels
 
     @classmethod
-    def empty(cls, video_id: str, unit: Unit | str = Unit.SECONDS) -> "Detections":
+    def empty(cls, video_id: str, unit: Unit | str = Unit.SECONDS) -> Detections:
         return cls(video_id, Segments(np.zeros((0, 2)), unit), np.zeros(0), np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.segments)
 
-    def __getitem__(self, item) -> "Detections":
+    def __getitem__(self, item) -> Detections:
         if isinstance(item, int):
             item = slice(item, item + 1) if item != -1 else slice(-1, None)
         return Detections(self.video_id, self.segments[item], self.scores[item], self.labels[item])
@@ -302,7 +302,7 @@ class Detections:
     def __repr__(self) -> str:
         return f"Detections(video_id={self.video_id!r}, n={len(self)}, unit={self.segments.unit.value})"
 
-    def sorted_by_score(self) -> "Detections":
+    def sorted_by_score(self) -> Detections:
         """Highest score first (stable for equal scores)."""
         if _is_torch(self.scores):
             order = torch.sort(self.scores, descending=True, stable=True).indices
@@ -310,20 +310,20 @@ class Detections:
             order = np.argsort(-self.scores, kind="stable")
         return self[order]
 
-    def to_numpy(self) -> "Detections":
+    def to_numpy(self) -> Detections:
         s, lab = self.scores, self.labels
         if _is_torch(s):
             s, lab = s.detach().cpu().double().numpy(), lab.detach().cpu().numpy()
         return Detections(self.video_id, self.segments.to_numpy(), s, lab)
 
-    def to_torch(self, device: torch.device | str | None = None) -> "Detections":
+    def to_torch(self, device: torch.device | str | None = None) -> Detections:
         s, lab = self.scores, self.labels
         if not _is_torch(s):
             s, lab = torch.from_numpy(np.ascontiguousarray(s)), torch.from_numpy(np.ascontiguousarray(lab))
         return Detections(self.video_id, self.segments.to_torch(device), s.to(device, torch.float32), lab.to(device))
 
     @staticmethod
-    def cat(items: Sequence["Detections"]) -> "Detections":
+    def cat(items: Sequence[Detections]) -> Detections:
         if not items:
             raise ValueError("Detections.cat needs at least one Detections")
         ids = {d.video_id for d in items}
@@ -413,7 +413,7 @@ class AnnotationSet:
     def num_instances(self) -> int:
         return sum(len(v) for v in self.videos.values())
 
-    def subset(self, *names: str) -> "AnnotationSet":
+    def subset(self, *names: str) -> AnnotationSet:
         """Only the videos of the given subsets (compared case-insensitively)."""
         wanted = {n.lower() for n in names}
         missing = wanted - {s.lower() for s in self.subsets}

@@ -35,7 +35,12 @@ from .activitynet import (
 from .epic_kitchens import parse_timestamp, read_epic_kitchens
 from .errors import AnnotationFormatError, load_json
 from .multithumos import MULTITHUMOS_NUM_CLASSES, parse_multithumos, read_multithumos
-from .thumos14 import parse_thumos14_json, read_thumos14_json, read_thumos14_txt, write_thumos14_json
+from .thumos14 import (
+    parse_thumos14_json,
+    read_thumos14_json,
+    read_thumos14_txt,
+    write_thumos14_json,
+)
 
 __all__ = [
     "FORMATS",

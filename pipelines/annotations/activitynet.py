@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from tal_models.structures import AnnotationSet, Detections, LabelMap, Segments, VideoAnnotation
+from tal_models.structures import (
+    AnnotationSet,
+    Detections,
+    LabelMap,
+    Segments,
+    VideoAnnotation,
+)
 
 from .errors import (
     AnnotationFormatError,
@@ -27,23 +33,23 @@ from .errors import (
     field_values,
     label_strings,
     load_json,
-    number_array,
     optional_number,
     optional_str,
     require_list,
     require_mapping,
+    scores_of,
     seconds_data,
-    segment_array,
+    segments_and_labels,
     write_json_atomic,
 )
 
 __all__ = [
     "PredictionSet",
     "read_activitynet",
-    "write_activitynet",
     "read_activitynet_results",
-    "write_activitynet_results",
     "read_video_classification",
+    "write_activitynet",
+    "write_activitynet_results",
 ]
 
 _METADATA_KEYS = ("version", "taxonomy", "results", "external_data")
@@ -67,14 +73,7 @@ def parse_activitynet(data: Any, path: str | os.PathLike, *, label_map: LabelMap
     for vid, video in database.items():
         video = require_mapping(video, path, video_id=vid)
         anns = annotation_list(video, path, vid)
-        segments = segment_array(
-            field_values(anns, "segment", path, video_id=vid, prefix="annotations"),
-            path, video_id=vid, field=lambda i: f"annotations[{i}].segment",
-        )
-        names = label_strings(
-            field_values(anns, "label", path, video_id=vid, prefix="annotations"),
-            path, video_id=vid, field=lambda i: f"annotations[{i}].label",
-        )
+        segments, names = segments_and_labels(anns, path, video_id=vid, prefix="annotations")
         duration = optional_number(video.get("duration"), path, video_id=vid, field="duration")
         subset = optional_str(video.get("subset"), path, video_id=vid, field="subset")
         parsed.append((vid, segments, names, duration, subset))
@@ -166,18 +165,8 @@ def read_activitynet_results(path: str | os.PathLike, label_map: LabelMap) -> Pr
     detections = {}
     for vid, preds in results.items():
         preds = require_list(preds, path, video_id=vid, field="results")
-        segments = segment_array(
-            field_values(preds, "segment", path, video_id=vid, prefix="predictions"),
-            path, video_id=vid, field=lambda i: f"predictions[{i}].segment",
-        )
-        scores = number_array(
-            field_values(preds, "score", path, video_id=vid, prefix="predictions"),
-            path, video_id=vid, field=lambda i: f"predictions[{i}].score",
-        )
-        names = label_strings(
-            field_values(preds, "label", path, video_id=vid, prefix="predictions"),
-            path, video_id=vid, field=lambda i: f"predictions[{i}].label",
-        )
+        segments, names = segments_and_labels(preds, path, video_id=vid, prefix="predictions")
+        scores = scores_of(preds, path, video_id=vid, prefix="predictions")
         known = np.fromiter((n in id_of for n in names), dtype=bool, count=len(names))
         if not known.all():
             unknown.update(n for n in names if n not in id_of)
@@ -242,10 +231,7 @@ def read_video_classification(path: str | os.PathLike) -> dict[str, dict[str, fl
             field_values(preds, "label", path, video_id=vid, prefix="predictions"),
             path, video_id=vid, field=lambda i: f"predictions[{i}].label",
         )
-        scores = number_array(
-            field_values(preds, "score", path, video_id=vid, prefix="predictions"),
-            path, video_id=vid, field=lambda i: f"predictions[{i}].score",
-        )
+        scores = scores_of(preds, path, video_id=vid, prefix="predictions")
         scored = dict(zip(names, scores.tolist()))
         if len(scored) != len(names):
             i = next(i for i, n in enumerate(names) if n in names[:i])

@@ -232,6 +232,28 @@ def field_values(items: Sequence[Any], key: str, path, *, video_id: str | None, 
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def segments_and_labels(items: Sequence[Any], path, *, video_id: str, prefix: str) -> tuple[np.ndarray, list[str]]:
+    """The checked ``segment [N, 2]`` and ``label`` names of a list of ``{"segment", "label"}``
+    objects (annotations or predictions), errors naming ``prefix[i].segment`` / ``.label``."""
+    segments = segment_array(
+        field_values(items, "segment", path, video_id=video_id, prefix=prefix),
+        path, video_id=video_id, field=lambda i: f"{prefix}[{i}].segment",
+    )
+    names = label_strings(
+        field_values(items, "label", path, video_id=video_id, prefix=prefix),
+        path, video_id=video_id, field=lambda i: f"{prefix}[{i}].label",
+    )
+    return segments, names
+
+
+def scores_of(items: Sequence[Any], path, *, video_id: str, prefix: str) -> np.ndarray:
+    """The checked ``score`` of each object of a list, errors naming ``prefix[i].score``."""
+    return number_array(
+        field_values(items, "score", path, video_id=video_id, prefix=prefix),
+        path, video_id=video_id, field=lambda i: f"{prefix}[{i}].score",
+    )
+
+
 def label_strings(labels: list[Any], path, *, video_id: str | None, field: Callable[[int], str]) -> list[str]:
     """Check that every label is a non-empty string."""
     for i, name in enumerate(labels):

@@ -29,7 +29,6 @@ from .errors import (
     AnnotationFormatError,
     annotation_list,
     field_values,
-    label_strings,
     load_json,
     number_array,
     optional_number,
@@ -39,10 +38,11 @@ from .errors import (
     require_mapping,
     seconds_data,
     segment_array,
+    segments_and_labels,
     write_json_atomic,
 )
 
-__all__ = ["read_thumos14_json", "write_thumos14_json", "read_thumos14_txt"]
+__all__ = ["read_thumos14_json", "read_thumos14_txt", "write_thumos14_json"]
 
 # txt file suffix -> subset name as ActionFormer's JSON spells it
 _SUBSETS = {"val": "Validation", "test": "Test"}
@@ -72,14 +72,7 @@ def parse_thumos14_json(data: Any, path: str | os.PathLike) -> AnnotationSet:
     for vid, video in database.items():
         video = require_mapping(video, path, video_id=vid)
         anns = annotation_list(video, path, vid)
-        segments = segment_array(
-            field_values(anns, "segment", path, video_id=vid, prefix="annotations"),
-            path, video_id=vid, field=lambda i: f"annotations[{i}].segment",
-        )
-        names = label_strings(
-            field_values(anns, "label", path, video_id=vid, prefix="annotations"),
-            path, video_id=vid, field=lambda i: f"annotations[{i}].label",
-        )
+        segments, names = segments_and_labels(anns, path, video_id=vid, prefix="annotations")
         ids = _integer_ids(field_values(anns, "label_id", path, video_id=vid, prefix="annotations"), path, vid)
         for i, (name, cid) in enumerate(zip(names, ids.tolist())):
             first = id_seen.setdefault(name, (cid, vid, i))

@@ -75,12 +75,12 @@ class DetectionMetrics:
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)  # class -> (precision [T, n], recall [T, n])
 
     @property
-    def mAP(self) -> np.ndarray:  # noqa: N802 - the field's published name
+    def mAP(self) -> np.ndarray:
         """[T] mean AP over classes."""
         return self.ap.mean(axis=1) if self.ap.shape[1] else np.zeros(len(self.tiou))
 
     @property
-    def average_mAP(self) -> float:  # noqa: N802
+    def average_mAP(self) -> float:
         return float(self.mAP.mean())
 
     @property
@@ -208,8 +208,8 @@ def evaluate_detection(
         class_names=names,
         ap=ap,
         recall_at_k={k: r.mean(axis=1) if gt.num_classes else np.zeros(len(tiou)) for k, r in recall.items()},
-        num_ground_truth=int(len(gt.label)),
-        num_predictions=int(len(pred.score)),
+        num_ground_truth=len(gt.label),
+        num_predictions=len(pred.score),
         num_ignored_predictions=ignored + other_subsets,
         unknown_videos=unknown,
         curves={names[k]: c for k, c in curves.items()},
@@ -313,7 +313,7 @@ def match(
         return tp  # every prediction is a false positive at every threshold
     # Compact [A, C] layout of the candidates: A contested predictions, C the most candidates.
     cand_pred = pairs.pred[cand]
-    rows, first = np.unique(cand_pred, return_index=True)
+    rows = np.unique(cand_pred)
     column = _ragged_position(cand_pred)
     row_of = np.searchsorted(rows, cand_pred)
     values = np.full((len(rows), int(column.max()) + 1), -np.inf)

@@ -28,7 +28,7 @@ def parse_tiou(values: Sequence[str] | str) -> np.ndarray:
                 raise ValueError(f"a tIoU range is start:stop:step of numbers, got {text!r}") from None
             if step <= 0 or stop < start:
                 raise ValueError(f"a tIoU range needs start <= stop and step > 0, got {text!r}")
-            count = int(round((stop - start) / step)) + 1
+            count = round((stop - start) / step) + 1
             out.extend(np.linspace(start, stop, count).tolist())
         else:
             try:

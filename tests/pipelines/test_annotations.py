@@ -27,7 +27,7 @@ from pipelines.annotations import (
     write_activitynet_results,
     write_thumos14_json,
 )
-from tal_models.structures import AnnotationSet, Detections, LabelMap, Segments, UnknownLabelError, Unit, VideoAnnotation
+from tal_models.structures import AnnotationSet, Detections, LabelMap, Segments, Unit, UnknownLabelError, VideoAnnotation
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 ANET = DATA / "activitynet13"
