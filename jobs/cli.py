@@ -76,6 +76,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tal", description="Temporal action localization on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from jobs import extract
+    from pipelines.synth import add_synth_parser
+
+    add_synth_parser(sub)
+    extract.add_parsers(sub)
     _add_evaluate(sub)
     return parser
 

