@@ -76,9 +76,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tal", description="Temporal action localization on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from jobs import extract
+    from jobs import demo, extract
     from pipelines.synth import add_synth_parser
 
+    demo.add_parser(sub)
     add_synth_parser(sub)
     extract.add_parsers(sub)
     _add_evaluate(sub)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import time
 import warnings
@@ -342,6 +343,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # our summary and progress bar say what matters
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours is per video; Ray's per operator would repeat it
     items = [{"video_id": v.video_id, "uri": v.uri} for v in todo]
