@@ -104,6 +104,10 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Workers inherit the environment at start: every S3 in the tests is the local moto server,
+    # so dummy credentials go in before Ray starts (and no test can reach a real AWS account).
+    os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray

@@ -34,6 +34,20 @@ def test_synth_extract_export_import_round_trip(tmp_path, ray_session, capsys):
     assert code == 2 and "fps: 5.0 vs 10.0" in capsys.readouterr().err
 
 
+def test_extract_s3_to_s3_with_endpoint_flag(tmp_path, ray_session, moto_s3, s3_bucket, capsys):
+    archive = tmp_path / "archive"
+    assert main(["synth", "--out", str(archive), "--videos", "1", "--seed", "2", "--duration-range", "3", "3", "--size", "160x120", "--workers", "1"]) == 0
+    bucket = s3_bucket("cli")
+    moto_s3.fs.put_file(str(archive / "videos" / "synth_00000.mp4"), f"{bucket}/in/synth_00000.mp4")
+    argv = ["extract", "--videos", f"s3://{bucket}/in", "--out", f"s3://{bucket}/features", "--s3-endpoint", moto_s3.endpoint_url,
+            "--fps", "5", "--window", "2", "--stride", "2", "--num-workers", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "1 extracted, 0 failed" in capsys.readouterr().out
+    store = FeatureStore(f"s3://{bucket}/features", options={"client_kwargs": {"endpoint_url": moto_s3.endpoint_url}})
+    assert list(store.read_all()) == ["synth_00000"]
+    assert moto_s3.fs.exists(f"{bucket}/features/manifest.json")
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
