@@ -131,3 +131,55 @@ def test_list_videos_rejects_duplicate_ids_and_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such video"):
         list_videos(str(tmp_path / "nope"))
     assert [v.video_id for v in list_videos(str(tmp_path / "a" / "*.mp4"))] == ["x"]
+
+
+def _worker_pids() -> list[int]:
+    """PIDs of live Ray actor processes running our extractor (Ray titles them ``ray::MapWorker(...)``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"VideoFeatureExtractor" in cmdline and b"MapWorker" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_killed_mid_job_costs_nothing(archive, ray_session, tmp_path):
+    """A real fault: SIGKILL the extraction actor while it works; Ray restarts it, the video it held
+    is retried, and every video ends up in the store exactly once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    out = str(tmp_path / "store")
+    sampling = SamplingConfig(fps=10.0, window=1, stride=1, chunk_frames=8)  # every frame: each video takes a few seconds
+    result = {}
+    job = threading.Thread(target=lambda: result.update(summary=extract(ExtractConfig(videos=str(archive["videos"] / "*.mp4"), out=out, sampling=sampling, num_workers=1, progress=False))))
+    job.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and job.is_alive() and time.monotonic() < deadline:
+        pids = _worker_pids()
+        if pids:
+            time.sleep(3.0)  # let it get into a video
+            for pid in _worker_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+        time.sleep(0.2)
+    replacements = set()
+    while job.is_alive() and time.monotonic() < deadline + 60:
+        replacements.update(p for p in _worker_pids() if p != killed)
+        time.sleep(0.1)
+    job.join(timeout=60)
+    assert killed is not None, "never saw the extraction actor"
+    assert replacements, "the killed actor was not replaced: the kill came after all the work"
+    summary = result["summary"]
+    good = sorted(p.stem for p in archive["videos"].glob("*.mp4") if p.stem in archive["good"])
+    assert len(good) == 4 and sorted(FeatureStore(out).read_all()) == good
+    assert summary.extracted == len(good)
+    assert set(summary.failed) == {"zero_bytes", "truncated", "text_renamed"}  # the broken files, nothing else
