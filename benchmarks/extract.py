@@ -13,31 +13,40 @@ Throughput (the same videos, one after the other, in this process):
   ``num_threads=1``: one core. ``fps`` = frames / loop seconds (backbone build excluded, ``build_s``);
   ``steady_fps`` leaves out the first video (warm-up).
 * ``pipeline``: ``extract`` with ``num_workers=2``, ``cpus_per_worker=1`` into a fresh store, after
-  ``ray.init(num_cpus=2)`` (timed on its own: ``ray_init_s``). ``total_s`` is ``extract``'s wall time
-  (Ray already up). The arrival time of every row at the driver is recorded (by wrapping the
-  ``PartWriter`` that ``extract`` writes rows with; nothing else is changed). With W workers:
+  ``ray.init(num_cpus=2)`` (timed on its own: ``ray_init_s``); ``total_s`` is ``extract``'s wall time
+  (Ray already up). To see inside it, the actor class ``extract`` maps with is swapped for a subclass
+  that logs each video's wall-clock start and end and CPU times (two clock reads and one line per
+  video; nothing else changes). Times are from ``extract``'s start; with W workers:
 
-  - ``startup_s`` = ``ray_init_s`` + time from ``extract``'s start until W rows have arrived, i.e.
-    Ray init + driver probe + actor construction + every worker's first video (with its warm-up);
-  - ``steady_fps`` = frames of the rows after the W-th / (last arrival - W-th arrival): the rate once
-    every worker is warm (exact for equal-length videos whatever the workers' start skew);
-  - ``fps_total`` = frames / (``ray_init_s`` + ``total_s``), start-up included; ``fps_extract`` the same
-    without ``ray_init_s``;
-  - ``fixed_cost_s`` = (``ray_init_s`` + ``total_s``) - frames / ``steady_fps``: wall time lost to
-    everything that is not steady-state work (start-up, tail imbalance, store writes);
-  - ``summary_startup_s`` / ``summary_steady_fps``: ``ExtractSummary.startup_seconds`` (first row's arrival
-    minus its own processing time: roughly when the first actor began work) and the rate the summary
-    prints from it, frames / (seconds - startup_seconds), kept for comparison.
+  - ``startup_s`` = ``ray_init_s`` + until every actor has finished its first video: Ray init, driver
+    probe, Ray Data planning, actor construction and each worker's first video (with its warm-up);
+  - ``steady_fps`` = W x an actor's rate once warm: frames of its videos after the first / (end of its
+    last video - end of its first), pooled over the actors that did more than one video (gaps
+    between an actor's videos included);
+  - ``fps_total`` = frames / (``ray_init_s`` + ``total_s``), everything included; ``fps_extract`` the
+    same without ``ray_init_s``;
+  - ``first_video_start_s`` (the first actor starts work), ``actor_fps`` (frames / time inside the actors'
+    calls: per-worker compute rate), ``videos_per_actor``, ``tail_imbalance_s`` (how much earlier one
+    actor ran out of work than the last), ``wrap_up_s`` (last video done -> ``extract`` returns), actor CPU
+    user / sys seconds;
+  - ``summary_startup_s`` / ``summary_steady_fps``: ``ExtractSummary.startup_seconds`` and the rate the
+    summary prints from it, frames / (seconds - startup_seconds), for comparison. That estimate is
+    "first row seen by the driver - its processing time", but ``Dataset.iter_rows`` (prefetch_batches=1)
+    hands a row to the driver only once the *next* row is produced, so it is late by the gap between
+    the first and second finished videos (compare ``first_video_start_s``; with one worker that gap is
+    a whole video).
 
   ``ratio_per_core`` = steady_fps / W / plain fps (target >= 0.9); ``ratio_per_core_total`` uses
   ``fps_total``. ``machine_busy`` is the whole machine's CPU use during a phase (/proc/stat; 0.5 = one
   of two cores): above what the phase itself uses means other processes were competing.
 
 Memory: ``features_for_video`` on a 1-minute and a ``--long-minutes`` video (same size and fps), each
-in a fresh process (the two run at the same time; peaks are per process), reporting the child's
-``ru_maxrss`` at the end (``*_mb``) and after building the backbone (``baseline_mb``); ``growth`` =
-long / short (target < 1.2). The issue asks for 30 minutes; at ~27 frames/s per core that is ~17 min
-of compute here, so the default is 5 (pass ``--long-minutes 30 --skip-throughput`` for the full check).
+in a fresh process (the two run at the same time; peaks are per process), reporting the child's peak
+resident memory (VmHWM) at the end (``*_mb``) and after building the backbone (``baseline_mb``);
+``growth`` = long / short (target < 1.2). Not ``ru_maxrss``: Linux carries it over fork + exec, so a
+child reports this (big) parent's size; it is listed as ``ru_maxrss_mb`` to show it. The issue asks for
+30 minutes; at ~27 frames/s per core that is ~17 min of compute here, so the default is 5 (run
+``--long-minutes 30 --skip-throughput`` for the full check).
 """
 
 from __future__ import annotations
@@ -102,22 +111,24 @@ def plain_loop(videos: list[Path]) -> dict:
     import torch
 
     from pipelines.backbones import BackboneConfig, build_backbone
-    from pipelines.extract import SamplingConfig, features_for_video
+    from pipelines.extract import SamplingConfig, features_for_video, tune_allocator
+
+    tune_allocator()  # as the extraction actors do
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     backbone = build_backbone(BackboneConfig(), "cpu", num_threads=1)
     build_s = time.perf_counter() - t0
     sampling = SamplingConfig(**SAMPLING)
-    machine = _cpu_times()
-    cpu0, t0 = time.process_time(), time.perf_counter()
+    machine, cpu0 = _cpu_times(), os.times()
+    t0 = time.perf_counter()
     per_video = []
     for path in videos:
         t = time.perf_counter()
         seq = features_for_video(backbone, str(path), sampling)
         per_video.append((_frames(seq), time.perf_counter() - t))
     seconds = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
+    cpu1 = os.times()
     frames = sum(f for f, _ in per_video)
     rest = per_video[1:]
     return {
@@ -127,67 +138,109 @@ def plain_loop(videos: list[Path]) -> dict:
         "first_video_s": round(per_video[0][1], 2),
         "build_s": round(build_s, 2),
         "threads": torch.get_num_threads(),
-        "cpu_per_wall": round(cpu / seconds, 3),  # < 1: this one-thread loop was waiting for a core
+        "cpu_user_s": round(cpu1.user - cpu0.user, 1),
+        "cpu_sys_s": round(cpu1.system - cpu0.system, 1),  # kernel time (page faults of the backbone's buffers)
         "machine_busy": _busy_since(machine),
         "frames": frames,
     }
 
 
+def _timed_extractor(log_path: str):
+    """``VideoFeatureExtractor`` that also appends, per video, the actor's pid, wall-clock start and end
+    and CPU times to ``log_path`` (same machine). Built here and pickled by value into the workers."""
+    from pipelines.extract import VideoFeatureExtractor
+
+    class TimedExtractor(VideoFeatureExtractor):
+        def __init__(self, *args, **kwargs):
+            start = time.time()
+            super().__init__(*args, **kwargs)
+            self._log({"event": "init", "start": start, "end": time.time()})
+
+        def __call__(self, batch):
+            start, cpu0 = time.time(), os.times()
+            out = super().__call__(batch)
+            end, cpu1 = time.time(), os.times()
+            self._log({
+                "event": "video", "start": start, "end": end, "frames": int(out["frames"][0]), "ok": bool(out["ok"][0]),
+                "user": cpu1.user - cpu0.user, "sys": cpu1.system - cpu0.system,
+            })  # fmt: skip
+            return out
+
+        def _log(self, record: dict) -> None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), **record}) + "\n")
+
+    return TimedExtractor
+
+
 def pipeline(video_dir: Path, cache: Path, workers: int) -> dict:
     import ray
+    import ray.cloudpickle
 
     import pipelines.extract as extract_module
     from pipelines.backbones import BackboneConfig
     from pipelines.extract import ExtractConfig, SamplingConfig, extract
 
-    arrivals: list[tuple[float, int]] = []  # (perf_counter, frames) of each row at the driver
-
-    class TimedPartWriter(extract_module.PartWriter):
-        def add(self, seq, *args, **kwargs):
-            arrivals.append((time.perf_counter(), _frames(seq)))
-            return super().add(seq, *args, **kwargs)
-
-    store = cache / "stores" / f"extract-{uuid.uuid4().hex[:8]}"
+    if __name__ != "__main__":  # imported as a module: workers cannot import it, so ship it by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    tag = uuid.uuid4().hex[:8]
+    store, log_path = cache / "stores" / f"extract-{tag}", cache / "stores" / f"actors-{tag}.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     machine = _cpu_times()
     t0 = time.perf_counter()
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     ray_init_s = time.perf_counter() - t0
-    original = extract_module.PartWriter
-    extract_module.PartWriter = TimedPartWriter
+    original = extract_module.VideoFeatureExtractor
+    extract_module.VideoFeatureExtractor = _timed_extractor(str(log_path))  # what extract's plan maps with
     try:
         config = ExtractConfig(
             videos=str(video_dir), out=str(store), backbone=BackboneConfig(), sampling=SamplingConfig(**SAMPLING),
             num_workers=workers, cpus_per_worker=1.0, progress=False,
         )  # fmt: skip
-        t1 = time.perf_counter()
+        start_wall, t1 = time.time(), time.perf_counter()
         summary = extract(config)
         total_s = time.perf_counter() - t1
     finally:
-        extract_module.PartWriter = original
+        extract_module.VideoFeatureExtractor = original
         ray.shutdown()
         shutil.rmtree(store, ignore_errors=True)
     busy = _busy_since(machine)
-    if summary.failed:
-        raise RuntimeError(f"extraction failed for {summary.failed}")
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    log_path.unlink()
+    if summary.failed or summary.extracted != summary.listed:
+        raise RuntimeError(f"{summary.extracted} of {summary.listed} videos extracted; failed: {summary.failed}")
+
+    # per actor, its videos in order; times in seconds from extract's start
+    actors: dict[int, list[dict]] = {}
+    for r in records:
+        if r["event"] == "video":
+            actors.setdefault(r["pid"], []).append({**r, "start": r["start"] - start_wall, "end": r["end"] - start_wall})
+    for videos in actors.values():
+        videos.sort(key=lambda r: r["start"])
+    # steady state: each actor from the end of its first video to the end of its last (gaps between
+    # its videos included), summed over the actors that did more than one video
+    steady = [(sum(v["frames"] for v in vs[1:]), vs[-1]["end"] - vs[0]["end"]) for vs in actors.values() if len(vs) > 1]
+    steady_fps = workers * sum(f for f, _ in steady) / sum(s for _, s in steady) if steady else None
     frames = summary.frames
-    w = min(workers, len(arrivals))
-    times = [t - t1 for t, _ in arrivals]
-    steady_fps = None
-    if len(arrivals) > w and times[-1] > times[w - 1]:
-        steady_fps = sum(f for _, f in arrivals[w:]) / (times[-1] - times[w - 1])
+    done = [v for vs in actors.values() for v in vs]
     wall = ray_init_s + total_s
     after = summary.seconds - summary.startup_seconds
+    first_start = min(v["start"] for v in done)
     return {
         "workers": workers,
         "ray_init_s": round(ray_init_s, 2),
         "total_s": round(total_s, 2),
-        "startup_s": round(ray_init_s + times[w - 1], 2),
+        "startup_s": round(ray_init_s + max(vs[0]["end"] for vs in actors.values()), 2),
         "steady_fps": round(steady_fps, 2) if steady_fps else None,
         "fps_total": round(frames / wall, 2),
         "fps_extract": round(frames / total_s, 2),
-        "fixed_cost_s": round(wall - frames / steady_fps, 2) if steady_fps else None,
-        "first_row_s": round(times[0], 2),
-        "row_arrivals_s": [round(t, 1) for t in times],
+        "first_video_start_s": round(first_start, 2),
+        "actor_fps": round(sum(v["frames"] for v in done) / sum(v["end"] - v["start"] for v in done), 2),
+        "videos_per_actor": sorted((len(vs) for vs in actors.values()), reverse=True),
+        "tail_imbalance_s": round(max(vs[-1]["end"] for vs in actors.values()) - min(vs[-1]["end"] for vs in actors.values()), 2),
+        "wrap_up_s": round(total_s - max(v["end"] for v in done), 2),
+        "actor_cpu_user_s": round(sum(v["user"] for v in done), 1),
+        "actor_cpu_sys_s": round(sum(v["sys"] for v in done), 1),
         "summary_startup_s": round(summary.startup_seconds, 2),
         "summary_steady_fps": round(frames / after, 2) if after > 0 else None,
         "machine_busy": busy,
@@ -196,6 +249,13 @@ def pipeline(video_dir: Path, cache: Path, workers: int) -> dict:
 
 
 # --- memory ----------------------------------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM). Not ``ru_maxrss``: Linux carries that
+    across fork + exec, so a child started by a big parent reports the parent's size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def memory_child(path: str) -> None:
     """One video in this (fresh) process -> a JSON line with its peak resident memory."""
     import resource
@@ -203,16 +263,23 @@ def memory_child(path: str) -> None:
     import torch
 
     from pipelines.backbones import BackboneConfig, build_backbone
-    from pipelines.extract import SamplingConfig, features_for_video
+    from pipelines.extract import SamplingConfig, features_for_video, tune_allocator
+
+    tune_allocator()  # as the extraction actors do
 
     torch.set_num_threads(1)
     backbone = build_backbone(BackboneConfig(), "cpu", num_threads=1)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = _peak_rss_mb()
     t0 = time.perf_counter()
     seq = features_for_video(backbone, path, SamplingConfig(**SAMPLING))
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mb": round(peak, 1), "baseline_mb": round(baseline, 1), "seconds": round(seconds, 1), "frames": _frames(seq)}))
+    print(json.dumps({
+        "peak_mb": round(_peak_rss_mb(), 1),
+        "baseline_mb": round(baseline, 1),
+        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "seconds": round(seconds, 1),
+        "frames": _frames(seq),
+    }))  # fmt: skip
 
 
 def memory(cache: Path, long_minutes: float) -> dict:
@@ -228,15 +295,16 @@ def memory(cache: Path, long_minutes: float) -> dict:
         if child.returncode != 0:
             raise RuntimeError(f"memory child for the {name} video failed (exit {child.returncode})")
         results[name] = json.loads(out.strip().splitlines()[-1])
-    s, l = results["short"], results["long"]
+    short_r, long_r = results["short"], results["long"]
     return {
         "short_minutes": 1.0,
         "long_minutes": long_minutes,
-        "short_video_mb": s["peak_mb"],
-        "long_video_mb": l["peak_mb"],
-        "growth": round(l["peak_mb"] / s["peak_mb"], 3),
-        "baseline_mb": [s["baseline_mb"], l["baseline_mb"]],  # after the backbone is built, before any frame
-        "seconds": [s["seconds"], l["seconds"]],  # the two ran at the same time on the machine's cores
+        "short_video_mb": short_r["peak_mb"],
+        "long_video_mb": long_r["peak_mb"],
+        "growth": round(long_r["peak_mb"] / short_r["peak_mb"], 3),
+        "baseline_mb": [short_r["baseline_mb"], long_r["baseline_mb"]],  # after the backbone is built, before any frame
+        "seconds": [short_r["seconds"], long_r["seconds"]],  # the two ran at the same time on the machine's cores
+        "ru_maxrss_mb": [short_r["ru_maxrss_mb"], long_r["ru_maxrss_mb"]],  # inherited from this (parent) process: not the child's own
     }
 
 
@@ -265,7 +333,7 @@ def main() -> None:
         videos = _archive(cache, name, videos=args.videos, seconds=args.duration)
         out["archive"] = {"videos": len(videos), "seconds_of_video": args.videos * args.duration}
         out["plain"] = plain_loop(videos)
-        out["pipeline"] = pipeline(cache / name / "videos", cache, WORKERS)
+        out["pipeline"] = pipeline(videos[0].parent, cache, WORKERS)
         out["archive"]["frames"] = out["plain"]["frames"]
         plain_fps, p = out["plain"]["fps"], out["pipeline"]
         out["ratio_per_core"] = round(p["steady_fps"] / WORKERS / plain_fps, 3) if p["steady_fps"] else None
