@@ -5,8 +5,6 @@ Thin on purpose: read the two files, call ``tal_models.evaluation``, print and w
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 
 from jobs.errors import UsageError
 from pipelines.annotations import read_activitynet_results, read_annotations
+from pipelines.annotations.errors import write_json_atomic
 from tal_models.evaluation import (
     ACTIVITYNET_TIOU,
     THUMOS14_TIOU,
@@ -79,7 +78,8 @@ def run(request: EvaluationRequest) -> EvaluationReport:
         proposal_metrics = evaluate_proposals(ground_truth, predictions.detections, tiou, subset=request.subset)
     report = EvaluationReport(metrics, proposal_metrics, gt_format, dict(predictions.unknown_labels), ground_truth.subsets)
     if request.output is not None:
-        _write_json(request.output, report.to_dict())
+        request.output.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(request.output, report.to_dict(), indent=2)
     if request.plot is not None:
         from jobs.plots import plot_detection_metrics  # matplotlib only when asked
 
@@ -119,10 +119,3 @@ def format_report(report: EvaluationReport, request: EvaluationRequest) -> str:
             "  proposals: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in p.items() if k.startswith("AR@")) + f"  AUC {100 * p['AUC']:.2f}"
         )
     return "\n".join(lines)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
