@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from tal_models.structures import Segments, Unit
 
@@ -53,33 +54,30 @@ class FeatureTiming:
         """[T] centre of each step in seconds (float64)."""
         return self.step_to_seconds(np.arange(num_steps, dtype=np.float64))
 
-    def step_to_seconds(self, steps: np.ndarray | float) -> np.ndarray:
-        """Fractional step positions (step ``i`` = the centre of clip ``i``) -> seconds."""
-        return self.offset + (np.asarray(steps, dtype=np.float64) * self.stride + self.window / 2) / self.fps
+    def step_to_seconds(self, steps):
+        """Fractional step positions (step ``i`` = the centre of clip ``i``) -> seconds, computed in
+        float64; NumPy in, NumPy out; a torch tensor stays a tensor of its own dtype."""
+        x = _float64(steps)
+        out = self.offset + (x * self.stride + self.window / 2) / self.fps
+        return out.to(steps.dtype) if isinstance(steps, torch.Tensor) else out
 
-    def seconds_to_step(self, seconds: np.ndarray | float) -> np.ndarray:
+    def seconds_to_step(self, seconds):
         """Seconds -> fractional step positions; the inverse of ``step_to_seconds``."""
-        return ((np.asarray(seconds, dtype=np.float64) - self.offset) * self.fps - self.window / 2) / self.stride
+        x = _float64(seconds)
+        out = ((x - self.offset) * self.fps - self.window / 2) / self.stride
+        return out.to(seconds.dtype) if isinstance(seconds, torch.Tensor) else out
 
     def segments_to_seconds(self, segments: Segments) -> Segments:
         """Segments in feature steps -> seconds."""
         if segments.unit is not Unit.STEPS:
             raise ValueError(f"expected segments in steps, got {segments.unit.value}")
-        data = segments.data
-        if isinstance(data, np.ndarray):
-            return Segments(self.step_to_seconds(data), Unit.SECONDS, check=False)
-        scaled = self.offset + (data.double() * self.stride + self.window / 2) / self.fps  # torch stays torch
-        return Segments(scaled.to(data.dtype), Unit.SECONDS, check=False)
+        return Segments(self.step_to_seconds(segments.data), Unit.SECONDS, check=False)
 
     def segments_to_steps(self, segments: Segments) -> Segments:
         """Segments in seconds -> fractional feature steps."""
         if segments.unit is not Unit.SECONDS:
             raise ValueError(f"expected segments in seconds, got {segments.unit.value}")
-        data = segments.data
-        if isinstance(data, np.ndarray):
-            return Segments(self.seconds_to_step(data), Unit.STEPS, check=False)
-        steps = ((data.double() - self.offset) * self.fps - self.window / 2) / self.stride
-        return Segments(steps.to(data.dtype), Unit.STEPS, check=False)
+        return Segments(self.seconds_to_step(segments.data), Unit.STEPS, check=False)
 
     def num_steps(self, num_sampled_frames: int) -> int:
         """Number of clips in ``num_sampled_frames`` sampled frames: every full window, and one
@@ -89,3 +87,7 @@ class FeatureTiming:
         if num_sampled_frames < self.window:
             return 1
         return (num_sampled_frames - self.window) // self.stride + 1
+
+
+def _float64(x):
+    return x.double() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)

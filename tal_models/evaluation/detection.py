@@ -257,6 +257,11 @@ def _groups(gt: FlatGroundTruth, pred: FlatPredictions) -> _Groups:
     return _Groups(start, count, gt_order)
 
 
+def _gt_group_key(gt: FlatGroundTruth) -> np.ndarray:
+    """[G] one integer per (class, video) group of the ground truth."""
+    return gt.label * (int(gt.video.max(initial=0)) + 1) + gt.video
+
+
 @dataclass(frozen=True)
 class _Pairs:
     """Every (prediction, ground truth) pair of the same group, prediction by prediction and
@@ -322,8 +327,7 @@ def match(
     gt_index[row_of, column] = pairs.gt[cand]
 
     # Step k handles the k-th contested prediction (in score order) of every group at once.
-    group = gt_index[:, 0]  # any ground truth of the group names it; use the (class, video) key
-    group = gt.label[group] * (int(gt.video.max()) + 1) + gt.video[group]
+    group = _gt_group_key(gt)[gt_index[:, 0]]  # any ground truth of the group names it
     by_group = np.lexsort((rank[rows], group))
     step = np.empty(len(rows), np.int64)
     step[by_group] = _ragged_position(group[by_group])
@@ -436,11 +440,12 @@ def topk_recall(
     # Rank of each paired prediction within its (class, video) group.
     rows = np.unique(pairs.pred)
     first_gt = pairs.gt[np.searchsorted(pairs.pred, rows)]
-    group = gt.label[first_gt] * (int(gt.video.max()) + 1) + gt.video[first_gt]
+    keys = _gt_group_key(gt)
+    group = keys[first_gt]
     by_group = np.lexsort((rank[rows], group))
     position = np.empty(len(rows), np.int64)
     position[by_group] = _ragged_position(group[by_group])
-    group_size = np.bincount(gt.label * (int(gt.video.max()) + 1) + gt.video)[group]
+    group_size = np.bincount(keys)[group]
     pair_position = position[np.searchsorted(rows, pairs.pred)]
     pair_size = group_size[np.searchsorted(rows, pairs.pred)]
     for k in out:
