@@ -12,7 +12,7 @@ For one video:
    not longer than ``min_length`` steps are dropped;
 4. steps -> seconds with ``FeatureTiming.segments_to_seconds``, then clipped to ``[0, duration]``
    (ActionFormer clips after NMS; clipping first lets NMS and score voting see the segments that
-   are reported, and keeps voted segments inside the video);
+   are reported); a candidate left with no length (wholly past the end) is dropped;
 5. ``postprocess(..., nms)``: NMS and its own global threshold / top-k (``NMSConfig``).
 
 Steps and seconds: a point's position is an index into the level-0 grid, i.e. into the feature
@@ -108,11 +108,16 @@ def decode_single_video(
 
     # 4. -> seconds, inside the video
     seconds = timing.segments_to_seconds(Segments(segs, Unit.STEPS, check=False))
-    seconds = seconds.clip(0.0, float(duration) if duration is not None else torch.inf)
-    candidates = Detections(video_id, seconds, cand_scores, cand_labels)
+    upper = float(duration) if duration is not None else torch.inf
+    seconds = seconds.clip(0.0, upper)
+    inside = seconds.data[:, 1] > seconds.data[:, 0]  # wholly beyond the end: nothing left to report
+    candidates = Detections(video_id, seconds[inside], cand_scores[inside], cand_labels[inside])
 
-    # 5. NMS
-    return postprocess(candidates, nms)
+    # 5. NMS; score voting averages segments, which float rounding can push past the end
+    detections = postprocess(candidates, nms)
+    if nms.voting_threshold is not None and len(detections):
+        detections = Detections(video_id, detections.segments.clip(0.0, upper), detections.scores, detections.labels)
+    return detections
 
 
 @torch.no_grad()

@@ -147,6 +147,7 @@ def detection_losses(
     loss_weight: float = 1.0,
     label_smoothing: float = 0.0,
     reg_loss: RegLoss = "diou",
+    iou_weight_power: float = 0.0,
 ) -> dict[str, Tensor]:
     """ActionFormer's training loss of a batch.
 
@@ -161,6 +162,10 @@ def detection_losses(
         label_smoothing: ``eps``: classification targets become ``t * (1 - eps) + eps / (K + 1)``
             (ActionFormer's smoothing, with the background as a (K+1)-th class).
         reg_loss: ``"diou"`` (ActionFormer's) or ``"giou"``.
+        iou_weight_power: ``g > 0`` couples classification with localisation (TriDet): the focal
+            loss of a positive (point, class) is multiplied by ``IoU(predicted, target) ** g``,
+            the IoU taken without gradient (TriDet back-propagates through it; here it is a
+            weight only, the regression loss alone trains the offsets). 0: off (ActionFormer).
 
     Returns:
         ``{"cls_loss", "reg_loss", "final_loss"}``, scalars: ``cls_loss`` is the focal loss summed
@@ -193,7 +198,16 @@ def detection_losses(
     targets = cls_targets[valid_mask]  # [B, P, K] -> [V, K]
     if label_smoothing > 0:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / (k + 1)
-    cls_loss = sigmoid_focal_loss(cls_logits[valid_mask], targets, reduction="sum") / norm
+    if iou_weight_power > 0:
+        cls_elems = sigmoid_focal_loss(cls_logits[valid_mask], targets, reduction="none")  # [V, K]
+        with torch.no_grad():
+            iou = _iou_terms(reg_offsets[positive], reg_targets[positive], 1e-8)[0].clamp(min=0)  # [#pos]
+            weight = torch.ones_like(positive, dtype=cls_elems.dtype)  # [B, P]
+            weight[positive] = iou.to(weight.dtype) ** iou_weight_power
+            weight = torch.where(cls_targets[valid_mask] > 0, weight[valid_mask][:, None], 1.0)  # [V, K]: positive classes only
+        cls_loss = (cls_elems * weight).sum() / norm
+    else:
+        cls_loss = sigmoid_focal_loss(cls_logits[valid_mask], targets, reduction="sum") / norm
 
     # The sum over no positive point is 0 and back-propagates zeros: no special case needed.
     reg = reg_loss_fn(reg_offsets[positive], reg_targets[positive], reduction="sum") / norm  # [#pos, 2] -> []

@@ -91,3 +91,7 @@ class FeatureTiming:
 
 def _float64(x):
     return x.double() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+# Timing under which "seconds" are feature steps (step i -> i): for sequences given without timing.
+STEP_TIMING = FeatureTiming(fps=1.0, stride=1, window=1, offset=-0.5)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from tal_models.blocks import LayerNormC, MaskedGroupNorm
+from tal_models.timing import FeatureTiming
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +250,10 @@ class Batch:
 
     ``features [B, C, T]`` float32 (0 at padded steps), ``mask [B, 1, T]`` bool (True = valid
     step; each row is a valid prefix), ``segments`` list of ``[N_i, 2]`` float32 (steps),
-    ``labels`` list of ``[N_i]`` int64, ``video_ids`` list of ``B`` str.
+    ``labels`` list of ``[N_i]`` int64, ``video_ids`` list of ``B`` str; for decoding,
+    ``timings`` (the ``FeatureTiming`` of each video's sequence as given, crop included) and
+    ``durations`` (seconds, ``None`` if unknown). Without ``timings`` a detector reports
+    segments in feature steps (``STEP_TIMING``).
     """
 
     features: Tensor
@@ -257,6 +261,8 @@ class Batch:
     segments: list[Tensor]
     labels: list[Tensor]
     video_ids: list[str]
+    timings: list[FeatureTiming] | None = None
+    durations: list[float | None] | None = None
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -272,11 +278,15 @@ class Batch:
             segments=[s.to(device, non_blocking=non_blocking) for s in self.segments],
             labels=[x.to(device, non_blocking=non_blocking) for x in self.labels],
             video_ids=list(self.video_ids),
+            timings=self.timings,
+            durations=self.durations,
         )
 
 
-def _field(sample: Any, name: str) -> Any:
-    return sample[name] if isinstance(sample, Mapping) else getattr(sample, name)
+def _field(sample: Any, name: str, default: Any = ...) -> Any:
+    if isinstance(sample, Mapping):
+        return sample[name] if default is ... else sample.get(name, default)
+    return getattr(sample, name) if default is ... else getattr(sample, name, default)
 
 
 def collate(samples: Sequence[Any], pad_to_multiple: int = 1) -> Batch:
@@ -284,7 +294,9 @@ def collate(samples: Sequence[Any], pad_to_multiple: int = 1) -> Batch:
     multiple of ``pad_to_multiple`` (a pyramid of ``L`` levels needs ``2**(L - 1)``).
 
     Each sample is a mapping or an object with ``features [T_i, C]``, ``segments [N_i, 2]``
-    (steps), ``labels [N_i]`` and ``video_id``; arrays may be NumPy or torch.
+    (steps), ``labels [N_i]`` and ``video_id``, optionally ``timing`` (``FeatureTiming``) and
+    ``duration`` (seconds); arrays may be NumPy or torch. ``segments`` and ``labels`` may be
+    omitted for inference.
     """
     if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, int) or pad_to_multiple < 1:
         raise ValueError(f"collate: pad_to_multiple must be a positive int, got {pad_to_multiple!r}")
@@ -294,6 +306,10 @@ def collate(samples: Sequence[Any], pad_to_multiple: int = 1) -> Batch:
     channels = {f.shape[1] if f.ndim == 2 else None for f in features}
     if len(channels) != 1 or None in channels:
         raise ValueError(f"collate: features must be [T, C] with one C, got shapes {[tuple(f.shape) for f in features]}")
+    timings = [_field(s, "timing", None) for s in samples]
+    if any(t is not None for t in timings) and not all(isinstance(t, FeatureTiming) for t in timings):
+        raise ValueError("collate: give every sample a FeatureTiming 'timing', or none")
+    durations = [_field(s, "duration", None) for s in samples]
     lengths = [f.shape[0] for f in features]
     padded = max(pad_to_multiple, math.ceil(max(lengths) / pad_to_multiple) * pad_to_multiple)
 
@@ -305,9 +321,11 @@ def collate(samples: Sequence[Any], pad_to_multiple: int = 1) -> Batch:
     return Batch(
         features=out,
         mask=mask,
-        segments=[torch.as_tensor(_field(s, "segments"), dtype=torch.float32).reshape(-1, 2) for s in samples],
-        labels=[torch.as_tensor(_field(s, "labels"), dtype=torch.int64).reshape(-1) for s in samples],
+        segments=[torch.as_tensor(_field(s, "segments", ()), dtype=torch.float32).reshape(-1, 2) for s in samples],
+        labels=[torch.as_tensor(_field(s, "labels", ()), dtype=torch.int64).reshape(-1) for s in samples],
         video_ids=[str(_field(s, "video_id")) for s in samples],
+        timings=timings if all(t is not None for t in timings) else None,
+        durations=[None if d is None else float(d) for d in durations],
     )
 
 

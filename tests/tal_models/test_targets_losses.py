@@ -457,7 +457,9 @@ def test_decode_clips_to_the_video_and_batches():
         points, torch.stack([logits, logits]), torch.stack([offsets, offsets]), torch.stack([valid, ~valid]),
         [TIMING, slow], [4.0, None], ["a", "b"], NMSConfig(method="none"),
     )  # fmt: skip
-    assert [d.video_id for d in out] == ["a", "b"] and len(out[0]) == 2 and len(out[1]) == 0
+    # video a lasts 4.0 s: point 31's [4.13, 4.8] s lies wholly past the end and is dropped
+    assert [d.video_id for d in out] == ["a", "b"] and len(out[0]) == 1 and len(out[1]) == 0
+    assert out[0].segments.data[0, 0].item() == 0.0
     with pytest.raises(ValueError, match="batch of 2 videos"):
         decode(
             points, torch.stack([logits, logits]), torch.stack([offsets, offsets]), torch.stack([valid, valid]), TIMING, [1.0], ["a"], NMS

@@ -1,0 +1,94 @@
+"""Frozen config dataclasses <-> plain dicts <-> YAML.
+
+Configs are built in code and validated by their own ``__post_init__``; YAML is only their
+stored form (presets, checkpoints, MLflow params). ``config_from_dict`` rebuilds nested
+dataclasses field by field, turns YAML lists back into tuples, and refuses unknown keys naming
+the path and the keys it knows, so a typo in a preset is an error, not a silently ignored line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass (nested ones included) -> a dict of plain Python values (tuples -> lists)."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config_to_dict takes a dataclass instance, got {type(config).__name__}")
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Rebuild ``cls`` from ``data`` (as ``config_to_dict`` or YAML gives it); missing keys take
+    the dataclass defaults. Raises ``ValueError`` for unknown keys or invalid values, naming the
+    dotted path (``where`` prefixes it)."""
+    name = where or cls.__name__
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{name}: expected a mapping of fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{name}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(hints[key], value, f"{name}.{key}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: {exc}") from exc
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """Turn a YAML value into what the type hint asks for: nested dataclasses and tuples."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return config_from_dict(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        for option in options:  # first a dataclass or tuple that fits, else the value as is
+            if (dataclasses.is_dataclass(option) and isinstance(value, Mapping)) or (
+                typing.get_origin(option) is tuple and isinstance(value, list | tuple)
+            ):
+                return _convert(option, value, where)
+        return value
+    if origin is tuple and isinstance(value, list | tuple):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
+    return value
+
+
+def dump_yaml(config: Any) -> str:
+    """A config dataclass as YAML text (block style, keys in field order)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read a ``cls`` config from a YAML file; errors name the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    return config_from_dict(cls, data or {}, where=path.name)

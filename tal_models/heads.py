@@ -1,0 +1,102 @@
+"""Anchor-free dense heads, shared across pyramid levels (ActionFormer / FCOS style).
+
+Legend: B batch, C channels, T_l steps at pyramid level l, K classes.
+
+Both heads are a stack of masked convolutions (``num_layers - 1`` hidden layers of
+``feat_dim`` channels, each followed by an optional layer norm and a ReLU) and one output
+convolution, with the same weights at every level. The classification head starts from the
+focal-loss prior (``bias = -log((1 - p) / p)``, so every point begins as background with
+probability ``1 - p`` and the first iterations are not swamped by easy negatives). The
+regression head multiplies its output by a learnt scale per level and applies a ReLU, so the
+distances are non-negative and each level can settle on its own magnitude (FCOS).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from tal_models.blocks import LayerNormC, MaskedConv1d, _check_odd
+
+RegressionKind = Literal["offsets", "trident"]
+_REGRESSION_KINDS = ("offsets", "trident")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The classification and regression heads.
+
+    ``regression``: ``offsets`` (ActionFormer: two distances per point, regressed directly) or
+    ``trident`` (TriDet: the expected value of relative boundary distributions over
+    ``num_bins + 1`` steps of the level; see ``tal_models.trident``).
+    """
+
+    in_dim: int = 512
+    feat_dim: int = 512
+    num_layers: int = 3  # convolutions per head, the output one included
+    kernel_size: int = 3
+    with_ln: bool = True
+    prior_prob: float = 0.01
+    regression: RegressionKind = "offsets"
+    num_bins: int = 16  # trident only
+
+    def __post_init__(self) -> None:
+        for name in ("in_dim", "feat_dim", "num_layers", "num_bins"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"HeadConfig.{name} must be a positive int, got {value!r}")
+        _check_odd("HeadConfig.kernel_size", self.kernel_size)
+        if not 0.0 < self.prior_prob < 1.0:
+            raise ValueError(f"HeadConfig.prior_prob must be in (0, 1), got {self.prior_prob} (ActionFormer: 0.01)")
+        if self.regression not in _REGRESSION_KINDS:
+            raise ValueError(f"HeadConfig.regression must be one of {_REGRESSION_KINDS}, got {self.regression!r}")
+
+
+class _ConvTower(nn.Module):
+    """``num_layers - 1`` masked conv (+ LN) + ReLU layers, then the output conv: [B, in, T] -> [B, out, T]."""
+
+    def __init__(self, config: HeadConfig, out_dim: int):
+        super().__init__()
+        dims = [config.in_dim] + [config.feat_dim] * (config.num_layers - 1)
+        self.hidden = nn.ModuleList(MaskedConv1d(a, b, config.kernel_size, bias=not config.with_ln) for a, b in zip(dims[:-1], dims[1:]))
+        self.norms = nn.ModuleList((LayerNormC(b) if config.with_ln else nn.Identity()) for b in dims[1:])
+        self.out = MaskedConv1d(dims[-1], out_dim, config.kernel_size)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        for conv, norm in zip(self.hidden, self.norms):
+            x, _ = conv(x, mask)
+            x = torch.relu(norm(x)).masked_fill(~mask, 0.0)
+        return self.out(x, mask)[0]
+
+
+class ClassificationHead(nn.Module):
+    """Per-level features -> class logits: ``levels`` x ``[B, in_dim, T_l]`` -> ``[B, K, T_l]``
+    (zero logits at invalid steps; they take no part in the loss or decoding)."""
+
+    def __init__(self, config: HeadConfig, num_classes: int):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.tower = _ConvTower(config, num_classes)
+        nn.init.constant_(self.tower.out.conv.bias, -math.log((1.0 - config.prior_prob) / config.prior_prob))
+
+    def forward(self, feats: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
+        return [self.tower(x, m) for x, m in zip(feats, masks)]
+
+
+class OffsetRegressionHead(nn.Module):
+    """Per-level features -> (start, end) distances in strides of the level, >= 0:
+    ``levels`` x ``[B, in_dim, T_l]`` -> ``[B, 2, T_l]`` (zero at invalid steps)."""
+
+    def __init__(self, config: HeadConfig, levels: int):
+        super().__init__()
+        self.tower = _ConvTower(config, 2)
+        self.scales = nn.Parameter(torch.ones(levels))  # one learnt scale per level
+
+    def forward(self, feats: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
+        torch._assert(len(feats) == self.scales.shape[0], f"expected {self.scales.shape[0]} levels, got {len(feats)}")
+        return [torch.relu(self.tower(x, m) * self.scales[level]).masked_fill(~m, 0.0) for level, (x, m) in enumerate(zip(feats, masks))]
