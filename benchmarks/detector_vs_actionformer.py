@@ -1,0 +1,189 @@
+"""Our detectors vs the original ActionFormer (PyPI ``actionformer==1.5.0``), side by side.
+
+    .venv/bin/python benchmarks/detector_vs_actionformer.py [--rounds 3] [--threads 2]
+
+THUMOS14 I3D setting for every model: one video of 2304 steps of 2048-d random features for
+inference (forward + decoding + NMS, eval mode), a batch of 2 such videos with 5 ground-truth
+segments each for a training step (forward + backward + clipping + AdamW). Every measurement
+is a fresh process (``--worker``), and the implementations alternate within each round, so
+machine noise (about +-20 % here) hits all of them alike; the figures are medians over rounds
+of each process's median. Peak memory is the process's peak RSS (VmHWM) minus its RSS once the
+model is built (so it counts what the step needs, not ``import torch``).
+
+The reference runs in ``.venv-reference`` (``bash benchmarks/setup_reference_venv.sh``) through
+``benchmarks/_actionformer_reference.py``; without it the reference figures are null.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_PYTHON = ROOT / ".venv-reference" / "bin" / "python"
+REFERENCE_SCRIPT = ROOT / "benchmarks" / "_actionformer_reference.py"
+PRESETS = ("thumos14-actionformer", "thumos14-tridet", "thumos14-temporalmaxer")
+LENGTH, NUM_SEGMENTS, TRAIN_BATCH = 2304, 5, 2
+
+
+def _rss_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(preset_name: str, mode: str, repeats: int, threads: int, seed: int) -> dict:
+    """One process, one model, one mode: ``repeats`` timed iterations after one warm-up."""
+    import numpy as np
+    import torch
+
+    from tal_models.detector import build_detector
+    from tal_models.presets import load_preset
+    from tal_models.training import build_optimizer, collate
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    preset = load_preset(preset_name)
+    model = build_detector(preset.detector)
+    g = np.random.default_rng(seed)
+
+    def video(i: int) -> dict:
+        starts = np.sort(g.choice(np.arange(0, LENGTH - 200, 40), NUM_SEGMENTS, replace=False))
+        segments = np.stack([starts, starts + g.integers(8, 200, NUM_SEGMENTS)], axis=1).astype(np.float32)
+        features = g.standard_normal((LENGTH, preset.detector.input_dim), dtype=np.float32)
+        return {"features": features, "segments": segments, "labels": g.integers(0, 20, NUM_SEGMENTS), "video_id": f"v{i}"}
+
+    times = []
+    if mode == "inference":
+        model.eval()
+        batch = collate([video(0)], model.pad_multiple)
+        baseline = _rss_mb("VmRSS")
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            with torch.inference_mode():
+                model(batch)
+            if i:
+                times.append(time.perf_counter() - started)
+    else:
+        model.train()
+        batch = collate([video(0), video(1)], model.pad_multiple)
+        optimizer = build_optimizer(model, preset.optim)
+        baseline = _rss_mb("VmRSS")
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            losses = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses["final_loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), preset.optim.clip_grad_norm or 1.0)
+            optimizer.step()
+            if i:
+                times.append(time.perf_counter() - started)
+    return {
+        "impl": preset_name,
+        "mode": mode,
+        "threads": threads,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": times,
+        "median_s": statistics.median(times),
+        "peak_rss_mb": _rss_mb("VmHWM"),
+        "baseline_rss_mb": baseline,
+    }
+
+
+def _run(cmd: list[str]) -> dict | None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": cmd[cmd.index("--threads") + 1]})
+    if proc.returncode != 0:
+        print(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(impl: str, mode: str, repeats: int, threads: int) -> dict | None:
+    if impl == "reference":
+        if not REFERENCE_PYTHON.exists():
+            return None
+        cmd = [str(REFERENCE_PYTHON), str(REFERENCE_SCRIPT), "speed", "--mode", mode, "--repeats", str(repeats), "--threads", str(threads)]
+    else:
+        cmd = [sys.executable, __file__, "--worker", impl, "--mode", mode, "--repeats", str(repeats), "--threads", str(threads)]
+    return _run(cmd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per process")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("inference", "train"), help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.mode, args.repeats, args.threads, args.seed)))
+        return
+
+    impls = ["reference", *args.presets]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    for r in range(args.rounds):
+        order = impls if r % 2 == 0 else impls[::-1]
+        for mode in ("inference", "train"):
+            for impl in order:
+                result = measure(impl, mode, args.repeats, args.threads)
+                if result is not None:
+                    runs.setdefault((impl, mode), []).append(result)
+                    print(f"round {r + 1} {mode:9s} {impl:24s} {result['median_s']:.3f} s", file=sys.stderr)
+
+    def summary(impl: str) -> dict | None:
+        inf, train = runs.get((impl, "inference")), runs.get((impl, "train"))
+        if not inf or not train:
+            return None
+        return {
+            "params": inf[0]["params"],
+            "inference_s": statistics.median(x["median_s"] for x in inf),
+            "train_step_s": statistics.median(x["median_s"] for x in train),
+            "peak_inference_mb": statistics.median(x["peak_rss_mb"] - x["baseline_rss_mb"] for x in inf),
+            "peak_train_mb": statistics.median(x["peak_rss_mb"] - x["baseline_rss_mb"] for x in train),
+            "peak_train_rss_mb": statistics.median(x["peak_rss_mb"] for x in train),
+        }
+
+    ref = summary("reference")
+    results = {"reference": ref}
+    for preset in args.presets:
+        ours = summary(preset)
+        if ours and ref:
+            ours["ratios"] = {
+                "inference": round(ours["inference_s"] / ref["inference_s"], 3),
+                "train_step": round(ours["train_step_s"] / ref["train_step_s"], 3),
+                "peak_train_memory": round(ours["peak_train_mb"] / ref["peak_train_mb"], 3),
+                "peak_inference_memory": round(ours["peak_inference_mb"] / ref["peak_inference_mb"], 3),
+            }
+        results[preset] = ours
+    print(
+        json.dumps({
+            "benchmark": "detector_vs_actionformer",
+            "setting": {"length": LENGTH, "input_dim": 2048, "classes": 20, "train_batch": TRAIN_BATCH, "threads": args.threads},
+            "rounds": args.rounds,
+            "repeats": args.repeats,
+            "results": results,
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()],
+            "cpu_count": os.cpu_count(),
+            "wall_s": round(time.perf_counter() - started, 1),
+        })  # fmt: skip
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
