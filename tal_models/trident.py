@@ -136,10 +136,10 @@ class _Branch(nn.Module):
         self.out = MaskedConv1d(dims[-1], out_dim, kernel_size, bias=out_bias)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        for conv, norm in zip(self.hidden, self.norms):
-            x, _ = conv(x, mask)
-            x = torch.relu(norm(x)).masked_fill(~mask, 0.0)
-        return self.out(x, mask)[0]
+        for i, (conv, norm) in enumerate(zip(self.hidden, self.norms)):
+            x, _ = conv(x, mask, input_masked=i > 0)
+            x = norm(x).masked_fill_(~mask, 0.0).relu_()  # in place: neither op's backward needs its input
+        return self.out(x, mask, input_masked=len(self.hidden) > 0)[0]
 
 
 class TridentHead(nn.Module):

@@ -436,3 +436,38 @@ def test_bad_configuration_is_refused_with_a_fix(make, message):
 def test_heads_only_constrain_transformer_encoders():
     EncoderConfig(kind="maxpool", embed_dim=30, heads=4)
     EncoderConfig(kind="conv", embed_dim=30, heads=4)
+
+
+# --- the memory-lean autograd functions: gradients against autograd's own ------------------
+def test_channel_layer_norm_and_fused_norm_functions_have_exact_gradients():
+    from tal_models.blocks import MLP, LayerNormC, norm_mlp, norm_pointwise
+
+    torch.manual_seed(0)
+    C, T = 6, 9
+    norm = LayerNormC(C).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    proj = torch.nn.Conv1d(C, 5, 1).double()
+    mlp = MLP(C, 2.0).double()
+    x = torch.randn(2, C, T, dtype=torch.double, requires_grad=True)
+
+    def plain_norm(x):  # the reference: F.layer_norm with C last
+        return torch.nn.functional.layer_norm(x.transpose(1, 2), (C,), norm.weight, norm.bias, norm.eps).transpose(1, 2)
+
+    cases = [
+        (lambda x: norm(x), plain_norm),
+        (lambda x: norm_pointwise(norm, proj, x), lambda x: proj(plain_norm(x))),
+        (lambda x: norm_mlp(norm, mlp, x), lambda x: mlp.fc2(torch.nn.functional.gelu(mlp.fc1(plain_norm(x))))),
+    ]
+    params = [x, norm.weight, norm.bias, *proj.parameters(), *mlp.parameters()]
+    for fused, plain in cases:
+        grad_out = torch.randn_like(plain(x))
+        ours = torch.autograd.grad(fused(x), params, grad_out, allow_unused=True)
+        ref = torch.autograd.grad(plain(x), params, grad_out, allow_unused=True)
+        torch.testing.assert_close(fused(x), plain(x))
+        for a, b in zip(ours, ref):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda x: norm_mlp(norm, mlp, x), (x,))
