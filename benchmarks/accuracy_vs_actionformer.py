@@ -64,7 +64,9 @@ def load_split(data_dir: Path, split: str):
     return samples, meta, gt
 
 
-def train_ours(preset_name: str, data_dir: Path, steps: int, batch_size: int, embed_dim: int, max_seq_len: int, seed: int, threads: int):
+def train_ours(
+    preset_name: str, data_dir: Path, steps: int, batch_size: int, embed_dim: int, max_seq_len: int, seed: int, threads: int, ema_decay: float
+):
     import torch
 
     from tal_models.detector import build_detector, make_config
@@ -83,7 +85,8 @@ def train_ours(preset_name: str, data_dir: Path, steps: int, batch_size: int, em
     model = build_detector(config)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     epochs = max(1, round(steps / steps_per_epoch))
-    optim = replace(preset.optim, epochs=epochs, warmup_epochs=min(epochs - 1, round(epochs * preset.optim.warmup_epochs / preset.optim.epochs)))
+    warmup = min(epochs - 1, round(epochs * preset.optim.warmup_epochs / preset.optim.epochs))
+    optim = replace(preset.optim, epochs=epochs, warmup_epochs=warmup, ema_decay=ema_decay)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
     ema = ModelEMA(model, optim.ema_decay) if optim.ema_decay else None
@@ -162,6 +165,7 @@ def evaluate(pred_path: Path, data_dir: Path) -> dict:
 # --- the driver ----------------------------------------------------------------------------
 def _worker_cmd(impl: str, args, data_dir: Path, out: Path) -> list[str]:
     common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--threads", "1", "--seed", str(args.seed)]
+    common += ["--ema-decay", str(args.ema_decay)]
     if impl == "reference":
         widths = ["--embed-dim", str(args.embed_dim), "--fpn-dim", str(args.embed_dim), "--head-dim", str(args.embed_dim)]
         return [
@@ -176,7 +180,7 @@ def _worker_cmd(impl: str, args, data_dir: Path, out: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--input-dim", type=int, default=128)
     parser.add_argument("--embed-dim", type=int, default=128)
@@ -184,6 +188,7 @@ def main() -> None:
     parser.add_argument("--max-videos-per-split", type=int, default=None)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the evaluated weights, for every model (0.999 suits 3,500 steps)")
     parser.add_argument("--data", type=Path, help="reuse a data set made by _thumos_like.py")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -191,7 +196,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        predictions, info = train_ours(args.worker, args.data, args.steps, args.batch_size, args.embed_dim, args.max_seq_len, args.seed, args.threads)
+        predictions, info = train_ours(
+            args.worker, args.data, args.steps, args.batch_size, args.embed_dim, args.max_seq_len, args.seed, args.threads, args.ema_decay
+        )
         classes = json.loads((args.data / "meta.json").read_text())["classes"]
         write_results(predictions, classes, args.out)
         print(json.dumps(info))
@@ -239,7 +246,7 @@ def main() -> None:
             "benchmark": "accuracy_vs_actionformer",
             "setting": {
                 "steps": args.steps, "batch_size": args.batch_size, "input_dim": args.input_dim, "embed_dim": args.embed_dim,
-                "max_seq_len": args.max_seq_len, "seed": args.seed, "threads_per_model": 1, "data": str(data_dir),
+                "max_seq_len": args.max_seq_len, "seed": args.seed, "ema_decay": args.ema_decay, "threads_per_model": 1, "data": str(data_dir),
             },
             "results": results,
             "best_ours": best,
