@@ -18,15 +18,24 @@ EXIT_BAD_INPUT = 2
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="score predictions (ActivityNet results JSON) against ground truth",
+        help="score predictions (ActivityNet results JSON), or a checkpoint on a feature store, against ground truth",
         description=(
             "Detection mAP per tIoU, average mAP, per-class AP and Recall@k x with the ActivityNet "
-            "reference semantics. Ground truth: ActivityNet JSON, ActionFormer-THUMOS14 JSON, THUMOS14 "
-            "txt folder, MultiTHUMOS JSON or EPIC-Kitchens-100 CSV (detected automatically)."
+            "reference semantics. Two modes: --predictions FILE scores a results JSON; --model runs a "
+            "checkpoint over the annotated videos of a feature store (--features) and writes predictions, "
+            "metrics, plots and per-video timelines into --output DIR. Ground truth: ActivityNet JSON, "
+            "ActionFormer-THUMOS14 JSON, THUMOS14 txt folder, MultiTHUMOS JSON or EPIC-Kitchens-100 CSV "
+            "(detected automatically)."
         ),
     )
-    p.add_argument("--ground-truth", required=True, type=Path, metavar="FILE")
-    p.add_argument("--predictions", required=True, type=Path, metavar="FILE", help="ActivityNet results JSON")
+    p.add_argument("--ground-truth", "--annotations", dest="ground_truth", required=True, type=Path, metavar="FILE")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--predictions", type=Path, metavar="FILE", help="ActivityNet results JSON to score")
+    mode.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="a checkpoint to run: models:/tal-detector@champion, models:/tal-detector/3, runs:/<id>/path, a path or an s3:// URI",
+    )
     p.add_argument(
         "--tiou",
         nargs="+",
@@ -38,13 +47,33 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-ambiguous", action="store_true", help="drop false positives on THUMOS14 Ambiguous segments")
     p.add_argument("--top-k", nargs="+", type=int, default=[1, 5], metavar="K", help="Recall@k x values (default 1 5)")
     p.add_argument("--proposals", action="store_true", help="also report class-agnostic AR@AN and AUC")
-    p.add_argument("--output", type=Path, metavar="metrics.json", help="write the metrics as JSON")
-    p.add_argument("--plot", type=Path, metavar="pr.png", help="write precision/recall curves and per-class AP as PNG")
+    p.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="with --predictions: write the metrics JSON to this file; with --model (required): the directory for "
+        "predictions.json, metrics.json, precision_recall.png and timelines/",
+    )
+    p.add_argument("--plot", type=Path, metavar="pr.png", help="with --predictions: write precision/recall curves and per-class AP as PNG")
+    model = p.add_argument_group("with --model")
+    model.add_argument("--features", metavar="STORE", help="the feature store (a directory or an s3:// prefix)")
+    model.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help=f"Ray actors for inference; 0 = in this process (default: 0 below {_AUTO_RAY_VIDEOS} videos, else one per CPU)",
+    )
+    model.add_argument("--batch-size", type=int, metavar="B", help="videos per forward pass (default 8)")
+    model.add_argument("--timeline-videos", type=int, metavar="N", help="draw timelines/<video>.png for the first N videos (default 10)")
+    model.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// stores and checkpoints (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=_evaluate)
 
 
+_AUTO_RAY_VIDEOS = 200  # jobs.evaluate.AUTO_RAY_VIDEOS (not imported here: the parser stays light)
+_MODEL_ONLY = ("features", "workers", "batch_size", "timeline_videos", "s3_endpoint")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from jobs.evaluate import EvaluationRequest, format_report, run
     from tal_models.evaluation import parse_tiou
 
     try:
@@ -53,6 +82,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--tiou: {e}") from None
     if any(k < 1 for k in args.top_k):
         raise UsageError(f"--top-k values must be >= 1, got {args.top_k}")
+    if args.model is not None:
+        return _evaluate_model(args, tiou)
+    given = [f"--{name.replace('_', '-')}" for name in _MODEL_ONLY if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} only apply with --model; --predictions scores an existing results file")
+
+    from jobs.evaluate import EvaluationRequest, format_report, run
+
     request = EvaluationRequest(
         ground_truth=args.ground_truth,
         predictions=args.predictions,
@@ -73,15 +110,47 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_model(args: argparse.Namespace, tiou) -> int:
+    if args.features is None:
+        raise UsageError("--model needs --features STORE (the feature store to run it on)")
+    if args.output is None:
+        raise UsageError("--model needs --output DIR (predictions.json, metrics.json, plots and timelines are written there)")
+    if args.plot is not None:
+        raise UsageError(f"--plot applies to --predictions; with --model the plots are written into --output ({args.output})")
+
+    from jobs.evaluate import ModelEvaluationRequest, format_model_report, run_model
+    from pipelines.store import storage_options
+
+    request = ModelEvaluationRequest(
+        model=args.model,
+        features=args.features,
+        annotations=args.ground_truth,
+        output=args.output,
+        subset=args.subset,
+        workers=args.workers,
+        batch_size=8 if args.batch_size is None else args.batch_size,
+        timeline_videos=10 if args.timeline_videos is None else args.timeline_videos,
+        tiou=tiou,
+        ignore_ambiguous=args.ignore_ambiguous,
+        top_k=tuple(args.top_k),
+        proposals=args.proposals,
+        storage_options=storage_options(args.s3_endpoint),
+    )
+    report = run_model(request)
+    print(format_model_report(report, request))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tal", description="Temporal action localization on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from jobs import demo, extract
+    from jobs import demo, extract, train
     from pipelines.synth import add_synth_parser
 
     demo.add_parser(sub)
     add_synth_parser(sub)
     extract.add_parsers(sub)
+    train.add_parser(sub)
     _add_evaluate(sub)
     return parser
 

@@ -1,11 +1,16 @@
-"""``tal evaluate``: score an ActivityNet results JSON against ground truth.
+"""``tal evaluate``: score an ActivityNet results JSON against ground truth (``run``), or a
+checkpoint on a feature store (``run_model``: inference, then the same evaluation).
 
-Thin on purpose: read the two files, call ``tal_models.evaluation``, print and write.
+Thin on purpose: read the inputs, call ``jobs.inference`` and ``tal_models.evaluation``, print and write.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import os
+import re
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ from tal_models.evaluation import (
     evaluate_detection,
     evaluate_proposals,
 )
+from tal_models.structures import Detections, video_id_candidates
 
 THUMOS_LIKE = {"thumos14_json", "thumos14_txt", "multithumos"}
 
@@ -107,15 +113,250 @@ def format_report(report: EvaluationReport, request: EvaluationRequest) -> str:
         lines.append(
             f"unknown       {len(m.unknown_videos)} predicted videos are not in the ground truth (their predictions count as false positives), e.g. {m.unknown_videos[0]!r}"
         )
+    lines += _metric_table(m, report.proposal_metrics)
+    return "\n".join(lines)
+
+
+def _metric_table(m: DetectionMetrics, proposal_metrics: ProposalMetrics | None) -> list[str]:
+    """mAP and Recall@k x per tIoU, average mAP, and AR@AN when proposals were evaluated."""
     header = "  tIoU    mAP(%)" + "".join(f"  R@{k}x(%)" for k in m.recall_at_k)
-    lines += ["", header, "  " + "-" * (len(header) - 2)]
+    lines = ["", header, "  " + "-" * (len(header) - 2)]
     for i, t in enumerate(m.tiou):
         recalls = "".join(f"  {100 * r[i]:7.2f}" for r in m.recall_at_k.values())
         lines.append(f"  {t:4.2f}   {100 * m.mAP[i]:7.2f}{recalls}")
     lines.append(f"  average mAP: {100 * m.average_mAP:.2f}%")
-    if report.proposal_metrics is not None:
-        p = report.proposal_metrics.to_dict()
+    if proposal_metrics is not None:
+        p = proposal_metrics.to_dict()
         lines.append(
             "  proposals: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in p.items() if k.startswith("AR@")) + f"  AUC {100 * p['AUC']:.2f}"
         )
+    return lines
+
+
+# --- a checkpoint on a feature store (``tal evaluate --model``) -----------------------------------
+
+AUTO_RAY_VIDEOS = 200  # from this many videos to infer, --workers defaults to Ray with one actor per CPU
+
+
+@dataclass(frozen=True)
+class ModelEvaluationRequest:
+    model: str  # models:/name@alias, models:/name/version, runs:/<id>/path, a path or an s3:// URI
+    features: str  # the feature store: a directory or an s3:// prefix
+    annotations: Path
+    output: Path  # a directory
+    subset: str | None = None
+    workers: int | None = None  # None: 0 (this process) below AUTO_RAY_VIDEOS videos, else one Ray actor per CPU
+    batch_size: int = 8
+    timeline_videos: int = 10
+    tiou: np.ndarray | None = None
+    ignore_ambiguous: bool = False
+    top_k: tuple[int, ...] = (1, 5)
+    proposals: bool = False
+    storage_options: dict | None = None  # fsspec options for s3:// stores and checkpoints
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ModelEvaluationReport:
+    metrics: DetectionMetrics
+    proposal_metrics: ProposalMetrics | None
+    ground_truth_format: str
+    checkpoint: str  # the local file (or URI) the model was read from
+    videos: list[str]  # evaluated (annotation ids), in annotation order
+    missing_from_store: list[str]  # annotated (in the subset) but not in the store: not evaluated
+    unknown_classes: list[str]  # classes of the annotations that the model does not predict
+    subsets: list[str]  # all subsets of the annotation file
+    workers: int  # 0: inferred in this process
+    inference_seconds: float
+    outputs: dict[str, Path]
+
+    def to_dict(self) -> dict:
+        out = self.metrics.to_dict()
+        out["unknown_labels"] = {}  # the checkpoint's labels are checked against the annotations first
+        out["ground_truth_format"] = self.ground_truth_format
+        if self.proposal_metrics is not None:
+            out["proposals"] = self.proposal_metrics.to_dict()
+        out["model"] = self.checkpoint
+        out["num_videos"] = len(self.videos)
+        out["missing_from_store"] = self.missing_from_store
+        out["classes_not_in_model"] = self.unknown_classes
+        out["workers"] = self.workers
+        out["inference_seconds"] = round(self.inference_seconds, 3)
+        return out
+
+
+def resolve_checkpoint(model: str) -> str:
+    """A registry or run URI -> a local checkpoint file (through MLflow); anything else as given."""
+    if model.startswith(("models:/", "runs:/")):
+        from jobs.tracking import resolve_model  # MLflow only when asked
+
+        try:
+            return str(resolve_model(model))
+        except ValueError as e:  # an unknown name, alias, version or run: named with what exists
+            raise UsageError(f"--model {model}: {e}") from None
+    return model
+
+
+def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
+    """Infer a checkpoint over the store's videos of the annotation file, evaluate, write the outputs.
+
+    Refused before any inference (``UsageError``): a checkpoint that the store's features do not fit
+    (dimension, backbone, sampling), checkpoint classes the annotations do not know, a subset
+    that does not exist, no annotated video in the store. Annotated videos missing from the
+    store are reported and left out of the metrics.
+    """
+    from jobs.inference import detect_sequences, detect_store_on_ray, read_checkpoint_bytes
+    from pipelines.annotations import write_activitynet_results
+    from pipelines.store import FeatureStore, StoreError
+    from tal_models.checkpoint import CheckpointError, load_checkpoint
+
+    if request.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {request.batch_size}")
+    if request.workers is not None and request.workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0: in this process), got {request.workers}")
+    if request.timeline_videos < 0:
+        raise UsageError(f"--timeline-videos must be >= 0, got {request.timeline_videos}")
+    if request.output.exists() and not request.output.is_dir():
+        raise UsageError(f"--output {request.output} is a file; with --model it names a directory")
+
+    ground_truth = read_annotations(request.annotations)
+    gt_format = ground_truth.format or "activitynet"
+    scoped = ground_truth
+    if request.subset is not None:
+        if request.subset.lower() not in {s.lower() for s in ground_truth.subsets}:
+            raise UsageError(f"--subset {request.subset!r} is not in {request.annotations}; it has {ground_truth.subsets}")
+        scoped = ground_truth.subset(request.subset)
+
+    checkpoint_uri = resolve_checkpoint(request.model)
+    try:
+        checkpoint = load_checkpoint(io.BytesIO(read_checkpoint_bytes(checkpoint_uri, request.storage_options)), map_location="cpu")
+    except CheckpointError as e:
+        raise UsageError(f"{checkpoint_uri}: {e}") from None
+    unknown = [n for n in checkpoint.labels if n not in ground_truth.label_map]
+    if unknown:
+        raise UsageError(
+            f"{len(unknown)} classes of the checkpoint are not in {request.annotations}: {unknown[:5]}"
+            + (" ..." if len(unknown) > 5 else "")
+            + "; evaluate against the annotations the model was trained for"
+        )
+    to_gt_label = np.array([ground_truth.label_map.id(n) for n in checkpoint.labels], np.int64)  # checkpoint id -> annotation id
+
+    store = FeatureStore(request.features, options=request.storage_options)
+    try:
+        provenance = store.provenance
+        checkpoint.check_features(provenance.feature_dim, provenance.to_dict())
+        in_store = store.status().done
+    except (CheckpointError, StoreError) as e:
+        raise UsageError(f"{request.features}: {e}") from None
+    store_id_of = {}  # annotation id -> store id (ActivityNet's v_ prefix may differ)
+    missing = []
+    for vid in scoped.videos:
+        store_id = next((c for c in video_id_candidates(vid) if c in in_store), None)
+        if store_id is None:
+            missing.append(vid)
+        else:
+            store_id_of[vid] = store_id
+    where = f"{request.annotations}" + (f" (subset {request.subset})" if request.subset else "")
+    if not store_id_of:
+        raise UsageError(f"none of the {len(scoped)} videos of {where} is in the feature store {request.features}")
+
+    workers = request.workers
+    if workers is None:
+        workers = 0 if len(store_id_of) < AUTO_RAY_VIDEOS else max(1, os.cpu_count() or 1)
+    store_ids = list(store_id_of.values())
+    started = time.perf_counter()
+    if workers > 0:
+        found = detect_store_on_ray(
+            checkpoint_uri, request.features, store_ids, workers, request.batch_size,
+            storage_options=request.storage_options, progress=request.progress,
+        )  # fmt: skip
+    else:
+        wanted = set(store_ids)
+        found = detect_sequences(
+            checkpoint, (s for s in store if s.video_id in wanted), request.batch_size, progress=request.progress, total=len(wanted)
+        )
+    inference_seconds = time.perf_counter() - started
+
+    # Detections under the annotation's video ids and label ids (names are the checkpoint's labels).
+    detections = {}
+    for vid, store_id in store_id_of.items():
+        d = found[store_id]
+        detections[vid] = Detections(vid, d.segments, d.scores, to_gt_label[d.labels])
+    evaluated = replace(scoped, videos={vid: scoped.videos[vid] for vid in store_id_of})
+    tiou = request.tiou
+    if tiou is None:
+        tiou = THUMOS14_TIOU if gt_format in THUMOS_LIKE else ACTIVITYNET_TIOU
+    metrics = evaluate_detection(
+        evaluated, detections, tiou, ignore_ambiguous=request.ignore_ambiguous, top_k=request.top_k, keep_curves=True
+    )
+    proposal_metrics = evaluate_proposals(evaluated, detections, tiou) if request.proposals else None
+
+    out = request.output
+    outputs = {"predictions": out / "predictions.json", "metrics": out / "metrics.json", "plot": out / "precision_recall.png"}
+    out.mkdir(parents=True, exist_ok=True)
+    write_activitynet_results(
+        outputs["predictions"], detections.values(), ground_truth.label_map,
+        external_data={"used": False, "details": f"model {request.model}, features {request.features}"},
+    )  # fmt: skip
+    model_classes = set(checkpoint.labels)
+    report = ModelEvaluationReport(
+        metrics=metrics,
+        proposal_metrics=proposal_metrics,
+        ground_truth_format=gt_format,
+        checkpoint=checkpoint_uri,
+        videos=list(store_id_of),
+        missing_from_store=missing,
+        unknown_classes=[n for n in metrics.class_names if n not in model_classes],
+        subsets=ground_truth.subsets,
+        workers=workers,
+        inference_seconds=inference_seconds,
+        outputs=outputs,
+    )
+    write_json_atomic(outputs["metrics"], report.to_dict(), indent=2)
+
+    from jobs.plots import plot_detection_metrics, plot_timeline  # matplotlib only here
+
+    plot_detection_metrics(metrics, outputs["plot"])
+    timeline_tiou = 0.5 if 0.5 in np.round(tiou, 6) else float(tiou[len(tiou) // 2])
+    for vid in list(store_id_of)[: request.timeline_videos]:
+        video = evaluated.videos[vid]
+        path = out / "timelines" / f"{safe_file_name(vid)}.png"
+        plot_timeline(path, vid, video, detections[vid], ground_truth.label_map, video.duration, tiou=timeline_tiou)
+    if request.timeline_videos and store_id_of:
+        outputs["timelines"] = out / "timelines"
+    return report
+
+
+def safe_file_name(video_id: str) -> str:
+    """``video_id`` as one file name: path separators and other odd characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", video_id).lstrip(".") or "_"
+
+
+def format_model_report(report: ModelEvaluationReport, request: ModelEvaluationRequest) -> str:
+    m = report.metrics
+    where = "in this process" if report.workers == 0 else f"on Ray, {report.workers} actors"
+    rate = len(report.videos) / max(report.inference_seconds, 1e-9)
+    lines = [
+        f"model         {request.model}" + (f" ({report.checkpoint})" if report.checkpoint != request.model else ""),
+        f"annotations   {request.annotations} ({report.ground_truth_format}"
+        + (f", subset {request.subset}" if request.subset else "")
+        + f"): {m.num_ground_truth:,} instances of {len(m.class_names)} classes in the {len(report.videos):,} videos evaluated",
+        f"inference     {len(report.videos):,} videos of {request.features} {where}: {report.inference_seconds:.1f} s ({rate:.1f} videos/s), "
+        f"{m.num_predictions:,} detections",
+    ]
+    if report.missing_from_store:
+        shown = ", ".join(repr(v) for v in report.missing_from_store[:5])
+        more = f" and {len(report.missing_from_store) - 5} more" if len(report.missing_from_store) > 5 else ""
+        lines.append(
+            f"warning       {len(report.missing_from_store)} annotated videos are not in the feature store and were not evaluated: {shown}{more}"
+        )
+    if request.subset is None and len(report.subsets) > 1:
+        lines.append(f"note          the annotations have subsets {report.subsets}; all were evaluated (use --subset)")
+    if report.unknown_classes:
+        classes = report.unknown_classes
+        lines.append(f"note          the model does not predict {len(classes)} annotated classes (their AP is 0): {classes[:5]}")
+    lines += _metric_table(report.metrics, report.proposal_metrics)
+    lines.append("")
+    for name, path in report.outputs.items():
+        lines.append(f"  {name:<11} -> {path}")
     return "\n".join(lines)

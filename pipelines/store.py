@@ -30,6 +30,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tal_models.timing import FeatureTiming
@@ -287,6 +288,21 @@ class FeatureStore:
 
     def read_all(self) -> dict[str, FeatureSequence]:
         return {s.video_id: s for s in self}
+
+    def read_videos(self, video_ids: Iterable[str]) -> dict[str, FeatureSequence]:
+        """The sequences of ``video_ids`` only, reading just the parts that hold them (what a
+        training worker does with its shard). Videos the store does not hold are a ``StoreError``."""
+        wanted = set(video_ids)
+        done = self.status().done
+        missing = sorted(wanted - set(done))
+        if missing:
+            raise StoreError(f"{self.uri} holds no features for {len(missing)} of the requested videos, e.g. {missing[:5]}")
+        out: dict[str, FeatureSequence] = {}
+        for part in sorted({done[v] for v in wanted}):
+            table = self._read_table(f"{self.path}/{part}")
+            table = table.filter(pc.is_in(table["video_id"], value_set=pa.array(sorted(wanted), pa.string())))
+            out.update((s.video_id, s) for s in from_table(table))
+        return out
 
     def _read_table(self, path: str) -> pa.Table:
         with self.fs.open(path, "rb") as f:

@@ -104,6 +104,9 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train V2's controller polls slowly by default (~20 s of fixed cost per fit, STACK_NOTES)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
     # Workers inherit the environment at start: every S3 in the tests is the local moto server,
     # so dummy credentials go in before Ray starts (and no test can reach a real AWS account).
     os.environ["AWS_ACCESS_KEY_ID"] = "testing"
@@ -112,3 +115,56 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """One real ``mlflow server`` for the session (SQLite backend, proxied artifacts); yields its ``http://`` URI.
+
+    It starts in its own process group (the server runs uvicorn as a child), which is terminated at the end.
+    Startup takes ~20 s on 2 cores (database tables, then uvicorn). A server that does not come up fails the
+    test with the end of its log: it is part of the stack, not optional.
+    """
+    import os
+    import signal
+
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.exists():
+        pytest.fail(f"mlflow not found at {exe}")
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log_path = root / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no store of the caller leaks in
+    # No job runner (a huey consumer for GenAI jobs): one process less to start, and no store left in /dev/shm.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    cmd = [
+        str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}: {log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer at {uri}/health within 120 s: {log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        yield uri
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # its own group: the server and its uvicorn worker, nothing else
+            proc.wait(timeout=15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

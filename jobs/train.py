@@ -1,0 +1,543 @@
+"""``tal train``: a detector on a feature store, with Ray Train (DDP) and MLflow.
+
+    tal train --config thumos14-actionformer --features STORE --annotations FILE [--workers 2] [--epochs E]
+
+The driver (``train``) checks everything it can before any worker starts: the preset, the
+store's provenance and feature width against the detector, the labels, the split. It then opens
+one MLflow run and starts ``TorchTrainer``; each worker (``train_loop_per_worker``) reads only its
+shard of the store (the parts holding its videos: a detector needs whole sequences, cropped
+anew every epoch, so a worker keeps its shard in memory rather than streaming it each epoch),
+trains with the single-process utilities of ``tal_models.training`` inside DDP, validates its
+share of the validation videos, and rank 0 gathers the detections, evaluates once, logs the
+epoch to MLflow and reports a checkpoint to Ray Train. The driver finally logs the best
+checkpoint as an artifact and registers it (``jobs.tracking``).
+
+Fault tolerance: every epoch ends with a checkpoint (weights, optimiser, schedule, EMA, loss
+normaliser, epoch); a dead worker restarts the group from the last one (``--max-failures``). A
+stopped run resumes with ``--resume RUN_NAME``: the same Ray Train run folder (its checkpoint
+snapshot) and the same MLflow run. Randomness is re-seeded from (seed, rank, epoch) at every
+epoch, so a resumed run follows the same path as an uninterrupted one. Metrics are logged once
+per epoch: an epoch re-run after a failure does not log twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.errors import UsageError
+
+# Ray Train V2's controller polls slowly by default: ~20 s of fixed cost per fit on a small run (STACK_NOTES)
+_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
+SCORE = "val_average_mAP"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What ``tal train`` was asked to do (the CLI builds it; tests build it directly)."""
+
+    config: str  # preset name or YAML path
+    features: str  # feature store URI
+    annotations: str
+    out: str = "out/train"  # Ray Train run folders (local path or s3://)
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    epochs: int | None = None  # None: the preset's
+    batch_size: int | None = None  # per worker; None: the preset's
+    run_name: str | None = None
+    resume: str | None = None  # a run name under `out`
+    overrides: tuple[str, ...] = ()  # "detector.loss.label_smoothing=0.1"
+    train_subset: str | None = None  # None: by the annotation format (THUMOS: Validation, ActivityNet: training)
+    val_subset: str | None = None  # None: THUMOS: Test, ActivityNet: validation
+    val_every: int = 1
+    keep_best: int = 2
+    max_failures: int = 1
+    seed: int = 0
+    mlflow_uri: str | None = None
+    experiment: str = "tal"
+    register: bool = True
+    amp: bool = True  # bf16 autocast on GPU
+    stop_after: int | None = None  # stop once this many epochs are done (a time-boxed job); --resume continues
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the driver ------------------------------------------------------------------------------
+def plan(job: TrainJob) -> dict[str, Any]:
+    """Everything the workers need, checked on the driver: raises ``UsageError`` with what to fix."""
+    from pipelines.annotations import read_annotations
+    from pipelines.store import FeatureStore, StoreError
+    from tal_models.config import config_from_dict, config_to_dict
+    from tal_models.presets import Preset, load_preset
+
+    try:
+        preset = load_preset(job.config)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"--config: {exc}") from None
+    preset = _apply_overrides(preset, job.overrides, config_from_dict, config_to_dict, Preset)
+    annotations = read_annotations(job.annotations)
+    store = FeatureStore(job.features, options=job.storage_options or None)
+    try:
+        provenance = store.provenance
+        done = set(store.status().done)
+    except StoreError as exc:
+        raise UsageError(f"--features: {exc}") from None
+    detector = replace(preset.detector, num_classes=len(annotations.label_map))
+    if provenance.feature_dim != detector.input_dim:
+        raise UsageError(
+            f"the store {job.features} holds {provenance.feature_dim}-dim features ({provenance.backbone}) but {job.config} "
+            f"expects {detector.input_dim}: use a preset for this backbone, or --set detector.encoder.input_dim={provenance.feature_dim}"
+        )
+    train_subset, val_subset = _subsets(annotations, job.train_subset, job.val_subset)
+    train_set = annotations.subset(train_subset)
+    val_set = annotations.subset(val_subset)
+    missing = sorted(v for v in list(train_set.videos) + list(val_set.videos) if v not in done)
+    train_ids = sorted(v for v in train_set.videos if v in done)
+    val_ids = sorted(v for v in val_set.videos if v in done)
+    if not train_ids:
+        raise UsageError(f"none of the {len(train_set)} {train_subset!r} videos of {job.annotations} has features in {job.features}")
+    if not val_ids:
+        raise UsageError(f"none of the {len(val_set)} {val_subset!r} videos of {job.annotations} has features in {job.features}")
+    ids = annotations.label_map.ids
+    model_class = {cid: i for i, cid in enumerate(ids)}  # annotation label id -> model class 0..K-1
+    timing = provenance.timing
+
+    def video(vid: str) -> dict[str, Any]:
+        v = annotations[vid]
+        seconds = np.asarray(v.segments.data, dtype=np.float64).reshape(-1, 2)
+        return {
+            "segments_s": seconds.tolist(),
+            "segments": timing.seconds_to_step(seconds).tolist(),
+            "labels": [model_class[int(k)] for k in v.labels],
+            "duration": v.duration,
+        }
+
+    epochs = job.epochs or preset.optim.epochs
+    optim = replace(preset.optim, epochs=epochs, warmup_epochs=min(preset.optim.warmup_epochs, max(epochs - 1, 0)))
+    return {
+        "preset": preset.name,
+        "detector": config_to_dict(detector),
+        "optim": config_to_dict(optim),
+        "batch_size": job.batch_size or preset.batch_size,
+        "labels": annotations.label_map.names,
+        "provenance": provenance.to_dict(),
+        "features": job.features,
+        "storage_options": job.storage_options,
+        "train": {vid: video(vid) for vid in train_ids},
+        "val": {vid: video(vid) for vid in val_ids},
+        "train_subset": train_subset,
+        "val_subset": val_subset,
+        "missing_videos": missing,
+        "val_every": job.val_every,
+        "seed": job.seed,
+        "amp": job.amp,
+        "validation_key": _validation_key(val_ids, annotations),
+        "stop_after": job.stop_after,
+    }
+
+
+def _apply_overrides(preset, overrides, config_from_dict, config_to_dict, preset_cls):
+    if not overrides:
+        return preset
+    data = config_to_dict(preset)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise UsageError(f"--set {key}: {part!r} is not a section of the config")
+            node = node[part]
+        if parts[-1] not in node:
+            raise UsageError(f"--set {key}: no such key; {'.'.join(parts[:-1]) or 'the top level'} has {sorted(node)}")
+        import yaml
+
+        node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        return config_from_dict(preset_cls, data, where="--set")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _subsets(annotations, train: str | None, val: str | None) -> tuple[str, str]:
+    names = {s.lower(): s for s in annotations.subsets}
+    if train and val:
+        return train, val
+    for default_train, default_val in (("training", "validation"), ("validation", "test"), ("train", "val"), ("train", "test")):
+        if default_train in names and default_val in names:
+            return train or names[default_train], val or names[default_val]
+    raise UsageError(
+        f"cannot tell the training and validation subsets of {annotations.source or 'the annotations'} "
+        f"(it has {annotations.subsets or 'none'}): give --train-subset and --val-subset"
+    )
+
+
+def _validation_key(val_ids: list[str], annotations) -> str:
+    """Identifies the validation set (videos and their ground truth): a champion is only replaced
+    by a model scored on the same set."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for vid in val_ids:
+        v = annotations[vid]
+        h.update(vid.encode())
+        h.update(np.asarray(v.segments.data, dtype=np.float64).tobytes())
+        h.update(np.asarray(v.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def train(job: TrainJob) -> dict[str, Any]:
+    """Run ``job``; returns a summary (run name, MLflow run id, best score, registration)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs import tracking
+
+    for key, value in _RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+    started = time.perf_counter()
+    spec = plan(job)
+    out = _storage_path(job.out)
+    run_name = job.resume or job.run_name or f"{spec['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    state_file = Path(out) / run_name / "tal_run.json" if "://" not in out else None
+    uri = tracking.tracking_uri(job.mlflow_uri)
+    mlflow_run_id = None
+    if job.resume:
+        if state_file is None or not state_file.exists():
+            raise UsageError(f"--resume {job.resume}: no run of that name under {out} (its tal_run.json is missing)")
+        mlflow_run_id = json.loads(state_file.read_text())["mlflow_run_id"]
+    elif (Path(out) / run_name).exists():
+        raise UsageError(f"a run named {run_name!r} already exists under {out}: choose another --run-name, or --resume it")
+    print(
+        f"tal train: {spec['preset']} on {len(spec['train'])} {spec['train_subset']} videos, validating on {len(spec['val'])} "
+        f"{spec['val_subset']} videos; {job.workers} worker(s); run {run_name!r}"
+        + (f"; {len(spec['missing_videos'])} annotated videos have no features (skipped)" if spec["missing_videos"] else "")
+    )
+    tags = {
+        "git_commit": tracking.git_commit() or "unknown",
+        "preset": spec["preset"],
+        **{f"features.{k}": str(v) for k, v in spec["provenance"].items() if k != "extract_config"},
+        "features.uri": job.features,
+        "validation_key": spec["validation_key"],
+    }
+    with tracking.TrainingRun(uri, job.experiment, run_name, tags=tags, run_id=mlflow_run_id) as run:
+        if state_file is not None:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            state_file.write_text(json.dumps({"mlflow_run_id": run.run_id, "job": asdict(job)}, indent=1))
+        run.log_params({"preset": spec["preset"], "detector": spec["detector"], "optim": spec["optim"], "batch_size": spec["batch_size"],
+                        "workers": job.workers, "seed": job.seed})  # fmt: skip
+        if job.stop_after:
+            run.set_tags({"tal.stopped_after_epoch": str(job.stop_after)})
+        if not ray.is_initialized():
+            ray.init(runtime_env={"env_vars": dict(_RAY_TRAIN_ENV)})
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={**spec, "mlflow_uri": uri, "mlflow_run_id": run.run_id},
+            scaling_config=ScalingConfig(
+                num_workers=job.workers,
+                use_gpu=job.gpus_per_worker > 0,
+                resources_per_worker={"CPU": 1, **({"GPU": job.gpus_per_worker} if job.gpus_per_worker > 0 else {})},
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=out,
+                checkpoint_config=CheckpointConfig(num_to_keep=max(job.keep_best, 1), checkpoint_score_attribute=SCORE,
+                                                   checkpoint_score_order="max"),  # fmt: skip
+                failure_config=FailureConfig(max_failures=job.max_failures),
+            ),
+        )
+        result = trainer.fit()
+        best = _best_checkpoint(result)
+        summary: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run.run_id, "wall_s": round(time.perf_counter() - started, 1)}
+        if best is None:
+            raise RuntimeError("training finished without a checkpoint")
+        checkpoint, score = best
+        with checkpoint.as_directory() as directory:
+            model_file = Path(directory) / "model.pt"
+            run.log_artifact(str(model_file), "checkpoint")
+        summary["best_score"] = score
+        run.log_metrics({f"best_{SCORE}": score}, step=0)
+        stopped = job.stop_after is not None and job.stop_after < spec["optim"]["epochs"]
+        if stopped:
+            print(f"stopped after epoch {job.stop_after} of {spec['optim']['epochs']}: continue with --resume {run_name}")
+        elif job.register:
+            registration = tracking.register_checkpoint(uri, run.run_id, "checkpoint/model.pt", score, spec["validation_key"])
+            summary["registration"] = asdict(registration)
+            print(f"registered tal-detector version {registration.version}: {registration.reason}")
+    print(f"done in {summary['wall_s']:.0f} s: best {SCORE} {score:.4f}; MLflow run {summary['mlflow_run_id']} ({uri})")
+    return summary
+
+
+def _storage_path(out: str) -> str:
+    return out if "://" in out else str(Path(out).resolve())
+
+
+def _best_checkpoint(result) -> tuple[Any, float] | None:
+    scored = [(c, m.get(SCORE)) for c, m in (result.best_checkpoints or []) if m.get(SCORE) is not None]
+    if not scored:
+        return (result.checkpoint, float("nan")) if result.checkpoint is not None else None
+    return max(scored, key=lambda cm: cm[1])
+
+
+# --- the worker ------------------------------------------------------------------------------
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """One DDP worker: its shard, the epoch loop, validation, checkpoints (rank 0 reports them)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from jobs import tracking
+    from pipelines.store import FeatureStore
+    from tal_models.checkpoint import Checkpoint, save_checkpoint
+    from tal_models.config import config_from_dict
+    from tal_models.detector import DetectorConfig, build_detector
+    from tal_models.losses import LossNormalizer
+    from tal_models.training import ModelEMA, OptimConfig, build_optimizer, build_scheduler, collate, random_crop
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    detector_config = config_from_dict(DetectorConfig, cfg["detector"])
+    optim = config_from_dict(OptimConfig, cfg["optim"])
+    batch_size = int(cfg["batch_size"])
+
+    # this worker's shard: every world-th video, read from the parts that hold them
+    train_ids = sorted(cfg["train"])[rank::world]
+    val_ids = sorted(cfg["val"])[rank::world]
+    store = FeatureStore(cfg["features"], options=cfg["storage_options"] or None)
+    sequences = store.read_videos(train_ids + val_ids)
+    iterations = math.ceil(len(cfg["train"]) / (world * batch_size))  # the same on every rank: DDP needs it
+
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
+    model = build_detector(detector_config).to(device)
+    optimizer = build_optimizer(model, optim)
+    scheduler = build_scheduler(optimizer, optim, iterations)
+    ema = ModelEMA(model, optim.ema_decay) if optim.ema_decay else None
+    start_epoch = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        normalizers = state["loss_normalizers"]  # one per rank: each counts its own positives
+        model.loss_normalizer.load_state_dict(normalizers[rank] if len(normalizers) == world else normalizers[0])
+        start_epoch = int(state["epoch"]) + 1
+        if rank == 0:
+            print(f"resuming from the checkpoint of epoch {start_epoch} (of {optim.epochs})")
+    normalizer: LossNormalizer = model.loss_normalizer
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    logger = tracking.RunLogger(cfg["mlflow_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
+    use_amp = bool(cfg["amp"]) and device.type == "cuda"
+
+    for epoch in range(start_epoch, optim.epochs):
+        torch.manual_seed(hash((cfg["seed"], rank, epoch)) % 2**31)  # drop-path: the same path after a resume
+        rng = np.random.default_rng([cfg["seed"], rank, epoch])
+        order = np.concatenate([rng.permutation(len(train_ids)) for _ in range(math.ceil(iterations * batch_size / max(len(train_ids), 1)) + 1)])
+        ddp_model.train()
+        started = time.perf_counter()
+        totals: dict[str, float] = {}
+        for it in range(iterations):
+            samples = []
+            for j in order[it * batch_size : (it + 1) * batch_size]:
+                vid = train_ids[j]
+                ann = cfg["train"][vid]
+                feats, segs, labels, _ = random_crop(
+                    sequences[vid].features,
+                    np.asarray(ann["segments"], np.float32).reshape(-1, 2),
+                    np.asarray(ann["labels"], np.int64),
+                    detector_config.max_seq_len,
+                    rng,
+                )
+                samples.append({"features": feats, "segments": segs, "labels": labels, "video_id": vid})
+            batch = collate(samples, model.pad_multiple).to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                losses = ddp_model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses["final_loss"].backward()
+            if optim.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v.item()
+        seconds = time.perf_counter() - started
+        metrics = {f"train_{k}": v / iterations for k, v in totals.items()}
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        metrics["samples_per_second"] = iterations * batch_size * world / max(seconds, 1e-9)
+        metrics["epoch"] = epoch
+
+        last = epoch == optim.epochs - 1
+        if (epoch + 1) % cfg["val_every"] == 0 or last:
+            evaluated = ema.module if ema is not None else model
+            metrics.update(_validate(evaluated, sequences, val_ids, cfg, rank, world, dist, device))
+
+        checkpoint_dir = tempfile.mkdtemp(prefix="tal-ckpt-")
+        normalizers = [None] * world
+        if world > 1:
+            dist.all_gather_object(normalizers, normalizer.state_dict())
+        else:
+            normalizers = [normalizer.state_dict()]
+        if rank == 0:
+            weights = ema.module if ema is not None else model
+            meta = {"epoch": epoch, "preset": cfg["preset"], **_scalars(metrics)}
+            save_checkpoint(Checkpoint.from_model(weights, cfg["labels"], cfg["provenance"], meta), Path(checkpoint_dir) / "model.pt")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else {},
+                    "loss_normalizers": normalizers,
+                    "epoch": epoch,
+                },
+                Path(checkpoint_dir) / "state.pt",
+            )
+            _log_epoch(logger, metrics, epoch)
+            print(_progress_line(epoch, optim.epochs, metrics))
+        ray.train.report(
+            _scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None
+        )
+        if cfg["stop_after"] is not None and epoch + 1 >= cfg["stop_after"]:
+            break
+
+
+def _validate(model, sequences, val_ids, cfg, rank, world, dist, device) -> dict[str, float]:
+    """Detections of this rank's validation videos, gathered on rank 0 and evaluated once."""
+    import torch
+
+    from tal_models.evaluation.detection import THUMOS14_TIOU, evaluate_detection
+    from tal_models.structures import AnnotationSet, LabelMap, Segments, VideoAnnotation
+
+    model.eval()
+    local = []
+    with torch.inference_mode():
+        for vid in val_ids:
+            seq = sequences[vid]
+            det = model.detect(seq.features, seq.timing, cfg["val"][vid]["duration"] or seq.duration, vid)
+            local.append((vid, det.segments.data.cpu().numpy(), det.scores.cpu().numpy(), det.labels.cpu().numpy()))
+    gathered = [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    if rank != 0:
+        return {}
+    from tal_models.structures import Detections
+
+    predictions = {vid: Detections(vid, Segments(s), sc, lab) for part in gathered for vid, s, sc, lab in part}
+    label_map = LabelMap.from_names(cfg["labels"])
+    truth = {
+        vid: VideoAnnotation(vid, Segments(np.asarray(a["segments_s"], np.float64).reshape(-1, 2)), np.asarray(a["labels"], np.int64), a["duration"])
+        for vid, a in cfg["val"].items()
+    }
+    metrics = evaluate_detection(AnnotationSet(truth, label_map), predictions, THUMOS14_TIOU)
+    out = {f"val_mAP_{t:.2f}": float(m) for t, m in zip(metrics.tiou, metrics.mAP)}  # MLflow refuses "@" in names
+    out[SCORE] = float(metrics.mAP.mean())
+    return out
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+
+
+def _progress_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m.get('train_final_loss', float('nan')):.4f}"]
+    parts.append(f"(cls {m.get('train_cls_loss', float('nan')):.4f}, reg {m.get('train_reg_loss', float('nan')):.4f})")
+    parts.append(f"lr {m['lr']:.3g}")
+    if SCORE in m:
+        parts.append(f"val avg mAP {m[SCORE]:.4f}")
+    parts.append(f"{m['samples_per_second']:.1f} videos/s")
+    return "  ".join(parts)
+
+
+def _log_epoch(logger, metrics: dict[str, Any], epoch: int) -> None:
+    """Log one epoch's metrics once: an epoch re-run after a worker failure is not logged twice."""
+    fresh = {k: v for k, v in _scalars(metrics).items() if k != "epoch" and all(step != epoch for step, _ in logger.metric_history(k))}
+    if fresh:
+        logger.log_metrics(fresh, step=epoch)
+
+
+# --- the command line --------------------------------------------------------------------------
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a detector on a feature store (Ray Train, MLflow)",
+        description="Train a detector preset on a feature store with Ray Train (DDP), tracked in MLflow; the best checkpoint is "
+        "registered as tal-detector and becomes the champion when it beats the current one on the same validation set.",
+    )
+    p.add_argument("--config", required=True, help="preset name (e.g. thumos14-actionformer, demo-actionformer) or a preset YAML")
+    p.add_argument("--features", required=True, help="feature store (local folder or s3://...)")
+    p.add_argument("--annotations", required=True, help="ground truth (ActivityNet / THUMOS14 / MultiTHUMOS / EPIC formats)")
+    p.add_argument("--out", default="out/train", help="Ray Train run folders (default out/train; s3:// on a cluster)")
+    p.add_argument("--workers", type=int, default=1, help="DDP workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, help="default: the preset's")
+    p.add_argument("--batch-size", type=int, help="videos per worker and step (default: the preset's)")
+    p.add_argument("--run-name")
+    p.add_argument("--resume", metavar="RUN_NAME", help="continue an interrupted run (same Ray Train folder and MLflow run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset value, e.g. optim.lr=3e-4")
+    p.add_argument("--train-subset")
+    p.add_argument("--val-subset")
+    p.add_argument("--val-every", type=int, default=1, metavar="K", help="validate every K epochs (and at the last)")
+    p.add_argument("--keep-best", type=int, default=2, metavar="K", help="checkpoints kept, by validation average mAP")
+    p.add_argument("--max-failures", type=int, default=1, help="worker failures survived by restarting from the last checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-after", type=int, metavar="E", help="stop once E epochs are done (continue later with --resume)")
+    p.add_argument("--mlflow-uri", help="default: $MLFLOW_TRACKING_URI, else a local sqlite store under ./mlruns")
+    p.add_argument("--experiment", default="tal")
+    p.add_argument("--no-register", action="store_true", help="do not register the best checkpoint")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL for the feature store (e.g. MinIO)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.workers < 1 or args.val_every < 1 or args.keep_best < 1:
+        raise UsageError("--workers, --val-every and --keep-best must be >= 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    from pipelines.store import storage_options
+
+    job = TrainJob(
+        config=args.config,
+        features=args.features,
+        annotations=args.annotations,
+        out=args.out,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        run_name=args.run_name,
+        resume=args.resume,
+        overrides=tuple(args.set),
+        train_subset=args.train_subset,
+        val_subset=args.val_subset,
+        val_every=args.val_every,
+        keep_best=args.keep_best,
+        max_failures=args.max_failures,
+        seed=args.seed,
+        mlflow_uri=args.mlflow_uri,
+        experiment=args.experiment,
+        register=not args.no_register,
+        stop_after=args.stop_after,
+        storage_options=storage_options(args.s3_endpoint) if args.s3_endpoint else {},
+    )
+    train(job)
+    return 0

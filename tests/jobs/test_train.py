@@ -1,0 +1,193 @@
+"""``tal train``: real local Ray Train (2 DDP workers over gloo), a real MLflow store, a real feature store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.errors import UsageError
+from jobs.tracking import resolve_model
+from jobs.train import TrainJob, plan, train
+from pipelines.store import FeatureSequence, FeatureStore, Provenance
+from tal_models.checkpoint import load_checkpoint
+from tal_models.config import dump_yaml
+from tal_models.detector import make_config
+from tal_models.presets import Preset
+from tal_models.timing import FeatureTiming
+from tal_models.training import OptimConfig
+
+C, K = 16, 3
+TIMING = FeatureTiming(fps=15.0, stride=4, window=4)
+CLASSES = ["jump", "run", "throw"]
+
+
+def _dataset(root: Path, videos: int = 24, steps: int = 96, seed: int = 0, dim: int = C, backbone: str = "synthetic") -> tuple[str, Path]:
+    """A store of class-prototype features inside annotated segments, and its ActivityNet ground truth."""
+    g = np.random.default_rng(seed)
+    protos = 2.0 * g.standard_normal((K, dim)).astype(np.float32)
+    sequences, database = [], {}
+    for i in range(videos):
+        vid = f"vid{i:02d}"
+        feats = 0.3 * g.standard_normal((steps, dim)).astype(np.float32)
+        annotations, t = [], int(g.integers(2, 8))
+        while True:
+            n = int(g.integers(6, 24))
+            if t + n >= steps - 2:
+                break
+            k = int(g.integers(K))
+            feats[t : t + n] += protos[k]
+            start, end = TIMING.step_to_seconds(np.array([t, t + n], np.float64))
+            annotations.append({"segment": [float(start), float(end)], "label": CLASSES[k]})
+            t += n + int(g.integers(3, 12))
+        duration = float(TIMING.step_to_seconds(steps))
+        sequences.append(FeatureSequence(vid, feats, TIMING, TIMING.centers(steps), duration=duration, num_frames=steps * 4, native_fps=15.0))
+        database[vid] = {"subset": "training" if i < videos * 2 // 3 else "validation", "duration": duration, "annotations": annotations}
+    store_uri = str(root / "store")
+    store = FeatureStore(store_uri)
+    provenance = Provenance(backbone, "w.pth", "ab" * 32, dim, 15.0, 4, 4, "{}")
+    store.write_part(sequences[: videos // 2], provenance)
+    store.write_part(sequences[videos // 2 :], provenance)
+    gt = root / "gt.json"
+    gt.write_text(json.dumps({"version": "1.3", "database": database}))
+    return store_uri, gt
+
+
+def _preset(root: Path, epochs: int = 4) -> Path:
+    detector = make_config("temporalmaxer", num_classes=K, input_dim=C, max_seq_len=64, embed_dim=32, levels=4)
+    preset = Preset("tiny-temporalmaxer", "test", "synthetic", detector, OptimConfig(lr=5e-3, weight_decay=0.0, warmup_epochs=1, epochs=epochs, ema_decay=0.7), 1)
+    path = root / "tiny.yaml"
+    path.write_text(dump_yaml(preset))
+    return path
+
+
+@pytest.fixture
+def job(tmp_path, ray_session):
+    store, gt = _dataset(tmp_path)
+    return TrainJob(
+        config=str(_preset(tmp_path)),
+        features=store,
+        annotations=str(gt),
+        out=str(tmp_path / "runs"),
+        workers=2,
+        mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        run_name="tiny",
+    )
+
+
+def _run_and_metrics(job: TrainJob):
+    from mlflow import MlflowClient
+
+    summary = train(job)
+    client = MlflowClient(job.mlflow_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    return summary, client, run
+
+
+def test_two_workers_train_log_and_register_a_champion(job):
+    summary, client, run = _run_and_metrics(job)
+    assert run.info.status == "FINISHED"
+    assert summary["best_score"] > 0.5, summary  # the synthetic actions are easy: a model that learnt scores well
+    history = client.get_metric_history(run.info.run_id, "val_average_mAP")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # once per epoch
+    assert run.data.params["detector.arch"] == "temporalmaxer" and run.data.params["workers"] == "2"
+    assert run.data.tags["features.backbone"] == "synthetic"
+    version = client.get_model_version_by_alias("tal-detector", "champion")
+    assert version.run_id == run.info.run_id
+    assert summary["registration"]["promoted"]
+
+    checkpoint = load_checkpoint(resolve_model("models:/tal-detector@champion", job.mlflow_uri))
+    assert checkpoint.labels == CLASSES and checkpoint.provenance["backbone"] == "synthetic"
+    assert checkpoint.metadata["val_average_mAP"] == pytest.approx(summary["best_score"])
+
+
+def test_a_store_of_another_width_is_refused_before_any_worker_starts(tmp_path):
+    store, gt = _dataset(tmp_path, videos=4, dim=8)
+    job = TrainJob(config=str(_preset(tmp_path)), features=store, annotations=str(gt), out=str(tmp_path / "runs"))
+    with pytest.raises(UsageError, match=r"holds 8-dim features \(synthetic\) but .* expects 16"):
+        plan(job)
+
+
+def test_plan_names_unknown_subsets_and_bad_overrides(tmp_path):
+    store, gt = _dataset(tmp_path, videos=4)
+    base = TrainJob(config=str(_preset(tmp_path)), features=store, annotations=str(gt))
+    with pytest.raises(ValueError, match="subset"):
+        plan(TrainJob(**{**base.__dict__, "train_subset": "train", "val_subset": "nope"}))
+    with pytest.raises(UsageError, match="no such key"):
+        plan(TrainJob(**{**base.__dict__, "overrides": ("optim.learning_rate=1",)}))
+    spec = plan(TrainJob(**{**base.__dict__, "overrides": ("optim.lr=0.01", "detector.loss.label_smoothing=0.1")}))
+    assert spec["optim"]["lr"] == 0.01 and spec["detector"]["loss"]["label_smoothing"] == 0.1
+    assert spec["labels"] == CLASSES and spec["train_subset"] == "training"
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of the Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"RayTrainWorker" in cmdline:
+                pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def test_a_killed_worker_costs_one_restart_and_no_duplicate_metrics(job):
+    """SIGKILL one training worker once the first checkpoint exists: the run restarts from it
+    and finishes; every epoch's metrics are logged exactly once; the run ends FINISHED."""
+    job = TrainJob(**{**job.__dict__, "run_name": "killed", "max_failures": 2, "register": False})
+    killed: list[int] = []
+
+    def killer():
+        run_dir = Path(job.out) / "killed"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if any(p.is_dir() for p in run_dir.glob("checkpoint_*")):
+                workers = _train_worker_pids()
+                if workers:
+                    os.kill(workers[-1], signal.SIGKILL)
+                    killed.append(workers[-1])
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary, client, run = _run_and_metrics(job)
+    thread.join(timeout=5)
+    assert killed, "the test never found a training worker to kill"
+    assert run.info.status == "FINISHED"
+    for key in ("val_average_mAP", "train_final_loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [0, 1, 2, 3], (key, steps)
+
+
+def test_a_stopped_run_resumes_to_the_same_final_state(job):
+    """4 epochs in one go == 2 epochs, stop, --resume for the other 2: same weights, same MLflow run, one value per epoch."""
+    import torch
+    from mlflow import MlflowClient
+
+    def final_weights(run_name):
+        folder = Path(job.out) / run_name
+        latest = max((p for p in folder.glob("checkpoint_*") if p.is_dir()), key=lambda p: load_checkpoint(p / "model.pt").metadata["epoch"])
+        return load_checkpoint(latest / "model.pt")
+
+    straight = train(TrainJob(**{**job.__dict__, "run_name": "straight", "register": False}))
+    stopped = train(TrainJob(**{**job.__dict__, "run_name": "stopped", "stop_after": 2, "register": False}))
+    with pytest.raises(UsageError, match="no run of that name"):
+        train(TrainJob(**{**job.__dict__, "run_name": None, "resume": "never-ran"}))
+    resumed = train(TrainJob(**{**job.__dict__, "run_name": None, "resume": "stopped", "register": False}))
+    assert resumed["mlflow_run_id"] == stopped["mlflow_run_id"] != straight["mlflow_run_id"]
+    a, b = final_weights("straight"), final_weights("stopped")
+    assert a.metadata["epoch"] == b.metadata["epoch"] == 3
+    for key, value in a.state_dict.items():
+        torch.testing.assert_close(b.state_dict[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    history = MlflowClient(job.mlflow_uri).get_metric_history(stopped["mlflow_run_id"], "val_average_mAP")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
