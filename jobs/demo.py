@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duration-range", nargs=2, type=float, default=[20.0, 40.0], metavar=("MIN", "MAX"))
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 2), help="extraction actors (default: one per core)")
+    p.add_argument("--preset", default="demo-actionformer", help="detector preset (default demo-actionformer)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    p.add_argument("--train-workers", type=int, default=min(2, os.cpu_count() or 1), help="DDP workers (default 2)")
     p.set_defaults(func=run_demo)
 
 
@@ -35,7 +38,7 @@ def run_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--videos must be >= 1, got {args.videos}")
     t0 = time.perf_counter()
     root = args.out
-    print(f"[1/2] synthetic archive -> {root / 'archive'}")
+    print(f"[1/4] synthetic archive -> {root / 'archive'}")
     archive_dir = root / "archive"
     gt_path = archive_dir / "annotations_activitynet.json"
     if gt_path.exists() and len(list((archive_dir / "videos").glob("*.mp4"))) == args.videos:
@@ -43,7 +46,7 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         result = synthesize(archive_dir, videos=args.videos, seed=args.seed, duration_range=tuple(args.duration_range), workers=args.workers)
         print("      " + summary(result))
-    print(f"[2/2] features (mobilenet_v2, ImageNet weights, 15 fps, 4-frame steps) -> {root / 'features'}")
+    print(f"[2/4] features (mobilenet_v2, ImageNet weights, 15 fps, 4-frame steps) -> {root / 'features'}")
     config = ExtractConfig(
         videos=str(archive_dir / "videos"),
         out=str(root / "features"),
@@ -61,8 +64,37 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     steps = sum(s.features.shape[0] for s in sequences.values())
     print(
-        f"done in {time.perf_counter() - t0:.0f} s: {len(sequences)} videos, {steps:,} feature steps of "
-        f"{store.provenance.feature_dim} dims, {ground_truth.num_instances} annotated actions in {len(ground_truth.label_map)} classes.\n"
-        f"next: train a detector on {config.out} with {gt_path} (coming with the detector and training issues)."
+        f"      {len(sequences)} videos, {steps:,} feature steps of {store.provenance.feature_dim} dims, "
+        f"{ground_truth.num_instances} annotated actions in {len(ground_truth.label_map)} classes"
+    )
+
+    from jobs.evaluate import ModelEvaluationRequest, format_model_report, run_model
+    from jobs.train import TrainJob, train
+
+    mlflow_uri = f"sqlite:///{(root / 'mlruns').resolve()}/mlflow.db"
+    (root / "mlruns").mkdir(parents=True, exist_ok=True)
+    train_workers = max(1, min(args.train_workers, len(ground_truth.subset("train"))))  # each worker needs a video
+    print(f"[3/4] train {args.preset} ({args.epochs} epochs, {train_workers} Ray Train workers), MLflow {mlflow_uri}")
+    summary_ = train(
+        TrainJob(
+            config=args.preset,
+            features=config.out,
+            annotations=str(gt_path),
+            out=str(root / "train"),
+            workers=train_workers,
+            epochs=args.epochs,
+            mlflow_uri=mlflow_uri,
+        )
+    )
+    print(f"[4/4] evaluate the champion (models:/tal-detector@champion) on the test videos -> {root / 'eval'}")
+    request = ModelEvaluationRequest(
+        model="models:/tal-detector@champion", features=config.out, annotations=gt_path, output=root / "eval", subset="test"
+    )
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri  # where models:/ resolves
+    report = run_model(request)
+    print(format_model_report(report, request))
+    print(
+        f"done in {time.perf_counter() - t0:.0f} s. MLflow run {summary_['mlflow_run_id']}: "
+        f"MLFLOW_TRACKING_URI={mlflow_uri} .venv/bin/mlflow ui; timelines in {root / 'eval' / 'timelines'}"
     )
     return 0

@@ -104,6 +104,8 @@ def plan(job: TrainJob) -> dict[str, Any]:
     val_ids = sorted(v for v in val_set.videos if v in done)
     if not train_ids:
         raise UsageError(f"none of the {len(train_set)} {train_subset!r} videos of {job.annotations} has features in {job.features}")
+    if job.workers > len(train_ids):
+        raise UsageError(f"--workers {job.workers} but only {len(train_ids)} training videos have features: every worker needs at least one")
     if not val_ids:
         raise UsageError(f"none of the {len(val_set)} {val_subset!r} videos of {job.annotations} has features in {job.features}")
     ids = annotations.label_map.ids
@@ -173,7 +175,8 @@ def _subsets(annotations, train: str | None, val: str | None) -> tuple[str, str]
     names = {s.lower(): s for s in annotations.subsets}
     if train and val:
         return train, val
-    for default_train, default_val in (("training", "validation"), ("validation", "test"), ("train", "val"), ("train", "test")):
+    pairs = (("training", "validation"), ("train", "validation"), ("train", "val"), ("validation", "test"), ("train", "test"))
+    for default_train, default_val in pairs:  # ActivityNet, ours/synthetic, ..., THUMOS14 (trains on Validation)
         if default_train in names and default_val in names:
             return train or names[default_train], val or names[default_val]
     raise UsageError(
@@ -209,7 +212,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     started = time.perf_counter()
     spec = plan(job)
     out = _storage_path(job.out)
-    run_name = job.resume or job.run_name or f"{spec['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = job.resume or job.run_name or f"{spec['preset']}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     state_file = Path(out) / run_name / "tal_run.json" if "://" not in out else None
     uri = tracking.tracking_uri(job.mlflow_uri)
     mlflow_run_id = None
@@ -257,15 +260,23 @@ def train(job: TrainJob) -> dict[str, Any]:
                 failure_config=FailureConfig(max_failures=job.max_failures),
             ),
         )
+        fit_started = time.time()
         result = trainer.fit()
         best = _best_checkpoint(result)
-        summary: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run.run_id, "wall_s": round(time.perf_counter() - started, 1)}
+        summary: dict[str, Any] = {
+            "run_name": run_name,
+            "mlflow_run_id": run.run_id,
+            "fit_started_unix": fit_started,
+            "fit_seconds": time.time() - fit_started,
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
         if best is None:
             raise RuntimeError("training finished without a checkpoint")
         checkpoint, score = best
         with checkpoint.as_directory() as directory:
-            model_file = Path(directory) / "model.pt"
-            run.log_artifact(str(model_file), "checkpoint")
+            run.log_artifact(str(Path(directory) / "model.pt"), "checkpoint")
+            _log_validation_artifacts(run, Path(directory) / "val_predictions.json", job, spec)
+        run.log_text(_preset_yaml(job), "config/preset.yaml")
         summary["best_score"] = score
         run.log_metrics({f"best_{SCORE}": score}, step=0)
         stopped = job.stop_after is not None and job.stop_after < spec["optim"]["epochs"]
@@ -277,6 +288,34 @@ def train(job: TrainJob) -> dict[str, Any]:
             print(f"registered tal-detector version {registration.version}: {registration.reason}")
     print(f"done in {summary['wall_s']:.0f} s: best {SCORE} {score:.4f}; MLflow run {summary['mlflow_run_id']} ({uri})")
     return summary
+
+
+def _preset_yaml(job: TrainJob) -> str:
+    """The preset as trained (overrides applied), for the run's artifacts."""
+    from tal_models.config import config_from_dict, config_to_dict, dump_yaml
+    from tal_models.presets import Preset, load_preset
+
+    return dump_yaml(_apply_overrides(load_preset(job.config), job.overrides, config_from_dict, config_to_dict, Preset))
+
+
+def _log_validation_artifacts(run, predictions_file: Path, job: TrainJob, spec: dict[str, Any]) -> None:
+    """The best checkpoint's validation predictions, its metrics JSON and precision/recall + per-class AP plots."""
+    if not predictions_file.exists():
+        return
+    from jobs.plots import plot_detection_metrics
+    from pipelines.annotations import read_activitynet_results, read_annotations
+    from tal_models.evaluation.detection import THUMOS14_TIOU, evaluate_detection
+
+    truth = read_annotations(job.annotations).subset(spec["val_subset"])
+    truth = type(truth)({v: truth[v] for v in spec["val"]}, truth.label_map, truth.source, truth.format)
+    predictions = read_activitynet_results(predictions_file, truth.label_map)
+    metrics = evaluate_detection(truth, predictions.detections, THUMOS14_TIOU, keep_curves=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_detection_metrics(metrics, Path(tmp) / "precision_recall.png")
+        (Path(tmp) / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=1))
+        run.log_artifact(str(predictions_file), "validation")
+        run.log_artifact(str(Path(tmp) / "precision_recall.png"), "validation")
+        run.log_artifact(str(Path(tmp) / "metrics.json"), "validation")
 
 
 def _storage_path(out: str) -> str:
@@ -306,6 +345,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from tal_models.losses import LossNormalizer
     from tal_models.training import ModelEMA, OptimConfig, build_optimizer, build_scheduler, collate, random_crop
 
+    loop_started = time.time()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -352,6 +392,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         ddp_model.train()
         started = time.perf_counter()
         totals: dict[str, float] = {}
+        step_seconds = 0.0
         for it in range(iterations):
             samples = []
             for j in order[it * batch_size : (it + 1) * batch_size]:
@@ -366,6 +407,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 )
                 samples.append({"features": feats, "segments": segs, "labels": labels, "video_id": vid})
             batch = collate(samples, model.pad_multiple).to(device)
+            step_started = time.perf_counter()
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 losses = ddp_model(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -378,11 +420,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 ema.update(model)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
+            step_seconds += time.perf_counter() - step_started
+            if epoch == start_epoch and it == 0:
+                first_step = {"first_step_unix": time.time(), "worker_start_unix": loop_started}
         seconds = time.perf_counter() - started
         metrics = {f"train_{k}": v / iterations for k, v in totals.items()}
         metrics["lr"] = scheduler.get_last_lr()[0]
         metrics["samples_per_second"] = iterations * batch_size * world / max(seconds, 1e-9)
         metrics["epoch"] = epoch
+        metrics["epoch_seconds"] = seconds  # data preparation + steps
+        metrics["step_seconds"] = step_seconds  # forward + backward + optimiser only
+        if epoch == start_epoch:
+            metrics.update(first_step)
 
         last = epoch == optim.epochs - 1
         if (epoch + 1) % cfg["val_every"] == 0 or last:
@@ -390,12 +439,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             metrics.update(_validate(evaluated, sequences, val_ids, cfg, rank, world, dist, device))
 
         checkpoint_dir = tempfile.mkdtemp(prefix="tal-ckpt-")
-        normalizers = [None] * world
+        shared = [None] * world  # every rank's loss normaliser (for an exact resume) and peak memory
+        mine = (normalizer.state_dict(), _peak_rss_mb())
         if world > 1:
-            dist.all_gather_object(normalizers, normalizer.state_dict())
+            dist.all_gather_object(shared, mine)
         else:
-            normalizers = [normalizer.state_dict()]
+            shared = [mine]
+        normalizers = [n for n, _ in shared]
+        metrics["worker_peak_rss_mb"] = max(p for _, p in shared)
+        predictions = metrics.pop("_predictions", None)
         if rank == 0:
+            if predictions is not None:
+                from pipelines.annotations import write_activitynet_results
+                from tal_models.structures import LabelMap
+
+                write_activitynet_results(Path(checkpoint_dir) / "val_predictions.json", predictions.values(), LabelMap.from_names(cfg["labels"]))
             weights = ema.module if ema is not None else model
             meta = {"epoch": epoch, "preset": cfg["preset"], **_scalars(metrics)}
             save_checkpoint(Checkpoint.from_model(weights, cfg["labels"], cfg["provenance"], meta), Path(checkpoint_dir) / "model.pt")
@@ -451,7 +509,16 @@ def _validate(model, sequences, val_ids, cfg, rank, world, dist, device) -> dict
     metrics = evaluate_detection(AnnotationSet(truth, label_map), predictions, THUMOS14_TIOU)
     out = {f"val_mAP_{t:.2f}": float(m) for t, m in zip(metrics.tiou, metrics.mAP)}  # MLflow refuses "@" in names
     out[SCORE] = float(metrics.mAP.mean())
+    out["_predictions"] = predictions  # rank 0 writes them beside the checkpoint
     return out
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return float("nan")
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:

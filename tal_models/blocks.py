@@ -172,6 +172,14 @@ class MaskedConv1d(nn.Module):
         return out.masked_fill_(~out_mask, 0.0), out_mask  # in place: no backward needs the conv's output
 
 
+def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``[B, C, T]`` -> the input normalised over ``C`` at every step, and ``1 / std`` ``[B, 1, T]``.
+    (Two plain reductions: ``torch.var_mean`` over the strided channel axis is ~7x slower on CPU.)"""
+    centred = x - x.mean(dim=1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(dim=1, keepdim=True) + eps)
+    return centred.mul_(rstd), rstd
+
+
 class _ChannelLayerNorm(torch.autograd.Function):
     """Layer norm over dim 1 of ``[B, C, T]``, computed in that layout: no transposed copies
     around ``F.layer_norm`` (which wants ``C`` last), a contiguous output for the next
@@ -179,9 +187,7 @@ class _ChannelLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)  # [B, 1, T]
-        rstd = torch.rsqrt(var + eps)
-        x_hat = (x - mean).mul_(rstd)
+        x_hat, rstd = _normalize(x, eps)
         ctx.save_for_backward(x_hat, rstd, weight)
         return torch.addcmul(bias[:, None], x_hat, weight[:, None])
 
@@ -212,17 +218,15 @@ class LayerNormC(nn.Module):
 
 
 def _pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """A 1x1 convolution ``[B, I, T] -> [B, O, T]`` as the matrix product it is."""
-    out = torch.matmul(weight[:, :, 0], x)  # [O, I] @ [B, I, T]
-    return out + bias[:, None] if bias is not None else out
+    """A 1x1 convolution ``[B, I, T] -> [B, O, T]`` (oneDNN's kernel: faster than a broadcast matmul here)."""
+    return F.conv1d(x, weight, bias)
 
 
 def _pointwise_grads(grad_out: Tensor, x: Tensor, weight: Tensor, needs: tuple[bool, bool, bool]):
-    """Gradients of ``_pointwise`` w.r.t. (x, weight, bias)."""
-    grad_x = torch.matmul(weight[:, :, 0].t(), grad_out) if needs[0] else None  # [I, O] @ [B, O, T]
-    grad_w = torch.matmul(grad_out, x.transpose(1, 2)).sum(dim=0)[:, :, None] if needs[1] else None  # [O, I, 1]
-    grad_b = grad_out.sum(dim=(0, 2)) if needs[2] else None
-    return grad_x, grad_w, grad_b
+    """Gradients of ``_pointwise`` w.r.t. (x, weight, bias), by the convolution's own backward kernel."""
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, [weight.shape[0]], [1], [0], [1], False, [0], 1, list(needs)
+    )
 
 
 def _layer_norm_backward(grad_n: Tensor, x_hat: Tensor, rstd: Tensor, weight: Tensor):
@@ -237,9 +241,7 @@ class _NormPointwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ln_weight, ln_bias, eps, weight, bias):
-        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + eps)
-        x_hat = (x - mean).mul_(rstd)
+        x_hat, rstd = _normalize(x, eps)
         ctx.save_for_backward(x_hat, rstd, ln_weight, ln_bias, weight)
         ctx.has_bias = bias is not None
         return _pointwise(torch.addcmul(ln_bias[:, None], x_hat, ln_weight[:, None]), weight, bias)
@@ -261,9 +263,7 @@ class _NormMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ln_weight, ln_bias, eps, w1, b1, w2, b2):
-        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + eps)
-        x_hat = (x - mean).mul_(rstd)
+        x_hat, rstd = _normalize(x, eps)
         ctx.save_for_backward(x_hat, rstd, ln_weight, ln_bias, w1, b1, w2)
         n = torch.addcmul(ln_bias[:, None], x_hat, ln_weight[:, None])
         return _pointwise(F.gelu(_pointwise(n, w1, b1)), w2, b2)
@@ -718,7 +718,7 @@ class PyramidEncoder(nn.Module):
         _check_inputs(x, mask, 1, "PyramidEncoder")
         # The features may hold anything at padded steps; a padded batch from `collate` holds zeros
         # there, and then the first convolution keeps the caller's tensor instead of a masked copy.
-        clean = not bool(((x != 0) & ~mask).any())
+        clean = bool(mask.all()) or (torch.is_grad_enabled() and not bool(((x != 0) & ~mask).any()))
         for i, (conv, norm) in enumerate(zip(self.embed, self.embed_norms)):
             x, mask = conv(x, mask, input_masked=clean or i > 0)
             x = norm(x).masked_fill_(~mask, 0.0).relu_()

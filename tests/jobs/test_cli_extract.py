@@ -70,6 +70,9 @@ def test_demo_end_to_end(tmp_path, ray_session, capsys):
     printed = capsys.readouterr().out
     assert "3 videos" in printed and "1280 dims" in printed
     assert len(FeatureStore(str(out / "features")).read_all()) == 3
+    # trained, registered as the champion, evaluated on the test video
+    assert "registered tal-detector version 1" in printed and "average mAP" in printed
+    assert (out / "eval" / "predictions.json").exists() and (out / "eval" / "metrics.json").exists()
     # Running it again reuses the archive and skips finished videos.
     assert main(["demo", "--out", str(out), "--videos", "3", "--duration-range", "4", "6", "--workers", "2"]) == 0
     again = capsys.readouterr().out

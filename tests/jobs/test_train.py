@@ -98,6 +98,9 @@ def test_two_workers_train_log_and_register_a_champion(job):
     assert sorted(m.step for m in history) == [0, 1, 2, 3]  # once per epoch
     assert run.data.params["detector.arch"] == "temporalmaxer" and run.data.params["workers"] == "2"
     assert run.data.tags["features.backbone"] == "synthetic"
+    validation = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "validation")}
+    assert validation == {"val_predictions.json", "precision_recall.png", "metrics.json"}
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "config")} == {"preset.yaml"}
     version = client.get_model_version_by_alias("tal-detector", "champion")
     assert version.run_id == run.info.run_id
     assert summary["registration"]["promoted"]
