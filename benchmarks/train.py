@@ -8,7 +8,8 @@ widths; the same job runs with 1 then 2 workers (each worker 1 CPU, batch 2 per 
 the per-epoch metrics every worker reports (MLflow) it prints, per worker count: time to the
 first step (from ``trainer.fit()``), seconds per step, samples/s, the share of the fit's wall
 time spent outside the training step (Ray start-up and scheduling, data preparation, validation,
-checkpointing, MLflow), that share after start-up, and each worker's peak memory. One JSON line.
+checkpointing, MLflow), that share after start-up with and without validation (the work one asks
+for), and each worker's peak memory. One JSON line.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def figures(summary: dict, uri: str, workers: int, batch: int) -> dict:
     samples = series("samples_per_second")
     fit = summary["fit_seconds"]
     inside = sum(step_s)
+    validation = sum(series("val_seconds"))
     return {
         "workers": workers,
         "fit_seconds": round(fit, 1),
@@ -89,6 +91,8 @@ def figures(summary: dict, uri: str, workers: int, batch: int) -> dict:
         "samples_per_second": round(float(np.median(samples)), 2),
         "outside_step_share": round(1 - inside / fit, 3),
         "outside_step_share_after_startup": round(1 - inside / max(fit - first, 1e-9), 3),
+        "validation_share_after_startup": round(validation / max(fit - first, 1e-9), 3),
+        "overhead_share_after_startup": round(1 - (inside + validation) / max(fit - first, 1e-9), 3),  # Ray, data, checkpoints, MLflow
         "peak_rss_mb_per_worker": round(max(series("worker_peak_rss_mb")), 0),
         "steps_per_epoch": iterations,
     }
@@ -101,7 +105,8 @@ def _iterations(summary: dict, workers: int, batch: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=60, help="videos (half train, half validation)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--val-every", type=int, default=4)
     parser.add_argument("--input-dim", type=int, default=256)
     parser.add_argument("--embed-dim", type=int, default=128)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -124,7 +129,7 @@ def main() -> None:
     for workers in args.workers:
         job = TrainJob(
             config=str(preset), features=store, annotations=str(annotations), out=str(workdir / "runs"), workers=workers,
-            mlflow_uri=uri, run_name=f"bench-{workers}", register=False, batch_size=2,
+            mlflow_uri=uri, run_name=f"bench-{workers}", register=False, batch_size=2, val_every=args.val_every,
         )  # fmt: skip
         summary = train(job)
         summary["train_videos"] = args.videos // 2
@@ -136,7 +141,7 @@ def main() -> None:
     print(
         json.dumps({
             "benchmark": "train",
-            "setting": {"videos": args.videos, "epochs": args.epochs, "input_dim": args.input_dim, "embed_dim": args.embed_dim,
+            "setting": {"videos": args.videos, "epochs": args.epochs, "val_every": args.val_every, "input_dim": args.input_dim, "embed_dim": args.embed_dim,
                         "arch": "actionformer", "batch_per_worker": 2, "cpus": os.cpu_count()},
             "results": results,
             "speedup_2_vs_1_samples_per_second": round(two["samples_per_second"] / one["samples_per_second"], 3) if one and two else None,

@@ -436,7 +436,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         last = epoch == optim.epochs - 1
         if (epoch + 1) % cfg["val_every"] == 0 or last:
             evaluated = ema.module if ema is not None else model
+            val_started = time.perf_counter()
             metrics.update(_validate(evaluated, sequences, val_ids, cfg, rank, world, dist, device))
+            metrics["val_seconds"] = time.perf_counter() - val_started
 
         checkpoint_dir = tempfile.mkdtemp(prefix="tal-ckpt-")
         shared = [None] * world  # every rank's loss normaliser (for an exact resume) and peak memory

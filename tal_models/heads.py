@@ -56,15 +56,19 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.regression must be one of {_REGRESSION_KINDS}, got {self.regression!r}")
 
 
-class _ConvTower(nn.Module):
-    """``num_layers - 1`` masked conv (+ LN) + ReLU layers, then the output conv: [B, in, T] -> [B, out, T]."""
+class ConvTower(nn.Module):
+    """``num_layers - 1`` masked conv (+ LN) + ReLU layers of ``feat_dim`` channels, then the output
+    conv: ``[B, in_dim, T]`` -> ``[B, out_dim, T]``, zero at invalid steps (the tower of every head,
+    TriDet's branches included)."""
 
-    def __init__(self, config: HeadConfig, out_dim: int):
+    def __init__(
+        self, in_dim: int, feat_dim: int, out_dim: int, num_layers: int, kernel_size: int, with_ln: bool = True, out_bias: bool = True
+    ):
         super().__init__()
-        dims = [config.in_dim] + [config.feat_dim] * (config.num_layers - 1)
-        self.hidden = nn.ModuleList(MaskedConv1d(a, b, config.kernel_size, bias=not config.with_ln) for a, b in zip(dims[:-1], dims[1:]))
-        self.norms = nn.ModuleList((LayerNormC(b) if config.with_ln else nn.Identity()) for b in dims[1:])
-        self.out = MaskedConv1d(dims[-1], out_dim, config.kernel_size)
+        dims = [in_dim] + [feat_dim] * (num_layers - 1)
+        self.hidden = nn.ModuleList(MaskedConv1d(a, b, kernel_size, bias=not with_ln) for a, b in zip(dims[:-1], dims[1:]))
+        self.norms = nn.ModuleList((LayerNormC(b) if with_ln else nn.Identity()) for b in dims[1:])
+        self.out = MaskedConv1d(dims[-1], out_dim, kernel_size, bias=out_bias)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         for i, (conv, norm) in enumerate(zip(self.hidden, self.norms)):
@@ -81,7 +85,7 @@ class ClassificationHead(nn.Module):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        self.tower = _ConvTower(config, num_classes)
+        self.tower = ConvTower(config.in_dim, config.feat_dim, num_classes, config.num_layers, config.kernel_size, config.with_ln)
         nn.init.constant_(self.tower.out.conv.bias, -math.log((1.0 - config.prior_prob) / config.prior_prob))
 
     def forward(self, feats: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
@@ -94,7 +98,7 @@ class OffsetRegressionHead(nn.Module):
 
     def __init__(self, config: HeadConfig, levels: int):
         super().__init__()
-        self.tower = _ConvTower(config, 2)
+        self.tower = ConvTower(config.in_dim, config.feat_dim, 2, config.num_layers, config.kernel_size, config.with_ln)
         self.scales = nn.Parameter(torch.ones(levels))  # one learnt scale per level
 
     def forward(self, feats: list[Tensor], masks: list[Tensor]) -> list[Tensor]:

@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tal_models.blocks import LayerNormC, MaskedConv1d, _check_odd
+from tal_models.blocks import _check_odd
+from tal_models.heads import ConvTower
 
 Side = Literal["start", "end"]
 
@@ -125,21 +126,8 @@ class TridentHeadConfig:
                 raise ValueError(f"TridentHeadConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
 
-class _Branch(nn.Module):
-    """``num_layers - 1`` masked conv (+ LN) + ReLU layers, then the output conv: ``[B, in, T]`` -> ``[B, out, T]``."""
-
-    def __init__(self, config: TridentHeadConfig, out_dim: int, kernel_size: int, out_bias: bool):
-        super().__init__()
-        dims = [config.in_dim] + [config.feat_dim] * (config.num_layers - 1)
-        self.hidden = nn.ModuleList(MaskedConv1d(a, b, kernel_size, bias=not config.with_ln) for a, b in zip(dims[:-1], dims[1:]))
-        self.norms = nn.ModuleList((LayerNormC(b) if config.with_ln else nn.Identity()) for b in dims[1:])
-        self.out = MaskedConv1d(dims[-1], out_dim, kernel_size, bias=out_bias)
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        for i, (conv, norm) in enumerate(zip(self.hidden, self.norms)):
-            x, _ = conv(x, mask, input_masked=i > 0)
-            x = norm(x).masked_fill_(~mask, 0.0).relu_()  # in place: neither op's backward needs its input
-        return self.out(x, mask, input_masked=len(self.hidden) > 0)[0]
+def _branch(config: TridentHeadConfig, out_dim: int, kernel_size: int, out_bias: bool) -> ConvTower:
+    return ConvTower(config.in_dim, config.feat_dim, out_dim, config.num_layers, kernel_size, config.with_ln, out_bias)
 
 
 class TridentHead(nn.Module):
@@ -154,9 +142,9 @@ class TridentHead(nn.Module):
     def __init__(self, config: TridentHeadConfig):
         super().__init__()
         self.config = config
-        self.start_branch = _Branch(config, 1, config.boundary_kernel_size, out_bias=False)
-        self.end_branch = _Branch(config, 1, config.boundary_kernel_size, out_bias=False)
-        self.offset_branch = _Branch(config, 2 * (config.num_bins + 1), config.kernel_size, out_bias=True)
+        self.start_branch = _branch(config, 1, config.boundary_kernel_size, out_bias=False)
+        self.end_branch = _branch(config, 1, config.boundary_kernel_size, out_bias=False)
+        self.offset_branch = _branch(config, 2 * (config.num_bins + 1), config.kernel_size, out_bias=True)
         self.scales = nn.Parameter(torch.ones(config.levels))  # one learnt scale per level
 
     def forward(self, feats: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
