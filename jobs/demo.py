@@ -22,8 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duration-range", nargs=2, type=float, default=[20.0, 40.0], metavar=("MIN", "MAX"))
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 2), help="extraction actors (default: one per core)")
-    p.add_argument("--preset", default="demo-actionformer", help="detector preset (default demo-actionformer)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    p.add_argument("--preset", default="demo-temporalmaxer", help="detector preset (default demo-temporalmaxer: the fastest to learn the demo)")
+    p.add_argument("--epochs", type=int, default=80, help="training epochs (default 80)")
     p.add_argument("--train-workers", type=int, default=min(2, os.cpu_count() or 1), help="DDP workers (default 2)")
     p.set_defaults(func=run_demo)
 

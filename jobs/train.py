@@ -131,7 +131,7 @@ def plan(job: TrainJob) -> dict[str, Any]:
         "batch_size": job.batch_size or preset.batch_size,
         "labels": annotations.label_map.names,
         "provenance": provenance.to_dict(),
-        "features": job.features,
+        "features": store.uri,  # absolute for a local store: workers run elsewhere
         "storage_options": job.storage_options,
         "train": {vid: video(vid) for vid in train_ids},
         "val": {vid: video(vid) for vid in val_ids},

@@ -188,7 +188,8 @@ class FeatureStore:
     """A feature store at a local path or ``s3://`` prefix (see module doc)."""
 
     def __init__(self, uri: str, *, options: Mapping[str, Any] | None = None):
-        self.uri = uri.rstrip("/")
+        # a local store is named by its absolute path: Ray workers do not share the caller's working folder
+        self.uri = uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
         self.options = dict(options or {})
         self.fs, self.path = filesystem_for(self.uri, self.options)
 

@@ -66,7 +66,7 @@ def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
 
 def test_demo_end_to_end(tmp_path, ray_session, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--videos", "3", "--duration-range", "4", "6", "--workers", "2"]) == 0
+    assert main(["demo", "--out", str(out), "--videos", "3", "--duration-range", "4", "6", "--workers", "2", "--epochs", "4"]) == 0
     printed = capsys.readouterr().out
     assert "3 videos" in printed and "1280 dims" in printed
     assert len(FeatureStore(str(out / "features")).read_all()) == 3
@@ -74,6 +74,6 @@ def test_demo_end_to_end(tmp_path, ray_session, capsys):
     assert "registered tal-detector version 1" in printed and "average mAP" in printed
     assert (out / "eval" / "predictions.json").exists() and (out / "eval" / "metrics.json").exists()
     # Running it again reuses the archive and skips finished videos.
-    assert main(["demo", "--out", str(out), "--videos", "3", "--duration-range", "4", "6", "--workers", "2"]) == 0
+    assert main(["demo", "--out", str(out), "--videos", "3", "--duration-range", "4", "6", "--workers", "2", "--epochs", "2"]) == 0
     again = capsys.readouterr().out
     assert "reusing it" in again and "3 already done, 0 extracted" in again
