@@ -71,7 +71,7 @@ def train_ours(
 
     from tal_models.detector import build_detector, make_config
     from tal_models.presets import load_preset
-    from tal_models.training import ModelEMA, build_optimizer, build_scheduler, collate, random_crop
+    from tal_models.training import ModelEMA, build_optimizer, build_scheduler, collate, random_crop, train_one_epoch
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -92,31 +92,23 @@ def train_ours(
     ema = ModelEMA(model, optim.ema_decay) if optim.ema_decay else None
     g = np.random.default_rng(seed)
 
+    def batches():  # `steps` batches of random crops, epoch after epoch
+        done = 0
+        while done < steps:
+            order = g.permutation(len(train))
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                if done == steps:
+                    return
+                crops = []
+                for j in order[i : i + batch_size]:
+                    s = train[j]
+                    feats, segs, labels, _ = random_crop(s["features"], s["segments"], s["labels"], max_seq_len, g)
+                    crops.append({"features": feats, "segments": segs, "labels": labels, "video_id": s["video_id"]})
+                yield collate(crops, model.pad_multiple)
+                done += 1
+
     started = time.perf_counter()
-    model.train()
-    done, last = 0, {}
-    while done < steps:
-        order = g.permutation(len(train))
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            if done == steps:
-                break
-            crops = []
-            for j in order[i : i + batch_size]:
-                s = train[j]
-                feats, segs, labels, _ = random_crop(s["features"], s["segments"], s["labels"], max_seq_len, g)
-                crops.append({"features": feats, "segments": segs, "labels": labels, "video_id": s["video_id"]})
-            batch = collate(crops, model.pad_multiple)
-            losses = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["final_loss"].backward()
-            if optim.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            done += 1
-            last = {k: v.item() for k, v in losses.items()}
+    stats = train_one_epoch(model, batches(), optimizer, scheduler, ema=ema, clip_grad_norm=optim.clip_grad_norm or None)
     train_seconds = time.perf_counter() - started
 
     evaluated = ema.module if ema is not None else model
@@ -129,10 +121,10 @@ def train_ours(
     infer_seconds = time.perf_counter() - started
     return predictions, {
         "impl": preset_name,
-        "steps": done,
+        "steps": steps,
         "train_seconds": round(train_seconds, 1),
         "infer_seconds": round(infer_seconds, 1),
-        "final_loss": last.get("final_loss"),
+        "mean_loss": stats["final_loss"],  # over all steps
         "params": sum(p.numel() for p in model.parameters()),
     }
 

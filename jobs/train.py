@@ -75,14 +75,14 @@ def plan(job: TrainJob) -> dict[str, Any]:
     """Everything the workers need, checked on the driver: raises ``UsageError`` with what to fix."""
     from pipelines.annotations import read_annotations
     from pipelines.store import FeatureStore, StoreError
-    from tal_models.config import config_from_dict, config_to_dict
-    from tal_models.presets import Preset, load_preset
+    from tal_models.config import config_to_dict
+    from tal_models.presets import load_preset
 
     try:
         preset = load_preset(job.config)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(f"--config: {exc}") from None
-    preset = _apply_overrides(preset, job.overrides, config_from_dict, config_to_dict, Preset)
+    preset = _apply_overrides(preset, job.overrides)
     annotations = read_annotations(job.annotations)
     store = FeatureStore(job.features, options=job.storage_options or None)
     try:
@@ -146,7 +146,13 @@ def plan(job: TrainJob) -> dict[str, Any]:
     }
 
 
-def _apply_overrides(preset, overrides, config_from_dict, config_to_dict, preset_cls):
+def _apply_overrides(preset, overrides):
+    """``preset`` with ``--set key=value`` applied (values parsed as YAML), revalidated."""
+    import yaml
+
+    from tal_models.config import config_from_dict, config_to_dict
+    from tal_models.presets import Preset
+
     if not overrides:
         return preset
     data = config_to_dict(preset)
@@ -162,11 +168,9 @@ def _apply_overrides(preset, overrides, config_from_dict, config_to_dict, preset
             node = node[part]
         if parts[-1] not in node:
             raise UsageError(f"--set {key}: no such key; {'.'.join(parts[:-1]) or 'the top level'} has {sorted(node)}")
-        import yaml
-
         node[parts[-1]] = yaml.safe_load(raw)
     try:
-        return config_from_dict(preset_cls, data, where="--set")
+        return config_from_dict(Preset, data, where="--set")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -292,10 +296,10 @@ def train(job: TrainJob) -> dict[str, Any]:
 
 def _preset_yaml(job: TrainJob) -> str:
     """The preset as trained (overrides applied), for the run's artifacts."""
-    from tal_models.config import config_from_dict, config_to_dict, dump_yaml
-    from tal_models.presets import Preset, load_preset
+    from tal_models.config import dump_yaml
+    from tal_models.presets import load_preset
 
-    return dump_yaml(_apply_overrides(load_preset(job.config), job.overrides, config_from_dict, config_to_dict, Preset))
+    return dump_yaml(_apply_overrides(load_preset(job.config), job.overrides))
 
 
 def _log_validation_artifacts(run, predictions_file: Path, job: TrainJob, spec: dict[str, Any]) -> None:
@@ -343,7 +347,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from tal_models.config import config_from_dict
     from tal_models.detector import DetectorConfig, build_detector
     from tal_models.losses import LossNormalizer
-    from tal_models.training import ModelEMA, OptimConfig, build_optimizer, build_scheduler, collate, random_crop
+    from tal_models.training import (
+        EpochTiming,
+        ModelEMA,
+        OptimConfig,
+        build_optimizer,
+        build_scheduler,
+        collate,
+        random_crop,
+        train_one_epoch,
+    )
 
     loop_started = time.time()
     context = ray.train.get_context()
@@ -389,49 +402,36 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         torch.manual_seed(hash((cfg["seed"], rank, epoch)) % 2**31)  # drop-path: the same path after a resume
         rng = np.random.default_rng([cfg["seed"], rank, epoch])
         order = np.concatenate([rng.permutation(len(train_ids)) for _ in range(math.ceil(iterations * batch_size / max(len(train_ids), 1)) + 1)])
-        ddp_model.train()
-        started = time.perf_counter()
-        totals: dict[str, float] = {}
-        step_seconds = 0.0
-        for it in range(iterations):
-            samples = []
-            for j in order[it * batch_size : (it + 1) * batch_size]:
-                vid = train_ids[j]
-                ann = cfg["train"][vid]
-                feats, segs, labels, _ = random_crop(
-                    sequences[vid].features,
-                    np.asarray(ann["segments"], np.float32).reshape(-1, 2),
-                    np.asarray(ann["labels"], np.int64),
-                    detector_config.max_seq_len,
-                    rng,
-                )
-                samples.append({"features": feats, "segments": segs, "labels": labels, "video_id": vid})
-            batch = collate(samples, model.pad_multiple).to(device)
-            step_started = time.perf_counter()
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = ddp_model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["final_loss"].backward()
-            if optim.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v.item()
-            step_seconds += time.perf_counter() - step_started
-            if epoch == start_epoch and it == 0:
-                first_step = {"first_step_unix": time.time(), "worker_start_unix": loop_started}
-        seconds = time.perf_counter() - started
-        metrics = {f"train_{k}": v / iterations for k, v in totals.items()}
+
+        def batches(rng=rng, order=order):  # crops are drawn as the loop asks for each batch
+            for it in range(iterations):
+                samples = []
+                for j in order[it * batch_size : (it + 1) * batch_size]:
+                    vid = train_ids[j]
+                    ann = cfg["train"][vid]
+                    feats, segs, labels, _ = random_crop(
+                        sequences[vid].features,
+                        np.asarray(ann["segments"], np.float32).reshape(-1, 2),
+                        np.asarray(ann["labels"], np.int64),
+                        detector_config.max_seq_len,
+                        rng,
+                    )
+                    samples.append({"features": feats, "segments": segs, "labels": labels, "video_id": vid})
+                yield collate(samples, model.pad_multiple)
+
+        epoch_started, timing = time.time(), EpochTiming()
+        stats = train_one_epoch(
+            ddp_model, batches(), optimizer, scheduler, ema=ema, clip_grad_norm=optim.clip_grad_norm or None, device=device,
+            autocast_dtype=torch.bfloat16 if use_amp else None, timing=timing,
+        )  # fmt: skip
+        metrics = {f"train_{k}": stats[k] for k in stats if k.endswith("loss")}
         metrics["lr"] = scheduler.get_last_lr()[0]
-        metrics["samples_per_second"] = iterations * batch_size * world / max(seconds, 1e-9)
+        metrics["samples_per_second"] = stats["samples_per_second"] * world
         metrics["epoch"] = epoch
-        metrics["epoch_seconds"] = seconds  # data preparation + steps
-        metrics["step_seconds"] = step_seconds  # forward + backward + optimiser only
+        metrics["epoch_seconds"] = timing.epoch_seconds  # data preparation + steps
+        metrics["step_seconds"] = timing.step_seconds  # forward + backward + optimiser only
         if epoch == start_epoch:
-            metrics.update(first_step)
+            metrics.update(first_step_unix=epoch_started + timing.first_step_seconds, worker_start_unix=loop_started)
 
         last = epoch == optim.epochs - 1
         if (epoch + 1) % cfg["val_every"] == 0 or last:

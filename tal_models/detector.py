@@ -22,7 +22,7 @@ The three papers share this path and differ in two parts, chosen by ``make_confi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -107,7 +107,7 @@ class DetectorConfig:
             raise ValueError(f"DetectorConfig.num_classes must be a positive int (1 = class-agnostic), got {self.num_classes!r}")
         levels = self.encoder.levels
         object.__setattr__(self, "regression_ranges", tuple((float(lo), float(hi)) for lo, hi in self.regression_ranges))
-        if self.neck.levels != levels or self.head_levels != levels or len(self.regression_ranges) != levels:
+        if self.neck.levels != levels or len(self.regression_ranges) != levels:
             raise ValueError(
                 f"DetectorConfig: the encoder has {levels} levels but the neck has {self.neck.levels}, "
                 f"and there are {len(self.regression_ranges)} regression ranges; make them equal"
@@ -121,10 +121,6 @@ class DetectorConfig:
             raise ValueError(
                 f"DetectorConfig.max_seq_len ({self.max_seq_len}) must be a positive multiple of 2**(levels - 1) = {self.encoder.total_stride}"
             )
-
-    @property
-    def head_levels(self) -> int:
-        return self.encoder.levels
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -309,8 +305,3 @@ class Detector(nn.Module):
 def build_detector(config: DetectorConfig) -> Detector:
     """The detector of ``config`` (one class for all archs; ``config.arch`` chose the parts)."""
     return Detector(config)
-
-
-def with_num_classes(config: DetectorConfig, num_classes: int) -> DetectorConfig:
-    """``config`` for another number of classes (e.g. a preset applied to a user's label map)."""
-    return replace(config, num_classes=num_classes)

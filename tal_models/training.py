@@ -330,6 +330,17 @@ def collate(samples: Sequence[Any], pad_to_multiple: int = 1) -> Batch:
 
 
 # --- epoch loops -----------------------------------------------------------------------------
+@dataclass
+class EpochTiming:
+    """Where an epoch's time went (filled in by ``train_one_epoch``): ``epoch_seconds`` in all
+    (loader included), ``step_seconds`` from forward to EMA only, ``first_step_seconds`` from the
+    call to the end of the first step."""
+
+    epoch_seconds: float = 0.0
+    step_seconds: float = 0.0
+    first_step_seconds: float = 0.0
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[Batch],
@@ -340,22 +351,30 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     device: torch.device | str = "cpu",
     log_every: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    timing: EpochTiming | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``: forward, backward, clip, step, schedule (per iteration), EMA.
 
     ``model(batch)`` in training mode returns a dict of scalar losses including ``final_loss``,
-    the one that is back-propagated. Returns the mean of each loss over the iterations and
-    ``samples_per_second``. Losses are accumulated on the device and read once at the end, so
+    the one that is back-propagated (under ``torch.autocast(autocast_dtype)`` when given). Returns
+    the mean of each loss over the iterations and ``samples_per_second``; ``timing``, when given,
+    receives where the time went. Losses are accumulated on the device and read once at the end, so
     the loop does not synchronise with the accelerator except to log (``log_every > 0``).
     """
     model.train()
     totals: dict[str, Tensor] = {}
     num_iters = 0
     num_samples = 0
+    step_seconds = 0.0
+    first_step_seconds = 0.0
     started = time.perf_counter()
+    device_type = torch.device(device).type
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
-        losses = model(batch)
+        step_started = time.perf_counter()
+        with torch.autocast(device_type=device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            losses = model(batch)
         if "final_loss" not in losses:
             raise KeyError(f"train_one_epoch: the model's loss dict has no 'final_loss' (keys: {sorted(losses)})")
         optimizer.zero_grad(set_to_none=True)
@@ -367,6 +386,9 @@ def train_one_epoch(
             scheduler.step()
         if ema is not None:
             ema.update(model)
+        step_seconds += time.perf_counter() - step_started
+        if num_iters == 0:
+            first_step_seconds = time.perf_counter() - started
 
         for name, value in losses.items():
             value = value.detach().float()
@@ -385,6 +407,8 @@ def train_one_epoch(
     elapsed = time.perf_counter() - started
     stats = {name: total.item() / num_iters for name, total in totals.items()}
     stats["samples_per_second"] = num_samples / max(elapsed, 1e-9)
+    if timing is not None:
+        timing.epoch_seconds, timing.step_seconds, timing.first_step_seconds = elapsed, step_seconds, first_step_seconds
     return stats
 
 
