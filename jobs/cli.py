@@ -144,13 +144,15 @@ def _evaluate_model(args: argparse.Namespace, tiou) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tal", description="Temporal action localization on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from jobs import demo, extract, train
+    from jobs import demo, detect, extract, serve_config, train
     from pipelines.synth import add_synth_parser
 
     demo.add_parser(sub)
     add_synth_parser(sub)
     extract.add_parsers(sub)
     train.add_parser(sub)
+    detect.add_parser(sub)
+    serve_config.add_parser(sub)
     _add_evaluate(sub)
     return parser
 

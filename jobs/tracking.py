@@ -436,6 +436,35 @@ def resolve_model(model: str, uri: str | None = None, dst: Path | None = None) -
     return _checkpoint_file(local, model)
 
 
+def pin_model(model: str, uri: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A model reference -> (a reference that cannot move, what the registry says about it).
+
+    ``models:/name@alias`` becomes ``models:/name/<version the alias holds now>``, so that every replica of a
+    server loads the same weights even if the alias moves meanwhile. The dict holds ``name``, ``version``,
+    ``alias`` and ``run_id`` (registry references) or nothing (paths, ``runs:/``).
+    """
+    if not model.startswith("models:/"):
+        return model, {}
+    match = _ALIAS_URI.match(model) or _VERSION_URI.match(model)
+    if match is None:
+        raise ValueError(f"{model!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    client = _client(uri or tracking_uri())
+    _model_version_source(client, model)  # unknown names, aliases and versions: ValueError naming what exists
+    name = match["name"]
+    if "alias" in match.groupdict():
+        version = client.get_model_version_by_alias(name, match["alias"])
+        alias = match["alias"]
+    else:
+        number = match["version"]
+        if number == "latest":
+            number = str(max(int(v.version) for v in client.search_model_versions(f"name='{_quote(name)}'")))
+        version = client.get_model_version(name, number)
+        alias = None
+    pinned = f"models:/{name}/{version.version}" + (f"/{match['sub']}" if match["sub"] else "")
+    info = {"name": name, "version": int(version.version), "alias": alias, "run_id": version.run_id, "tags": dict(version.tags or {})}
+    return pinned, info
+
+
 def _model_version_source(client: MlflowClient, model: str) -> tuple[str, str | None]:
     """``models:/...`` -> (the version's source URI, the sub-path asked for inside it)."""
     match = _ALIAS_URI.match(model) or _VERSION_URI.match(model)

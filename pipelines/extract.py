@@ -20,7 +20,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -186,6 +186,66 @@ def features_for_video(backbone: Backbone, uri: str, sampling: SamplingConfig, *
     )
 
 
+class FeaturizerUnavailable(ValueError):
+    """Features cannot be recomputed as a store (or a checkpoint's provenance) describes them."""
+
+
+def extraction_settings(provenance: Any) -> tuple[BackboneConfig, SamplingConfig]:
+    """The backbone and sampling that made a store's features, from its provenance (a ``Provenance``
+    or its dict, e.g. a checkpoint's ``provenance``): what featurizing a new video the same way needs.
+
+    Raises ``FeaturizerUnavailable`` for features this platform did not extract (imported ones).
+    """
+    prov = provenance.to_dict() if isinstance(provenance, Provenance) else dict(provenance or {})
+    try:
+        settings = json.loads(prov.get("extract_config") or "{}")
+    except json.JSONDecodeError as e:
+        raise FeaturizerUnavailable(f"the provenance's extract_config is not JSON ({e})") from None
+    if not isinstance(settings, dict) or "backbone" not in settings or "sampling" not in settings:
+        origin = prov.get("backbone_weights") or prov.get("backbone") or "unknown features"
+        raise FeaturizerUnavailable(
+            f"these features were not extracted by tal extract ({origin}): their backbone and sampling are unknown, "
+            "so new videos cannot be featurized the same way"
+        )
+    backbone = dict(settings["backbone"])
+    for key in ("input_size", "mean", "std"):
+        if isinstance(backbone.get(key), list):
+            backbone[key] = tuple(backbone[key])
+    return BackboneConfig(**backbone), SamplingConfig(**settings["sampling"])
+
+
+def build_featurizer(
+    provenance: Any,
+    device: str = "cpu",
+    *,
+    weights: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    num_threads: int | None = None,
+) -> tuple[Backbone, SamplingConfig]:
+    """The backbone (loaded) and sampling that reproduce ``provenance``'s features for new videos.
+
+    ``weights`` replaces the recorded weights location (e.g. the same file at another path on a
+    serving node). The loaded weights must have the recorded sha256: features from other weights
+    would be silently wrong, so a mismatch raises ``FeaturizerUnavailable`` naming both digests.
+    """
+    config, sampling = extraction_settings(provenance)
+    if weights is not None:
+        config = replace(config, weights=weights)
+    fs = filesystem_for(config.weights, storage_options)[0] if (config.weights or "").startswith("s3://") else None
+    backbone = build_backbone(config, device, filesystem=fs, num_threads=num_threads)
+    prov = provenance.to_dict() if isinstance(provenance, Provenance) else dict(provenance)
+    expected = prov.get("backbone_sha256")
+    if expected and backbone.weights_sha256 != expected:
+        raise FeaturizerUnavailable(
+            f"backbone weights {backbone.weights_source} have sha256 {backbone.weights_sha256[:12]}..., but the features "
+            f"were made with {prov.get('backbone_weights')} (sha256 {str(expected)[:12]}...): give the same weights file"
+        )
+    dim = prov.get("feature_dim")
+    if dim is not None and int(dim) != backbone.feature_dim:
+        raise FeaturizerUnavailable(f"the backbone gives {backbone.feature_dim}-dim features, the provenance says {dim}")
+    return backbone, sampling
+
+
 def _clip_frames(step: int, timing: FeatureTiming, n_sampled: int) -> np.ndarray:
     """Sampled-frame indices of clip ``step`` (a short last clip repeats its final frame)."""
     idx = step * timing.stride + np.arange(timing.window)
@@ -327,6 +387,11 @@ class VideoFeatureExtractor:
 # --- the driver ----------------------------------------------------------------------------
 
 
+def settings_json(backbone: BackboneConfig, sampling: SamplingConfig) -> str:
+    """The provenance's ``extract_config``: what ``extraction_settings`` reads back to featurize new videos alike."""
+    return json.dumps({"backbone": asdict(backbone), "sampling": asdict(sampling)}, sort_keys=True, default=list)
+
+
 def provenance_for(backbone: Backbone, sampling: SamplingConfig, config_json: str) -> Provenance:
     return Provenance(
         backbone=backbone.describe()["name"],
@@ -352,8 +417,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     summary.listed = len(videos)
     # The driver builds the backbone once, on CPU, for its provenance (and to fail fast on bad weights).
     probe_backbone = build_backbone(config.backbone, "cpu", filesystem=_weights_fs(config))
-    config_json = json.dumps({"backbone": asdict(config.backbone), "sampling": asdict(config.sampling)}, sort_keys=True, default=list)
-    provenance = provenance_for(probe_backbone, config.sampling, config_json)
+    provenance = provenance_for(probe_backbone, config.sampling, settings_json(config.backbone, config.sampling))
     del probe_backbone
     store.check_compatible(provenance)
     status = store.status()

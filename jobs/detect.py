@@ -1,0 +1,366 @@
+"""``tal detect``: run a trained checkpoint on videos, in this process (no cluster, no server).
+
+    --model -> checkpoint (read and checked before any video) -> the featurizer its provenance
+            names, built once (the backbone, weights sha256 and sampling of ``tal extract``)
+            -> per video: decode + featurize -> Detector.detect -> keep score >= threshold, top k
+            -> timelines/<video>.png, failed.json, then results.json (each written atomically)
+
+Exit codes: 0 every video detected; 3 some videos failed (each in failed.json with its reason)
+and the others' detections were written; 2 nothing usable: no videos, a model that cannot run
+on videos (e.g. trained on imported features), or not one video processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobs.errors import UsageError
+
+if TYPE_CHECKING:
+    from tal_models.structures import Detections
+
+EXIT_SOME_FAILED = 3
+EXIT_NOTHING_USABLE = 2  # as jobs.cli.EXIT_BAD_INPUT
+# Scores are per-class sigmoids after Soft-NMS, which keeps up to 200 detections per video down to
+# 0.001: most of those are decayed duplicates. 0.1 keeps what a person would look at (and is what
+# a timeline draws); for evaluation keep everything (--score-threshold 0, or tal evaluate --model).
+DEFAULT_SCORE_THRESHOLD = 0.1
+DEFAULT_TIMELINE_VIDEOS = 20
+SHOWN_PER_VIDEO = 3  # detections per video in the printed summary
+PRINTED_VIDEOS = 50  # videos in the printed summary (results.json has them all)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "detect",
+        help="run a checkpoint on video files in this process: ActivityNet results JSON and a timeline per video",
+        description=(
+            "Featurize each video exactly as the checkpoint's training features were extracted (same backbone, "
+            "weights sha256, sampling), detect, and write OUTPUT/results.json (ActivityNet results format, labels "
+            "are the checkpoint's class names), OUTPUT/timelines/<video>.png and OUTPUT/failed.json (videos that "
+            "could not be decoded, with the reason). No Ray cluster and no server: everything runs here, one video "
+            "at a time. A broken video is reported and the others go on."
+        ),
+        epilog="exit codes: 0 all videos detected; 3 some videos failed (see failed.json), the others written; "
+        "2 nothing usable (no videos found, a model that cannot run on videos, not one video processed).",
+    )
+    p.add_argument(
+        "videos",
+        metavar="VIDEO_OR_DIR",
+        help="a video file, a directory (searched recursively), a glob, an s3:// prefix, or a CSV manifest (video_id,uri)",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="the checkpoint: models:/tal-detector@champion, models:/tal-detector/3, runs:/<id>/path (MLflow at "
+        "$MLFLOW_TRACKING_URI), a path or an s3:// URI; it must have been trained on features of tal extract",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("out/detect"),
+        metavar="DIR",
+        help="where results.json, failed.json and timelines/ go (default out/detect)",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DEFAULT_SCORE_THRESHOLD,
+        metavar="S",
+        help=f"write only detections scoring >= S (default {DEFAULT_SCORE_THRESHOLD:g}; 0 keeps all the model's, as evaluation wants); "
+        "the model computes the same either way",
+    )
+    p.add_argument(
+        "--top-k", type=int, metavar="K", help="at most K detections per video, the best first (default: all above the threshold)"
+    )
+    p.add_argument(
+        "--device", metavar="DEVICE", help="cpu, cuda or cuda:N for the backbone and the detector (default: cuda when available)"
+    )
+    p.add_argument(
+        "--backbone-weights",
+        metavar="PATH",
+        help="where the backbone's weights are, if not where extraction read them (a path or s3:// URI); their sha256 must match the checkpoint's",
+    )
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// videos, checkpoints and weights (default: $AWS_ENDPOINT_URL)")
+    p.add_argument(
+        "--timeline-videos",
+        type=int,
+        default=DEFAULT_TIMELINE_VIDEOS,
+        metavar="N",
+        help=f"draw timelines/<video>.png for the first N videos (default {DEFAULT_TIMELINE_VIDEOS})",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_detect)
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    from pipelines.store import storage_options
+
+    request = DetectRequest(
+        videos=args.videos,
+        model=args.model,
+        output=args.output,
+        score_threshold=args.score_threshold,
+        top_k=args.top_k,
+        device=args.device,
+        backbone_weights=args.backbone_weights,
+        timeline_videos=args.timeline_videos,
+        storage_options=storage_options(args.s3_endpoint),
+        progress=not args.no_progress,
+    )
+    report = run(request)
+    print(format_report(report, request))
+    if not report.videos:
+        print(
+            f"tal detect: error: none of the {len(report.failed)} videos could be processed (reasons in {report.outputs['failed']})",
+            file=sys.stderr,
+        )
+    return report.exit_code
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    videos: str  # a file, a directory (recursively), a glob, an s3:// prefix or a CSV manifest
+    model: str  # models:/name@alias, models:/name/version, runs:/<id>/path, a path or an s3:// URI
+    output: Path = Path("out/detect")
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD  # filters what is written, not what is computed
+    top_k: int | None = None  # per video; None: all above the threshold
+    device: str | None = None  # None: cuda when available
+    backbone_weights: str | None = None  # None: where the extraction read them
+    timeline_videos: int = DEFAULT_TIMELINE_VIDEOS
+    storage_options: dict[str, Any] | None = None  # fsspec options for s3://
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class VideoFailure:
+    video_id: str
+    source: str
+    reason: str  # a VideoDecodeError reason (missing, empty, not_a_video, truncated, ...), too_short or error
+    message: str  # the detail, without the source and reason
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    video_id: str
+    source: str
+    duration: float  # seconds
+    detections: Detections  # kept (score >= threshold, top k), best first; seconds, labels index the checkpoint's
+    num_computed: int  # what the model returned before the threshold and top k
+
+
+@dataclass
+class DetectReport:
+    checkpoint: str  # the local file (or URI) the model was read from
+    labels: list[str]
+    featurizer: str  # one line: backbone, weights, sampling, device
+    videos: list[VideoResult] = field(default_factory=list)
+    failed: list[VideoFailure] = field(default_factory=list)
+    seconds: float = 0.0
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        if not self.videos:
+            return EXIT_NOTHING_USABLE
+        return EXIT_SOME_FAILED if self.failed else 0
+
+
+def run(request: DetectRequest) -> DetectReport:
+    """Detect actions in ``request.videos`` with ``request.model`` and write the outputs (module doc).
+
+    Refused before any video is decoded (``UsageError``): bad flag values, a checkpoint that
+    cannot be read, one whose features cannot be recomputed (imported features, other weights),
+    no videos. A video that fails is recorded with its reason and the others go on.
+    """
+    _check_flags(request)
+    import torch
+
+    from jobs.evaluate import resolve_checkpoint
+    from pipelines.extract import features_for_video
+    from pipelines.store import filesystem_for
+    from pipelines.video import VideoDecodeError
+
+    device = _device(request.device, torch)
+    checkpoint_uri = resolve_checkpoint(request.model)
+    checkpoint = _read_checkpoint(checkpoint_uri, request)
+    videos = _list_videos(request)
+    backbone, sampling = _featurizer(checkpoint, device, request)
+    model = checkpoint.build(device)
+    prov = checkpoint.provenance
+    report = DetectReport(
+        checkpoint=checkpoint_uri,
+        labels=list(checkpoint.labels),
+        featurizer=f"{prov.get('backbone')} ({backbone.weights_name}, sha256 {backbone.weights_sha256[:12]}...), "
+        f"{sampling.fps or 'native'} fps, window {sampling.window}, stride {sampling.stride}, on {device}",
+    )
+
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    with tqdm(videos, unit="video", desc="detect", disable=not request.progress) as bar:
+        for ref in bar:
+            fs = filesystem_for(ref.uri, request.storage_options)[0] if ref.uri.startswith("s3://") else None
+            try:
+                seq = features_for_video(backbone, ref.uri, sampling, video_id=ref.video_id, filesystem=fs)
+                if seq.features.shape[0] == 0:
+                    report.failed.append(VideoFailure(ref.video_id, ref.uri, "too_short", f"{seq.duration:.3f} s give no feature step"))
+                    continue
+                found = model.detect(seq.features, seq.timing, seq.duration, ref.video_id).to_numpy()
+            except VideoDecodeError as e:
+                report.failed.append(VideoFailure(ref.video_id, ref.uri, e.reason, e.detail))
+                continue
+            except Exception as e:  # noqa: BLE001 - one broken video must not stop the others
+                report.failed.append(VideoFailure(ref.video_id, ref.uri, "error", f"{type(e).__name__}: {e}"))
+                continue
+            finally:
+                bar.set_postfix(failed=len(report.failed))
+            kept = keep_detections(found, request.score_threshold, request.top_k)
+            report.videos.append(VideoResult(ref.video_id, ref.uri, float(seq.duration), kept, len(found)))
+    report.seconds = time.perf_counter() - started
+    _write_outputs(report, request, checkpoint.label_map)
+    return report
+
+
+def keep_detections(detections: Detections, score_threshold: float, top_k: int | None = None) -> Detections:
+    """The ``top_k`` best of ``detections`` scoring ``>= score_threshold``, best first."""
+    import numpy as np
+
+    d = detections.to_numpy().sorted_by_score()
+    d = d[np.flatnonzero(d.scores >= score_threshold)]
+    return d if top_k is None else d[np.arange(min(top_k, len(d)))]
+
+
+def _check_flags(request: DetectRequest) -> None:
+    if not 0.0 <= request.score_threshold <= 1.0:
+        raise UsageError(f"--score-threshold must be in [0, 1] (scores are probabilities), got {request.score_threshold}")
+    if request.top_k is not None and request.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {request.top_k}")
+    if request.timeline_videos < 0:
+        raise UsageError(f"--timeline-videos must be >= 0, got {request.timeline_videos}")
+    if request.output.exists() and not request.output.is_dir():
+        raise UsageError(f"--output {request.output} is a file; it names a directory (results.json, failed.json, timelines/)")
+
+
+def _device(requested: str | None, torch) -> str:
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {requested!r}: give cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {requested!r}: give cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}: no CUDA device is available here; use --device cpu")
+    return str(device)
+
+
+def _read_checkpoint(uri: str, request: DetectRequest):
+    import io
+
+    from jobs.inference import read_checkpoint_bytes
+    from tal_models.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        data = read_checkpoint_bytes(uri, request.storage_options)
+    except FileNotFoundError:
+        raise UsageError(f"--model {request.model}: no such checkpoint file {uri}") from None
+    try:
+        return load_checkpoint(io.BytesIO(data), map_location="cpu")
+    except CheckpointError as e:
+        raise UsageError(f"--model {uri}: {e}") from None
+
+
+def _list_videos(request: DetectRequest):
+    from pipelines.extract import VIDEO_EXTENSIONS, list_videos
+
+    try:
+        videos = list_videos(request.videos, request.storage_options)
+    except ValueError as e:  # duplicate ids, a manifest without a uri column
+        raise UsageError(str(e)) from None
+    if not videos:
+        raise UsageError(f"no videos in {request.videos} (looked for {', '.join(VIDEO_EXTENSIONS)})")
+    return videos
+
+
+def _featurizer(checkpoint, device: str, request: DetectRequest):
+    """The backbone and sampling of the checkpoint's training features, or a ``UsageError`` saying why not."""
+    from pipelines.extract import FeaturizerUnavailable, build_featurizer
+    from pipelines.weights import WeightsNotFoundError
+
+    try:
+        return build_featurizer(checkpoint.provenance, device, weights=request.backbone_weights, storage_options=request.storage_options)
+    except FeaturizerUnavailable as e:
+        raise UsageError(f"--model {request.model} cannot run on videos: {e}") from None
+    except WeightsNotFoundError as e:
+        raise UsageError(f"{e}; or give --backbone-weights PATH") from None
+    except ValueError as e:  # a recorded backbone config this version refuses, a corrupt weights file
+        raise UsageError(f"--model {request.model}: cannot rebuild its backbone: {e}") from None
+
+
+def _write_outputs(report: DetectReport, request: DetectRequest, label_map) -> None:
+    """Timelines, failed.json, then results.json last: each atomic, so a reader never sees half a file."""
+    from jobs.evaluate import safe_file_name
+    from pipelines.annotations import write_activitynet_results
+    from pipelines.annotations.errors import write_json_atomic
+
+    out = request.output
+    out.mkdir(parents=True, exist_ok=True)
+    drawn = report.videos[: request.timeline_videos]
+    if drawn:
+        from jobs.plots import plot_timeline  # matplotlib only here
+
+        for v in drawn:
+            path = out / "timelines" / f"{safe_file_name(v.video_id)}.png"
+            plot_timeline(path, v.video_id, None, v.detections, label_map, v.duration, min_score=request.score_threshold)
+        report.outputs["timelines"] = out / "timelines"
+    report.outputs["failed"] = out / "failed.json"
+    write_json_atomic(report.outputs["failed"], {"failed": [asdict(f) for f in report.failed]}, indent=2)
+    report.outputs["results"] = out / "results.json"
+    kept = f"score >= {request.score_threshold:g}" + (f", top {request.top_k} per video" if request.top_k else "")
+    write_activitynet_results(
+        report.outputs["results"],
+        [v.detections for v in report.videos],
+        label_map,
+        external_data={"used": False, "details": f"tal detect, model {request.model}, {kept}"},
+    )
+
+
+def format_report(report: DetectReport, request: DetectRequest) -> str:
+    rate = len(report.videos) / max(report.seconds, 1e-9)
+    kept = f"score >= {request.score_threshold:g}" + (f", top {request.top_k} per video" if request.top_k else "")
+    lines = [
+        f"model       {request.model}"
+        + (f" ({report.checkpoint})" if report.checkpoint != request.model else "")
+        + f": {len(report.labels)} classes",
+        f"featurizer  {report.featurizer}",
+        f"videos      {len(report.videos) + len(report.failed)} in {request.videos}: {len(report.videos)} detected, "
+        f"{len(report.failed)} failed, in {report.seconds:.1f} s ({rate:.2f} videos/s)",
+        f"kept        {kept}: {sum(len(v.detections) for v in report.videos):,} of {sum(v.num_computed for v in report.videos):,} detections",
+        "",
+    ]
+    width = min(max((len(v.video_id) for v in report.videos[:PRINTED_VIDEOS]), default=0), 40)
+    for v in report.videos[:PRINTED_VIDEOS]:
+        d = v.detections
+        best = "  ".join(
+            f"{report.labels[int(c)]} {s:.2f} [{a:.1f}, {b:.1f}] s"
+            for c, s, (a, b) in zip(d.labels[:SHOWN_PER_VIDEO], d.scores[:SHOWN_PER_VIDEO], d.segments.data[:SHOWN_PER_VIDEO].tolist())
+        )
+        lines.append(f"  {v.video_id:<{width}}  {len(d):>4} detections" + (f"   {best}" if best else ""))
+    if len(report.videos) > PRINTED_VIDEOS:
+        lines.append(f"  ... and {len(report.videos) - PRINTED_VIDEOS} more videos (see results.json)")
+    for f in report.failed[:10]:
+        lines.append(f"failed      {f.video_id}: {f.reason}: {f.message}")
+    if len(report.failed) > 10:
+        lines.append(f"failed      ... and {len(report.failed) - 10} more (see failed.json)")
+    lines.append("")
+    for name, path in report.outputs.items():
+        lines.append(f"  {name:<9} -> {path}")
+    return "\n".join(lines)

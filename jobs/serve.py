@@ -1,0 +1,520 @@
+"""Ray Serve application: a trained detector over HTTP, for feature sequences and for raw videos.
+
+    HTTP ─► Ingress (FastAPI: limits, parsing, validation, JSON errors; no model)
+              ├─ POST /v1/detect        ─────────────────────────────────────────────► Detector (@serve.batch)
+              └─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► Detector
+                                           backbone, as its provenance records)
+            GET /healthz, GET /v1/model, OpenAPI at /docs
+
+``build_app(ServeArgs)`` is the import path for ``serve run`` / ``serve deploy`` / a RayService
+(``jobs.serve:build_app``); ``tal serve`` calls it and runs the app on local Ray or ``RAY_ADDRESS``.
+The request contract (models, parsing, validation) lives in ``jobs.serve_api``, without Ray.
+(No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type of the
+class-based ingress's methods, which Serve re-wraps outside this module's namespace.)
+
+The model reference is pinned once, when the app is built (``models:/x@champion`` -> ``models:/x/7``),
+and every Detector replica loads that version itself (from the MLflow registry, S3 or a path), so
+no weights travel through the deployment's config.
+"""
+
+import asyncio
+import os
+import tempfile
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from jobs.serve_api import (
+    NPY_CONTENT_TYPES,
+    DetectFeaturesRequest,
+    DetectOptions,
+    DetectResponse,
+    DetectVideoRequest,
+    ErrorResponse,
+    Limits,
+    ModelInfo,
+    RequestError,
+    check_video_uri,
+    detections_payload,
+    features_request,
+    options_from_query,
+    parse_json_request,
+    parse_npy,
+    to_sequence,
+)
+from jobs.serve_config import APP_NAME, ServeArgs
+from pipelines.store import FeatureSequence
+
+MB = 2**20
+
+
+# --- loading the checkpoint (driver and replicas) ----------------------------------------------
+
+
+def load_served_checkpoint(reference: str, mlflow_uri: str | None, storage_options: dict[str, Any]):
+    """The checkpoint behind ``reference``: ``models:/``/``runs:/`` through MLflow, ``s3://`` through fsspec, else a path."""
+    import io
+
+    from tal_models.checkpoint import load_checkpoint
+
+    if reference.startswith("s3://"):
+        from jobs.inference import read_checkpoint_bytes
+
+        return load_checkpoint(io.BytesIO(read_checkpoint_bytes(reference, storage_options)))
+    if reference.startswith(("models:/", "runs:/")):
+        from jobs.tracking import resolve_model
+
+        return load_checkpoint(resolve_model(reference, mlflow_uri))
+    return load_checkpoint(os.path.expanduser(reference))
+
+
+def describe_model(args: ServeArgs) -> ModelInfo:
+    """Pin ``args.model`` and read what the ingress needs to know about it (labels, width, provenance)."""
+    from jobs.tracking import pin_model
+
+    pinned, registry = pin_model(args.model, args.mlflow_uri) if args.model.startswith("models:/") else (args.model, {})
+    checkpoint = load_served_checkpoint(pinned, args.mlflow_uri, _storage_options(args))
+    metadata = {k: v for k, v in checkpoint.metadata.items() if isinstance(v, str | int | float | bool | type(None) | dict | list)}
+    return ModelInfo(
+        reference=args.model,
+        pinned=pinned,
+        labels=list(checkpoint.labels),
+        arch=checkpoint.config.arch,
+        input_dim=checkpoint.config.input_dim,
+        provenance=dict(checkpoint.provenance),
+        registry=registry,
+        metadata=metadata,
+    )
+
+
+def _storage_options(args: ServeArgs) -> dict[str, Any]:
+    from pipelines.store import storage_options
+
+    return storage_options(args.s3_endpoint)
+
+
+def _device(use_gpu: bool) -> str:
+    import torch
+
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+
+
+# --- deployments -------------------------------------------------------------------------------
+
+
+@serve.deployment(name="Detector", max_ongoing_requests=64)
+class DetectorDeployment:
+    """Holds the checkpoint; detects batches of feature sequences (``@serve.batch``)."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        mlflow_uri: str | None,
+        storage_options: dict[str, Any],
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        num_threads: int,
+        use_gpu: bool,
+    ):
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        self.info = info
+        checkpoint = load_served_checkpoint(info.pinned, mlflow_uri, storage_options)
+        self.model = checkpoint.build(_device(use_gpu))
+        self.detect.set_max_batch_size(max_batch_size)
+        self.detect.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def detect(self, items: list[tuple[FeatureSequence, float | None, int | None]]) -> list[dict[str, Any]]:
+        # in a thread: torch releases the GIL, so requests keep arriving (and forming the next batch) meanwhile
+        return await asyncio.to_thread(self._detect, items)
+
+    def _detect(self, items: list[tuple[FeatureSequence, float | None, int | None]]) -> list[dict[str, Any]]:
+        from jobs.inference import detect_batch
+
+        start = time.perf_counter()
+        detections = detect_batch(self.model, [seq for seq, _, _ in items])
+        seconds = time.perf_counter() - start
+        return [
+            {"detections": detections_payload(d, self.info.labels, threshold, top_k), "detect_s": seconds, "batch_size": len(items)}
+            for d, (_, threshold, top_k) in zip(detections, items)
+        ]
+
+
+class _TimedBackbone:
+    """The backbone, counting the seconds spent in its forward passes (the rest of featurizing is decoding)."""
+
+    def __init__(self, backbone):
+        self._backbone = backbone
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self._backbone, name)
+
+    def frame_features(self, *args, **kwargs):
+        return self._timed(self._backbone.frame_features, *args, **kwargs)
+
+    def clip_features(self, *args, **kwargs):
+        return self._timed(self._backbone.clip_features, *args, **kwargs)
+
+    def _timed(self, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+@serve.deployment(name="VideoFeaturizer", max_ongoing_requests=4)
+class VideoFeaturizer:
+    """Decodes a video and computes its features exactly as the checkpoint's training features were made.
+
+    If the backbone cannot be rebuilt (features imported from elsewhere, weights missing or different),
+    the replica still starts and every video request gets a 501 saying why; feature requests are unaffected.
+    """
+
+    def __init__(
+        self,
+        provenance: dict[str, Any],
+        backbone_weights: str | None,
+        storage_options: dict[str, Any],
+        video_roots: list[str],
+        num_threads: int,
+        use_gpu: bool,
+    ):
+        from pipelines.extract import build_featurizer
+
+        self.storage_options = storage_options
+        self.video_roots = list(video_roots)
+        self.unavailable: str | None = None
+        try:
+            self.backbone, self.sampling = build_featurizer(
+                provenance, _device(use_gpu), weights=backbone_weights, storage_options=storage_options, num_threads=max(1, num_threads)
+            )
+        except Exception as e:  # noqa: BLE001 - reported on each video request, the app keeps serving features
+            self.unavailable = f"{type(e).__name__}: {e}"
+
+    async def featurize(self, video_id: str, data: bytes | None = None, uri: str | None = None) -> dict[str, Any]:
+        return await asyncio.to_thread(self._featurize, video_id, data, uri)
+
+    def _featurize(self, video_id: str, data: bytes | None, uri: str | None) -> dict[str, Any]:
+        from pipelines.extract import features_for_video
+        from pipelines.store import filesystem_for
+        from pipelines.video import VideoDecodeError
+
+        if self.unavailable is not None:
+            return _failure(501, "video_unsupported", f"this model cannot featurize videos: {self.unavailable}")
+        start = time.perf_counter()
+        backbone = _TimedBackbone(self.backbone)
+        path = None
+        try:
+            if data is not None:
+                with tempfile.NamedTemporaryFile(prefix="tal-upload-", suffix=".video", delete=False) as f:
+                    f.write(data)
+                    path = f.name
+                source, fs = path, None
+            else:
+                source = check_video_uri(uri, self.video_roots)  # checked again here: the ingress is not the only caller
+                fs = filesystem_for(source, self.storage_options)[0] if source.startswith("s3://") else None
+            seq = features_for_video(backbone, source, self.sampling, video_id=video_id, filesystem=fs)
+        except RequestError as e:
+            return _failure(e.status, e.code, e.message)
+        except VideoDecodeError as e:
+            where = "the upload" if data is not None else uri
+            status = 404 if e.reason == "missing" else 422
+            return _failure(status, f"video_{e.reason}", f"{where}: {e.reason}: {e.detail}")
+        except Exception as e:  # noqa: BLE001 - decoders fail in many ways on hostile input; never a 500
+            where = "the upload" if data is not None else uri
+            return _failure(422, "video_unreadable", f"{where}: cannot be featurized ({type(e).__name__}: {str(e)[:300]})")
+        finally:
+            if path is not None:
+                os.unlink(path)
+        total = time.perf_counter() - start
+        return {"ok": True, "sequence": seq, "timing": {"decode_s": total - backbone.seconds, "features_s": backbone.seconds}}
+
+
+def _failure(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "status": status, "error": code, "message": message}
+
+
+# --- the HTTP ingress ----------------------------------------------------------------------------
+
+api = FastAPI(
+    title="TAL detector",
+    version="1",
+    description="Temporal action localization: where in a video each action happens (start, end, class, score). "
+    "POST a feature sequence to /v1/detect or a video to /v1/detect/video.",
+)
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 403, 404, 413, 415, 422)}
+_JSON_FEATURES = DetectFeaturesRequest.model_json_schema()
+_NPY_BODY = {"schema": {"type": "string", "format": "binary"}}
+_QUERY_OPTIONS = [
+    {"name": "video_id", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 512}},
+    {"name": "score_threshold", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0, "maximum": 1}},
+    {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100000}},
+]
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse({"error": code, "message": f"{request.method} {request.url.path}: {exc.detail}"}, status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    return JSONResponse({"error": "invalid_request", "message": f"{where}: {first.get('msg')}"}, status_code=422)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # a bug: say so, in JSON, and keep serving
+    return JSONResponse({"error": "internal", "message": f"{type(exc).__name__}: {str(exc)[:300]}"}, status_code=500)
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _options(fields: dict[str, Any]) -> DetectOptions:
+    unknown = sorted(set(fields) - set(DetectOptions.model_fields))
+    if unknown:
+        raise RequestError(422, "invalid_request", f"unknown parameters {unknown} for a video; known: {sorted(DetectOptions.model_fields)}")
+    try:
+        return DetectOptions.model_validate(fields)
+    except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, reported as the request's fault
+        raise RequestError(422, "invalid_request", str(e).splitlines()[-1].strip() if str(e) else "invalid options") from None
+
+
+async def _limited_stream(request: Request, limit: int):
+    """The body's chunks, refusing (413) as soon as more than ``limit`` bytes arrive: Content-Length is checked
+    first, and counted anyway (a chunked body has none, and a client may lie)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise RequestError(400, "bad_content_length", f"Content-Length {declared!r} is not a number") from None
+        if size > limit:
+            raise RequestError(413, "payload_too_large", f"the body has {size:,} bytes; this server accepts at most {limit:,} here")
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise RequestError(413, "payload_too_large", f"the body exceeds {limit:,} bytes, the most this server accepts here")
+        yield chunk
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _limited_stream(request, limit)])
+
+
+async def _read_upload(request: Request, limit: int) -> tuple[bytes, str | None]:
+    """The one file of a multipart upload (field ``video``), with the body size bounded while it streams."""
+    parser = MultiPartParser(request.headers, _limited_stream(request, limit), max_files=1, max_fields=8)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise RequestError(400, "malformed_multipart", f"the multipart body cannot be parsed: {e.message}") from None
+    try:
+        upload = form.get("video")
+        if upload is None or isinstance(upload, str):
+            raise RequestError(
+                422, "missing_video", f"the multipart body needs a file field named 'video' (got fields {sorted(form.keys())})"
+            )
+        return await upload.read(), upload.filename
+    finally:
+        await form.close()
+
+
+# Everything the ingress's methods call must be defined above it: serve.ingress pickles the FastAPI app
+# (and with it the endpoints and the globals they name) when the class is decorated.
+@serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    """Parses and checks every request before any model sees it; answers errors as ``{"error", "message"}``."""
+
+    def __init__(self, detector: DeploymentHandle, featurizer: DeploymentHandle, info: ModelInfo, limits: Limits, video_roots: list[str]):
+        self.detector = detector
+        self.featurizer = featurizer
+        self.info = info
+        self.limits = limits
+        self.video_roots = list(video_roots)
+
+    @api.get("/healthz", summary="liveness: the app is up and which model it serves")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.info.summary()}
+
+    @api.get("/v1/model", summary="the served checkpoint: registry name, version, alias, labels, feature provenance")
+    async def model(self) -> dict[str, Any]:
+        return self.info.describe()
+
+    @api.post(
+        "/v1/detect",
+        summary="detect actions in a feature sequence [T, C]",
+        response_model=DetectResponse,
+        responses=_ERRORS,
+        openapi_extra={
+            "parameters": _QUERY_OPTIONS,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _JSON_FEATURES}, "application/x-npy": _NPY_BODY}},
+        },
+    )
+    async def detect(self, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        kind = _content_type(request)
+        if kind == "application/json":
+            if request.query_params:
+                raise RequestError(422, "invalid_request", "with a JSON body, give the options in the body, not the query string")
+            body = await _read_limited(request, self.limits.max_body_bytes)
+            req = parse_json_request(body, DetectFeaturesRequest)
+        elif kind in NPY_CONTENT_TYPES:
+            fields = options_from_query(request.query_params)
+            body = await _read_limited(request, self.limits.max_body_bytes)
+            req = features_request(parse_npy(body), fields)
+        else:
+            raise RequestError(
+                415, "unsupported_media_type", f"content type {kind or 'none'!r}: send application/json or application/x-npy"
+            )
+        seq = to_sequence(req, self.info, self.limits)
+        parsed = time.perf_counter()
+        result = await self.detector.detect.remote((seq, req.score_threshold, req.top_k))
+        timing = {"parse_s": parsed - start, "detect_s": result["detect_s"], "total_s": time.perf_counter() - start}
+        return self._response(seq, result, timing)
+
+    @api.post(
+        "/v1/detect/video",
+        summary="decode a video, featurize it with the model's backbone, detect actions",
+        response_model=DetectResponse,
+        responses={**_ERRORS, 501: {"model": ErrorResponse}},
+        openapi_extra={
+            "parameters": _QUERY_OPTIONS,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {"type": "object", "properties": {"video": {"type": "string", "format": "binary"}}, "required": ["video"]}
+                    },
+                    "application/json": {"schema": DetectVideoRequest.model_json_schema()},
+                },
+            },
+        },
+    )
+    async def detect_video(self, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        kind = _content_type(request)
+        data, uri = None, None
+        if kind == "application/json":
+            if request.query_params:
+                raise RequestError(422, "invalid_request", "with a JSON body, give the options in the body, not the query string")
+            req = parse_json_request(await _read_limited(request, self.limits.max_body_bytes), DetectVideoRequest)
+            uri = check_video_uri(req.uri, self.video_roots)
+            options: DetectOptions = req
+            video_id = req.video_id or os.path.splitext(os.path.basename(uri.rstrip("/")))[0] or "video"
+        elif kind == "multipart/form-data":
+            options = _options(options_from_query(request.query_params))
+            data, filename = await _read_upload(request, self.limits.max_upload_bytes)
+            video_id = options.video_id or os.path.splitext(os.path.basename(filename or ""))[0] or "video"
+        elif kind.startswith("video/") or kind in NPY_CONTENT_TYPES[1:]:
+            options = _options(options_from_query(request.query_params))
+            data = await _read_limited(request, self.limits.max_upload_bytes)
+            video_id = options.video_id or "video"
+        else:
+            raise RequestError(
+                415,
+                "unsupported_media_type",
+                f"content type {kind or 'none'!r}: send multipart/form-data (field 'video'), video/*, or JSON {{\"uri\": ...}}",
+            )
+        if data is not None and not data:
+            raise RequestError(422, "video_empty", "the uploaded video has 0 bytes")
+        received = time.perf_counter()
+        features = await self.featurizer.featurize.remote(video_id, data=data, uri=uri)
+        if not features["ok"]:
+            raise RequestError(features["status"], features["error"], features["message"])
+        seq: FeatureSequence = features["sequence"]
+        if seq.features.shape[0] > self.limits.max_steps:
+            raise RequestError(
+                422,
+                "sequence_too_long",
+                f"the video gives {seq.features.shape[0]} feature steps; this server accepts at most {self.limits.max_steps}",
+            )
+        result = await self.detector.detect.remote((seq, options.score_threshold, options.top_k))
+        timing = {
+            "receive_s": received - start,
+            **features["timing"],
+            "detect_s": result["detect_s"],
+            "total_s": time.perf_counter() - start,
+        }
+        return self._response(seq, result, timing)
+
+    def _response(self, seq: FeatureSequence, result: dict[str, Any], timing: dict[str, float]) -> JSONResponse:
+        return JSONResponse(
+            {
+                "video_id": seq.video_id,
+                "detections": result["detections"],
+                "duration": float(seq.duration),
+                "num_steps": int(seq.features.shape[0]),
+                "model": self.info.summary(),
+                "timing": {**timing, "batch_size": result["batch_size"]},
+            }
+        )
+
+
+# --- building and running the app ----------------------------------------------------------------
+
+
+def build_app(args: ServeArgs) -> serve.Application:
+    """The Serve application for ``args`` (the import path ``jobs.serve:build_app``)."""
+    if isinstance(args, dict):  # called directly with a dict rather than through Serve's typed-builder validation
+        args = ServeArgs.model_validate(args)
+    info = describe_model(args)
+    storage = _storage_options(args)
+    threads = max(1, int(args.cpus_per_replica))
+    resources = {"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica}
+    use_gpu = args.gpus_per_replica > 0
+    detector_options: dict[str, Any] = {"ray_actor_options": resources}
+    featurizer_options: dict[str, Any] = {"ray_actor_options": resources}
+    if args.detector_replicas != 1:  # left unset otherwise, so a config file's autoscaling_config can apply
+        detector_options["num_replicas"] = args.detector_replicas
+    if args.featurizer_replicas != 1:
+        featurizer_options["num_replicas"] = args.featurizer_replicas
+    # enough requests in flight per replica for a batch to fill
+    detector_options["max_ongoing_requests"] = max(16, 4 * args.max_batch_size)
+    detector = DetectorDeployment.options(**detector_options).bind(
+        info, args.mlflow_uri, storage, args.max_batch_size, args.batch_wait_timeout_s, threads, use_gpu
+    )
+    featurizer = VideoFeaturizer.options(**featurizer_options).bind(
+        info.provenance, args.backbone_weights, storage, args.video_roots, threads, use_gpu
+    )
+    limits = Limits(int(args.max_body_mb * MB), int(args.max_upload_mb * MB), args.max_steps)
+    return Ingress.bind(detector, featurizer, info, limits, args.video_roots)
+
+
+def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` (on the Ray cluster this process is connected to, or a new local
+    one) and deploy the app; returns its base URL once every replica is up."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def stop_app() -> None:
+    serve.delete(APP_NAME)

@@ -1,0 +1,182 @@
+"""The serving contract without Ray: parsing, validation against the model, URI roots, payloads."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+
+from jobs.serve_api import (
+    DetectFeaturesRequest,
+    Limits,
+    ModelInfo,
+    RequestError,
+    check_video_uri,
+    detections_payload,
+    features_request,
+    options_from_query,
+    parse_json_request,
+    parse_npy,
+    to_sequence,
+)
+from tal_models.structures import Detections, Segments, Unit
+
+INFO = ModelInfo(
+    reference="models:/tal-detector@champion",
+    pinned="models:/tal-detector/3",
+    labels=["jump", "run"],
+    arch="temporalmaxer",
+    input_dim=4,
+    provenance={"backbone": "mobilenet_v2", "backbone_sha256": "abc", "feature_dim": 4, "fps": 5.0, "stride": 2, "window": 2},
+    registry={"name": "tal-detector", "version": 3, "alias": "champion"},
+)
+LIMITS = Limits(max_body_bytes=1 << 20, max_upload_bytes=1 << 20, max_steps=100)
+
+
+def _error(fn, *args) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        fn(*args)
+    return info.value
+
+
+def _npy(array: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, **kwargs)
+    return buf.getvalue()
+
+
+def test_a_request_with_the_models_sampling_gives_seconds_through_feature_timing():
+    req = parse_json_request(b'{"features": [[0,0,0,0],[1,1,1,1],[2,2,2,2]], "video_id": "v", "top_k": 2}', DetectFeaturesRequest)
+    seq = to_sequence(req, INFO, LIMITS)
+    # step i is centred at (i * stride + window / 2) / fps = (2i + 1) / 5 s
+    np.testing.assert_allclose(seq.timestamps, [0.2, 0.6, 1.0])
+    assert seq.duration == pytest.approx((2 * 2 + 2) / 5.0)  # end of the last clip
+    assert (seq.video_id, seq.features.dtype, seq.features.shape) == ("v", np.float32, (3, 4))
+
+
+def test_timestamps_set_the_offset_and_must_be_evenly_spaced():
+    req = DetectFeaturesRequest(features=[[0.0] * 4] * 3, timestamps=[10.2, 10.6, 11.0])
+    assert to_sequence(req, INFO, LIMITS).timing.offset == pytest.approx(10.0)
+    bad = DetectFeaturesRequest(features=[[0.0] * 4] * 3, timestamps=[10.2, 10.6, 12.0])
+    assert _error(to_sequence, bad, INFO, LIMITS).code == "invalid_timestamps"
+    short = DetectFeaturesRequest(features=[[0.0] * 4] * 3, timestamps=[10.2])
+    assert "1 values for 3 feature steps" in _error(to_sequence, short, INFO, LIMITS).message
+
+
+@pytest.mark.parametrize(
+    ("features", "fields", "code"),
+    [
+        ([[0.0] * 5], {}, "wrong_feature_dim"),
+        ([], {}, "empty_sequence"),
+        ([[0.0] * 4] * 101, {}, "sequence_too_long"),
+        ([[0.0] * 4], {"fps": 15.0}, "timing_mismatch"),
+        ([[0.0] * 4], {"backbone": "resnet50"}, "features_mismatch"),
+        ([[0.0] * 4], {"feature_dim": 2048}, "features_mismatch"),
+        ([[0.0] * 4], {"num_steps": 7}, "invalid_request"),
+        ([[0.0] * 4, [0.0] * 3], {}, "invalid_features"),  # ragged rows (found by the schema fuzzer)
+    ],
+)
+def test_features_that_do_not_fit_the_model_are_422_naming_the_field(features, fields, code):
+    err = _error(to_sequence, DetectFeaturesRequest(features=features, **fields), INFO, LIMITS)
+    assert (err.status, err.code) == (422, code)
+
+
+def test_the_wrong_width_message_names_both_widths_and_the_backbone():
+    err = _error(to_sequence, DetectFeaturesRequest(features=[[0.0] * 5]), INFO, LIMITS)
+    assert "5 channels" in err.message and "takes 4" in err.message and "mobilenet_v2" in err.message
+
+
+def test_non_finite_features_are_refused_with_their_position():
+    features = np.zeros((3, 4), np.float32)
+    features[2, 1] = np.inf
+    err = _error(to_sequence, features_request(features, {}), INFO, LIMITS)
+    assert (err.status, err.code) == (422, "non_finite_features") and "step 2, channel 1" in err.message
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"", 400, "empty_body"),
+        (b"{not json", 400, "malformed_json"),
+        (b"[1, 2]", 422, "invalid_request"),
+        (b'{"features": "abc"}', 422, "invalid_request"),
+        (b'{"features": [[1]], "colour": "red"}', 422, "invalid_request"),
+        (b'{"features": [[1]], "top_k": 0}', 422, "invalid_request"),
+    ],
+)
+def test_json_bodies_malformed_are_400_and_misfit_are_422(body, status, code):
+    err = _error(parse_json_request, body, DetectFeaturesRequest)
+    assert (err.status, err.code) == (status, code)
+
+
+def test_npy_bodies_are_read_without_ever_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:  # what a hostile client would send: unpickling it would create the marker file
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    hostile = _npy(np.array([Exploit()], dtype=object), allow_pickle=True)
+    np.load(io.BytesIO(hostile), allow_pickle=True)  # the payload is live: loading it with pickle allowed runs it
+    assert marker.exists()
+    marker.unlink()
+    err = _error(parse_npy, hostile)
+    assert (err.status, err.code) == (422, "invalid_features") and not marker.exists()
+    assert _error(parse_npy, b"\x93NUMPY garbage").code == "malformed_npy"
+    assert _error(parse_npy, b"").code == "empty_body"
+    assert _error(parse_npy, _npy(np.array(["a", "b"]))).code == "invalid_features"
+    np.testing.assert_array_equal(parse_npy(_npy(np.eye(4, dtype=np.float64))), np.eye(4))
+
+
+def test_query_options_are_checked_by_name_and_type():
+    assert options_from_query({"top_k": "3", "fps": "5"}) == {"top_k": "3", "fps": "5"}
+    assert "colour" in _error(options_from_query, {"colour": "red"}).message
+    req = features_request(np.zeros((2, 4), np.float32), {"top_k": "3", "score_threshold": "0.5"})
+    assert (req.top_k, req.score_threshold) == (3, 0.5)
+    assert _error(features_request, np.zeros((2, 4)), {"top_k": "many"}).status == 422
+
+
+def test_payload_is_best_first_filtered_and_labelled():
+    d = Detections(
+        "v", Segments(np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]), Unit.SECONDS), np.array([0.2, 0.9, 0.5]), np.array([0, 1, 0])
+    )
+    out = detections_payload(d, INFO.labels, score_threshold=0.3, top_k=None)
+    assert [(x["label"], x["score"], x["segment"]) for x in out] == [("run", 0.9, [2.0, 3.0]), ("jump", 0.5, [4.0, 5.0])]
+    assert len(detections_payload(d, INFO.labels, None, 1)) == 1
+
+
+def test_video_uris_must_stay_under_a_root(tmp_path):
+    root = tmp_path / "videos"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.mp4").write_bytes(b"x")
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(b"x")
+    os.symlink(outside, root / "link.mp4")
+    roots = [str(root), "s3://bucket/videos"]
+    assert check_video_uri(str(root / "sub" / "a.mp4"), roots) == str((root / "sub" / "a.mp4").resolve())
+    assert check_video_uri("s3://bucket/videos/x/a.mp4", roots) == "s3://bucket/videos/x/a.mp4"
+    refused = [
+        str(root / ".." / "secret.mp4"),  # .. out of the root
+        str(root / "link.mp4"),  # a symlink out of the root
+        str(tmp_path / "videos2" / "a.mp4"),  # a sibling whose name starts like the root
+        "/etc/passwd",
+        "s3://bucket/videos/../private/a.mp4",
+        "s3://bucket/videos2/a.mp4",
+        "s3://other/videos/a.mp4",
+        "http://example.com/a.mp4",
+        "gs://bucket/videos/a.mp4",
+    ]
+    for uri in refused:
+        err = _error(check_video_uri, uri, roots)
+        assert err.status == 403, uri
+    assert "started without video roots" in _error(check_video_uri, str(root / "sub" / "a.mp4"), []).message
+    assert _error(check_video_uri, "a\x00b", roots).status == 400
+
+
+def test_model_description_hides_nothing_the_client_needs():
+    described = INFO.describe()
+    assert (described["name"], described["version"], described["alias"]) == ("tal-detector", 3, "champion")
+    assert described["labels"] == ["jump", "run"] and described["provenance"]["backbone"] == "mobilenet_v2"
+    assert INFO.summary()["pinned"] == "models:/tal-detector/3"
