@@ -1,7 +1,7 @@
 """Ray Serve application: a trained detector over HTTP, for feature sequences and for raw videos.
 
     HTTP ─► Ingress (FastAPI: limits, parsing, validation, JSON errors; no model)
-              ├─ POST /v1/detect        ─────────────────────────────────────────────► Detector (@serve.batch)
+              ├─ POST /v1/detect        ─────────────────────────────────────────────► Detector (batches)
               └─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► Detector
                                            backbone, as its provenance records)
             GET /healthz, GET /v1/model, OpenAPI at /docs
@@ -37,6 +37,7 @@ from jobs.serve_api import (
     DetectOptions,
     DetectResponse,
     DetectVideoRequest,
+    DynamicBatcher,
     ErrorResponse,
     Limits,
     ModelInfo,
@@ -111,7 +112,8 @@ def _device(use_gpu: bool) -> str:
 
 @serve.deployment(name="Detector", max_ongoing_requests=64)
 class DetectorDeployment:
-    """Holds the checkpoint; detects batches of feature sequences (``@serve.batch``)."""
+    """Holds the checkpoint; detects feature sequences in batches (``DynamicBatcher``: whatever waits
+    when the model becomes free, up to ``max_batch_size``)."""
 
     def __init__(
         self,
@@ -129,13 +131,10 @@ class DetectorDeployment:
         self.info = info
         checkpoint = load_served_checkpoint(info.pinned, mlflow_uri, storage_options)
         self.model = checkpoint.build(_device(use_gpu))
-        self.detect.set_max_batch_size(max_batch_size)
-        self.detect.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batcher = DynamicBatcher(self._detect, max_batch_size, batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def detect(self, items: list[tuple[FeatureSequence, float | None, int | None]]) -> list[dict[str, Any]]:
-        # in a thread: torch releases the GIL, so requests keep arriving (and forming the next batch) meanwhile
-        return await asyncio.to_thread(self._detect, items)
+    async def detect(self, item: tuple[FeatureSequence, float | None, int | None]) -> dict[str, Any]:
+        return await self.batcher.submit(item)
 
     def _detect(self, items: list[tuple[FeatureSequence, float | None, int | None]]) -> list[dict[str, Any]]:
         from jobs.inference import detect_batch
@@ -381,10 +380,12 @@ class Ingress:
             if request.query_params:
                 raise RequestError(422, "invalid_request", "with a JSON body, give the options in the body, not the query string")
             body = await _read_limited(request, self.limits.max_body_bytes)
+            received = time.perf_counter()
             req = parse_json_request(body, DetectFeaturesRequest)
         elif kind in NPY_CONTENT_TYPES:
             fields = options_from_query(request.query_params)
             body = await _read_limited(request, self.limits.max_body_bytes)
+            received = time.perf_counter()
             req = features_request(parse_npy(body), fields)
         else:
             raise RequestError(
@@ -393,7 +394,12 @@ class Ingress:
         seq = to_sequence(req, self.info, self.limits)
         parsed = time.perf_counter()
         result = await self.detector.detect.remote((seq, req.score_threshold, req.top_k))
-        timing = {"parse_s": parsed - start, "detect_s": result["detect_s"], "total_s": time.perf_counter() - start}
+        timing = {
+            "receive_s": received - start,  # the body, from Serve's proxy
+            "parse_s": parsed - received,  # JSON / .npy -> checked FeatureSequence
+            "detect_s": result["detect_s"],  # the model's forward + post-processing for the whole batch
+            "total_s": time.perf_counter() - start,  # the rest: hand-off to the Detector, batching wait, response
+        }
         return self._response(seq, result, timing)
 
     @api.post(

@@ -7,15 +7,20 @@
 Every refusal is a ``RequestError`` with an HTTP status and a message that names the problem; the
 ingress turns it into ``{"error": code, "message": ...}``. Nothing here unpickles: ``.npy`` bodies
 are read with ``allow_pickle=False``, so an object array is refused, never executed.
+
+``DynamicBatcher`` is the Detector's request batching (plain asyncio, see its docstring for why not
+``@serve.batch``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import io
 import math
 import os
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -386,3 +391,66 @@ def _dir_prefix(root: str) -> str:
     """``s3://bucket/prefix`` -> ``s3://bucket/prefix/`` so that ``prefix2`` does not match ``prefix``."""
     head = root[len("s3://") :]
     return "s3://" + posixpath.normpath(head).rstrip("/") + "/"
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+class DynamicBatcher:
+    """Batches calls to a blocking function ``fn(items) -> results`` (run in a thread, one batch at a time).
+
+    Whatever waits when ``fn`` becomes free forms the next batch (up to ``max_batch_size``); a call that
+    arrives while ``fn`` is idle waits at most ``wait_s`` for company. So under load batches fill by
+    themselves and an isolated request pays at most ``wait_s``.
+
+    Why not ``@serve.batch``: in Ray 2.60 it forms a batch as soon as its wait expires, even while the
+    previous batch still runs (finished batches then queue on a semaphore). With a model slower than the
+    wait, requests that arrive one by one were served in batches of 1 (measured: 16 requests 80 ms apart
+    to a 0.4 s function, every batch of size 1), i.e. no batching at all.
+    """
+
+    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch_size: int, wait_s: float):
+        if max_batch_size < 1 or wait_s < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and wait_s >= 0, got {max_batch_size}, {wait_s}")
+        self.fn, self.max_batch_size, self.wait_s = fn, max_batch_size, wait_s
+        self._pending: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        """``fn``'s result for ``item``, computed in a batch with whatever else is waiting."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._run())
+        future = loop.create_future()
+        self._pending.append((item, future))
+        self._arrived.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._arrived.wait()
+            if len(self._pending) < self.max_batch_size and self.wait_s > 0:
+                await asyncio.sleep(self.wait_s)
+            batch = []
+            while self._pending and len(batch) < self.max_batch_size:
+                item, future = self._pending.popleft()
+                if not future.done():  # a caller that went away (cancelled) costs nothing
+                    batch.append((item, future))
+            if not self._pending:
+                self._arrived.clear()
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batched function returned {len(results)} results for {len(batch)} items")
+            except Exception as e:  # noqa: BLE001 - the batch's callers get the error; the batcher goes on
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)

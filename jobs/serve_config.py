@@ -36,8 +36,12 @@ class ServeArgs(BaseModel):
     max_body_mb: float = Field(64.0, gt=0, description="largest /v1/detect body (413 above)")
     max_upload_mb: float = Field(512.0, gt=0, description="largest /v1/detect/video upload (413 above)")
     max_steps: int = Field(16384, ge=1, description="longest feature sequence accepted (422 above)")
-    max_batch_size: int = Field(8, ge=1, description="@serve.batch: feature requests per forward pass (1 = no batching)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: how long a batch waits to fill")
+    max_batch_size: int = Field(8, ge=1, description="feature requests per forward pass (1 = no batching)")
+    batch_wait_timeout_s: float = Field(
+        0.002,
+        ge=0,
+        description="how long a request that finds the model idle waits for others to batch with (requests arriving while a batch runs join the next one anyway)",
+    )
     detector_replicas: int = Field(1, ge=1)
     featurizer_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs of each Detector / VideoFeaturizer replica (also its torch threads)")

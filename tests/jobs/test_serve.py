@@ -154,7 +154,7 @@ def test_features_as_json_and_as_npy_give_the_in_process_detections(served):
     assert as_json.status_code == 200, as_json.text
     result = as_json.json()
     assert result["video_id"] == "clip" and result["num_steps"] == 40 and result["model"]["version"] == 1
-    assert {"parse_s", "detect_s", "total_s"} <= set(result["timing"])
+    assert {"receive_s", "parse_s", "detect_s", "total_s"} <= set(result["timing"])
     _same(_flat(result), expected)
     as_npy = _post(url, "/v1/detect?offset=3&duration=20&top_k=5", data=_npy(features), headers={"content-type": "application/x-npy"})
     assert as_npy.status_code == 200, as_npy.text

@@ -10,6 +10,7 @@ import pytest
 
 from jobs.serve_api import (
     DetectFeaturesRequest,
+    DynamicBatcher,
     Limits,
     ModelInfo,
     RequestError,
@@ -180,3 +181,37 @@ def test_model_description_hides_nothing_the_client_needs():
     assert (described["name"], described["version"], described["alias"]) == ("tal-detector", 3, "champion")
     assert described["labels"] == ["jump", "run"] and described["provenance"]["backbone"] == "mobilenet_v2"
     assert INFO.summary()["pinned"] == "models:/tal-detector/3"
+
+
+def test_the_batcher_batches_whatever_waits_while_the_model_is_busy_and_keeps_order():
+    import asyncio
+    import threading
+    import time
+
+    calls: list[list[int]] = []
+    lock = threading.Lock()
+
+    def slow_double(items: list[int]) -> list[int]:
+        with lock:
+            calls.append(list(items))
+        time.sleep(0.2)
+        if 13 in items:
+            raise ValueError("thirteen")
+        return [2 * i for i in items]
+
+    async def scenario():
+        batcher = DynamicBatcher(slow_double, max_batch_size=4, wait_s=0.001)
+        tasks = []
+        for i in range(10):  # one every 20 ms while each batch takes 200 ms: later ones must share batches
+            tasks.append(asyncio.create_task(batcher.submit(i)))
+            await asyncio.sleep(0.02)
+        results = await asyncio.gather(*tasks)
+        failed = await asyncio.gather(batcher.submit(13), return_exceptions=True)
+        after = await batcher.submit(5)  # the batcher survives a failing batch
+        return results, failed, after
+
+    results, failed, after = asyncio.run(scenario())
+    assert results == [2 * i for i in range(10)] and after == 10
+    assert isinstance(failed[0], ValueError)
+    assert calls[0] == [0] and max(len(c) for c in calls) == 4  # first alone (idle model), then full batches
+    assert sorted(i for c in calls[:-2] for i in c) == list(range(10))
