@@ -1,6 +1,7 @@
 """The ``tal`` command line. Each subcommand parses its flags, builds a request, calls one function.
 
-Exit codes: 0 success, 2 unusable input (one line on stderr saying what and where), 1 a bug.
+Exit codes: 0 success, 2 unusable input (one line on stderr saying what and where), 3 partial success
+(``tal detect``: some videos failed, the others were written), 1 a bug.
 """
 
 from __future__ import annotations

@@ -1,16 +1,23 @@
-"""``tal demo``: the whole pipeline on the embedded default, end to end, on this machine.
+"""``tal demo``: the whole platform on the embedded default, end to end, on this machine.
 
-What exists today: a synthetic archive (``tal synth``) -> features on local Ray actors with the real
-ImageNet MobileNetV2 (``tal extract``) -> a feature store checked back against the ground truth.
-Training, evaluation of a trained detector and serving join as they are built.
+    synthetic archive (tal synth) -> MobileNetV2 ImageNet features on local Ray Data actors (tal extract)
+    -> Ray Train DDP training tracked in a local MLflow store, champion registered (tal train)
+    -> the champion evaluated on the held-out test videos: metrics, plots (tal evaluate --model)
+    -> Ray Serve with the champion; one test video POSTed to /v1/detect/video; detections vs ground truth
+
+Local Ray, a local MLflow SQLite store, local files: nothing but this machine. A second run reuses
+the archive and the features (extraction resumes) and trains a new run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import time
 from pathlib import Path
+
+import numpy as np
 
 from jobs.errors import UsageError
 
@@ -18,13 +25,16 @@ from jobs.errors import UsageError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the pipeline end to end on a synthetic archive (local Ray, local files)")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="working folder (default out/demo)")
-    p.add_argument("--videos", type=int, default=12, help="synthetic videos (default 12)")
+    p.add_argument("--videos", type=int, default=20, help="synthetic videos, split 60/20/20 into train/validation/test (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duration-range", nargs=2, type=float, default=[20.0, 40.0], metavar=("MIN", "MAX"))
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 2), help="extraction actors (default: one per core)")
-    p.add_argument("--preset", default="demo-temporalmaxer", help="detector preset (default demo-temporalmaxer: the fastest to learn the demo)")
+    p.add_argument(
+        "--preset", default="demo-temporalmaxer", help="detector preset (default demo-temporalmaxer: the fastest to learn the demo)"
+    )
     p.add_argument("--epochs", type=int, default=80, help="training epochs (default 80)")
     p.add_argument("--train-workers", type=int, default=min(2, os.cpu_count() or 1), help="DDP workers (default 2)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the evaluation (no Ray Serve step)")
     p.set_defaults(func=run_demo)
 
 
@@ -36,17 +46,22 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.videos < 1:
         raise UsageError(f"--videos must be >= 1, got {args.videos}")
+    import ray
+
+    started_ray = not ray.is_initialized()
     t0 = time.perf_counter()
     root = args.out
-    print(f"[1/4] synthetic archive -> {root / 'archive'}")
+    print(f"[1/5] synthetic archive -> {root / 'archive'}")
     archive_dir = root / "archive"
     gt_path = archive_dir / "annotations_activitynet.json"
     if gt_path.exists() and len(list((archive_dir / "videos").glob("*.mp4"))) == args.videos:
         print("      (already there: reusing it)")
     else:
-        result = synthesize(archive_dir, videos=args.videos, seed=args.seed, duration_range=tuple(args.duration_range), workers=args.workers)
+        result = synthesize(
+            archive_dir, videos=args.videos, seed=args.seed, duration_range=tuple(args.duration_range), workers=args.workers
+        )
         print("      " + summary(result))
-    print(f"[2/4] features (mobilenet_v2, ImageNet weights, 15 fps, 4-frame steps) -> {root / 'features'}")
+    print(f"[2/5] features (mobilenet_v2, ImageNet weights, 15 fps, 4-frame steps) -> {root / 'features'}")
     config = ExtractConfig(
         videos=str(archive_dir / "videos"),
         out=str(root / "features"),
@@ -74,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
     mlflow_uri = f"sqlite:///{(root / 'mlruns').resolve()}/mlflow.db"
     (root / "mlruns").mkdir(parents=True, exist_ok=True)
     train_workers = max(1, min(args.train_workers, len(ground_truth.subset("train"))))  # each worker needs a video
-    print(f"[3/4] train {args.preset} ({args.epochs} epochs, {train_workers} Ray Train workers), MLflow {mlflow_uri}")
+    print(f"[3/5] train {args.preset} ({args.epochs} epochs, {train_workers} Ray Train workers), MLflow {mlflow_uri}")
     summary_ = train(
         TrainJob(
             config=args.preset,
@@ -86,15 +101,79 @@ def run_demo(args: argparse.Namespace) -> int:
             mlflow_uri=mlflow_uri,
         )
     )
-    print(f"[4/4] evaluate the champion (models:/tal-detector@champion) on the test videos -> {root / 'eval'}")
+    print(f"[4/5] evaluate the champion (models:/tal-detector@champion) on the test videos -> {root / 'eval'}")
     request = ModelEvaluationRequest(
-        model="models:/tal-detector@champion", features=config.out, annotations=gt_path, output=root / "eval", subset="test"
+        model="models:/tal-detector@champion",
+        features=config.out,
+        annotations=gt_path,
+        output=root / "eval",
+        subset="test",
+        tiou=DEMO_TIOU,
     )
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri  # where models:/ resolves
     report = run_model(request)
     print(format_model_report(report, request))
-    print(
-        f"done in {time.perf_counter() - t0:.0f} s. MLflow run {summary_['mlflow_run_id']}: "
-        f"MLFLOW_TRACKING_URI={mlflow_uri} .venv/bin/mlflow ui; timelines in {root / 'eval' / 'timelines'}"
-    )
+    average = float(report.metrics.average_mAP)
+    print(f"      average mAP (tIoU 0.3:0.7) on the {len(report.videos)} test videos: {average:.3f}")
+    if not args.no_serve:
+        test_videos = [v for v in ground_truth if v.subset == "test"]
+        print("[5/5] Ray Serve: the champion behind HTTP; one test video POSTed to /v1/detect/video")
+        serve_one_video(mlflow_uri, archive_dir / "videos" / f"{test_videos[0].video_id}.mp4", test_videos[0], ground_truth.label_map)
+    if started_ray:  # a caller's own Ray (a notebook, the tests) is left running
+        ray.shutdown()
+    print(f"done in {time.perf_counter() - t0:.0f} s. Outputs:")
+    print(f"  archive      {archive_dir} (videos/, annotations_activitynet.json)")
+    print(f"  features     {config.out}")
+    print(f"  training     {root / 'train'} (checkpoints per epoch), MLflow run {summary_['mlflow_run_id']}")
+    print(f"  evaluation   {root / 'eval'}: metrics.json, predictions.json, precision_recall.png, timelines/<video>.png")
+    print(f"  MLflow UI    .venv/bin/mlflow ui --backend-store-uri {mlflow_uri}   (then http://127.0.0.1:5000)")
+    print(f"  serve again  .venv/bin/tal serve --model models:/tal-detector@champion --mlflow-uri {mlflow_uri}")
     return 0
+
+
+DEMO_TIOU = np.round(np.arange(0.3, 0.71, 0.1), 2)  # THUMOS14's thresholds: the synthetic actions last seconds, like THUMOS's
+
+
+def serve_one_video(mlflow_uri: str, video: Path, truth, label_map) -> None:
+    """Start the Serve app on a free port, POST ``video``, print its detections beside the ground truth, shut Serve down."""
+    import requests
+    from ray import serve
+
+    from jobs.serve import run_app
+    from jobs.serve_config import ServeArgs
+    from tal_models.structures import pairwise_tiou
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.perf_counter()
+    try:
+        url = run_app(ServeArgs(model="models:/tal-detector@champion", mlflow_uri=mlflow_uri), "127.0.0.1", port, quiet=True)
+        print(f"      app up at {url} in {time.perf_counter() - started:.0f} s (OpenAPI: {url}/docs)")
+        with open(video, "rb") as f:
+            r = requests.post(url + "/v1/detect/video", files={"video": (video.name, f, "video/mp4")}, params={"top_k": 10}, timeout=600)
+        if r.status_code != 200:
+            print(f"      /v1/detect/video answered {r.status_code}: {r.text[:300]}")
+            return
+        result = r.json()
+        t = result["timing"]
+        print(
+            f"      POST {video.name} ({result['duration']:.1f} s of video): {result['num_steps']} feature steps; "
+            f"decode {t['decode_s']:.1f} s, features {t['features_s']:.1f} s, detection {t['detect_s']:.2f} s"
+        )
+        detections = result["detections"]
+        segments = np.array([d["segment"] for d in detections]).reshape(-1, 2)
+        print(f"      {'ground truth':<34} best detection of the same class (tIoU)")
+        for (start, end), label in zip(np.asarray(truth.segments.data), truth.labels):
+            name = label_map.name(int(label))
+            same = [i for i, d in enumerate(detections) if d["label"] == name]
+            if same:
+                overlaps = pairwise_tiou(np.array([[start, end]]), segments[same])[0]
+                best = same[int(np.argmax(overlaps))]
+                d = detections[best]
+                found = f"{d['segment'][0]:6.1f}-{d['segment'][1]:6.1f} s  score {d['score']:.2f}  (tIoU {overlaps.max():.2f})"
+            else:
+                found = "none among the top 10"
+            print(f"      {name:<20} {start:6.1f}-{end:6.1f} s  {found}")
+    finally:
+        serve.shutdown()

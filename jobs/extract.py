@@ -113,9 +113,7 @@ def resolve_settings(config: str | Path | None, flags: Mapping[str, Any], overri
     """Defaults < the ``config`` YAML < ``flags`` (argparse dest -> value, None = not given) <
     ``overrides`` (``key=value``, values parsed as YAML). Without ``backbone.dtype`` in any layer:
     float16 with GPUs, float32 without. Raises ``UsageError`` naming the layer and the key."""
-    import yaml
-
-    from tal_models.config import config_to_dict
+    from tal_models.config import apply_overrides, config_to_dict
 
     given = {dest: value for dest, value in flags.items() if dest in _FLAG_KEYS and value is not None}
     try:
@@ -129,21 +127,10 @@ def resolve_settings(config: str | Path | None, flags: Mapping[str, Any], overri
         settings_from_dict(data)  # a bad flag value fails here, not later under the name --set
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    for item in overrides:
-        key, sep, raw_value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r}: expected key=value, e.g. sampling.fps=10")
-        node, parts = data, key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise UsageError(f"--set {key}: {part!r} is not a section of the settings; sections: {list(_SECTIONS)}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise UsageError(f"--set {key}: no such key; {'.'.join(parts[:-1]) or 'the top level'} has {sorted(node)}")
-        if isinstance(node[parts[-1]], dict):
-            raise UsageError(f"--set {key}: a section, not a value; set one of its keys {sorted(node[parts[-1]])}")
-        node[parts[-1]] = yaml.safe_load(raw_value)
-        dtype_given = dtype_given or key == "backbone.dtype"
+    try:
+        dtype_given = "backbone.dtype" in apply_overrides(data, overrides, example="sampling.fps=10") or dtype_given
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if not dtype_given:
         gpus = data["gpus_per_worker"]
         data["backbone"]["dtype"] = "float16" if isinstance(gpus, int | float) and gpus > 0 else "float32"
@@ -248,8 +235,15 @@ def run_import(args: argparse.Namespace) -> int:
     annotations = read_annotations(args.annotations)
     try:
         summary = import_features(
-            args.features, annotations, args.out, fps=args.fps, stride=args.stride, window=args.window,
-            backbone=args.backbone, transpose=args.transpose, storage_options=storage_options(args.s3_endpoint),
+            args.features,
+            annotations,
+            args.out,
+            fps=args.fps,
+            stride=args.stride,
+            window=args.window,
+            backbone=args.backbone,
+            transpose=args.transpose,
+            storage_options=storage_options(args.s3_endpoint),
         )
     except (StoreError, ValueError) as e:
         raise UsageError(str(e)) from None

@@ -510,15 +510,22 @@ def build_app(args: ServeArgs) -> serve.Application:
     return Ingress.bind(detector, featurizer, info, limits, args.video_roots)
 
 
-def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> str:
+def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = False) -> str:
     """Start Serve's HTTP proxy on ``host:port`` (on the Ray cluster this process is connected to, or a new local
-    one) and deploy the app; returns its base URL once every replica is up."""
+    one) and deploy the app; returns its base URL once every replica is up. ``quiet``: warnings only, from the
+    replicas (no access log) and from Serve in this process."""
+    import logging
+
     import ray
+    from ray.serve.schema import LoggingConfig
 
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=False)
+    if quiet:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    logging_config = LoggingConfig(log_level="WARNING", enable_access_log=False) if quiet else None
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging_config)
     return f"http://{host}:{port}"
 
 

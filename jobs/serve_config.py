@@ -81,6 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=8, help=fields["max_batch_size"].description + " (default 8)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help=fields["max_body_mb"].description + " (default 64)")
     p.add_argument("--max-upload-mb", type=float, default=512.0, help=fields["max_upload_mb"].description + " (default 512)")
+    p.add_argument("--max-steps", type=int, default=16384, help=fields["max_steps"].description + " (default 16384)")
     p.add_argument("--backbone-weights", help=fields["backbone_weights"].description)
     p.add_argument("--mlflow-uri", help=fields["mlflow_uri"].description)
     p.add_argument("--s3-endpoint", help=fields["s3_endpoint"].description)
@@ -102,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
             backbone_weights=args.backbone_weights,
             max_body_mb=args.max_body_mb,
             max_upload_mb=args.max_upload_mb,
+            max_steps=args.max_steps,
             max_batch_size=args.max_batch_size,
             detector_replicas=args.replicas,
             featurizer_replicas=args.featurizer_replicas,

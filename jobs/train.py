@@ -105,7 +105,9 @@ def plan(job: TrainJob) -> dict[str, Any]:
     if not train_ids:
         raise UsageError(f"none of the {len(train_set)} {train_subset!r} videos of {job.annotations} has features in {job.features}")
     if job.workers > len(train_ids):
-        raise UsageError(f"--workers {job.workers} but only {len(train_ids)} training videos have features: every worker needs at least one")
+        raise UsageError(
+            f"--workers {job.workers} but only {len(train_ids)} training videos have features: every worker needs at least one"
+        )
     if not val_ids:
         raise UsageError(f"none of the {len(val_set)} {val_subset!r} videos of {job.annotations} has features in {job.features}")
     ids = annotations.label_map.ids
@@ -148,27 +150,16 @@ def plan(job: TrainJob) -> dict[str, Any]:
 
 def _apply_overrides(preset, overrides):
     """``preset`` with ``--set key=value`` applied (values parsed as YAML), revalidated."""
-    import yaml
-
-    from tal_models.config import config_from_dict, config_to_dict
+    from tal_models.config import apply_overrides, config_from_dict, config_to_dict
     from tal_models.presets import Preset
 
     if not overrides:
         return preset
     data = config_to_dict(preset)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise UsageError(f"--set {key}: {part!r} is not a section of the config")
-            node = node[part]
-        if parts[-1] not in node:
-            raise UsageError(f"--set {key}: no such key; {'.'.join(parts[:-1]) or 'the top level'} has {sorted(node)}")
-        node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        apply_overrides(data, overrides, example="optim.lr=3e-4")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     try:
         return config_from_dict(Preset, data, where="--set")
     except ValueError as exc:
@@ -211,6 +202,7 @@ def train(job: TrainJob) -> dict[str, Any]:
 
     from jobs import tracking
 
+    given = {k for k in _RAY_TRAIN_ENV if k in os.environ}  # e.g. by a Ray job's runtime_env: left as they are
     for key, value in _RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     started = time.perf_counter()
@@ -247,7 +239,9 @@ def train(job: TrainJob) -> dict[str, Any]:
         if job.stop_after:
             run.set_tags({"tal.stopped_after_epoch": str(job.stop_after)})
         if not ray.is_initialized():
-            ray.init(runtime_env={"env_vars": dict(_RAY_TRAIN_ENV)})
+            # keys the environment (e.g. a Ray job's runtime_env) already sets are left to it: Ray refuses to merge conflicting ones
+            env = {k: v for k, v in _RAY_TRAIN_ENV.items() if k not in given}
+            ray.init(runtime_env={"env_vars": env} if env else None)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={**spec, "mlflow_uri": uri, "mlflow_run_id": run.run_id},
@@ -259,8 +253,9 @@ def train(job: TrainJob) -> dict[str, Any]:
             run_config=RunConfig(
                 name=run_name,
                 storage_path=out,
-                checkpoint_config=CheckpointConfig(num_to_keep=max(job.keep_best, 1), checkpoint_score_attribute=SCORE,
-                                                   checkpoint_score_order="max"),  # fmt: skip
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=max(job.keep_best, 1), checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+                ),  # fmt: skip
                 failure_config=FailureConfig(max_failures=job.max_failures),
             ),
         )
@@ -401,7 +396,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for epoch in range(start_epoch, optim.epochs):
         torch.manual_seed(hash((cfg["seed"], rank, epoch)) % 2**31)  # drop-path: the same path after a resume
         rng = np.random.default_rng([cfg["seed"], rank, epoch])
-        order = np.concatenate([rng.permutation(len(train_ids)) for _ in range(math.ceil(iterations * batch_size / max(len(train_ids), 1)) + 1)])
+        order = np.concatenate(
+            [rng.permutation(len(train_ids)) for _ in range(math.ceil(iterations * batch_size / max(len(train_ids), 1)) + 1)]
+        )
 
         def batches(rng=rng, order=order):  # crops are drawn as the loop asks for each batch
             for it in range(iterations):
@@ -455,7 +452,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 from pipelines.annotations import write_activitynet_results
                 from tal_models.structures import LabelMap
 
-                write_activitynet_results(Path(checkpoint_dir) / "val_predictions.json", predictions.values(), LabelMap.from_names(cfg["labels"]))
+                write_activitynet_results(
+                    Path(checkpoint_dir) / "val_predictions.json", predictions.values(), LabelMap.from_names(cfg["labels"])
+                )
             weights = ema.module if ema is not None else model
             meta = {"epoch": epoch, "preset": cfg["preset"], **_scalars(metrics)}
             save_checkpoint(Checkpoint.from_model(weights, cfg["labels"], cfg["provenance"], meta), Path(checkpoint_dir) / "model.pt")
@@ -472,9 +471,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             )
             _log_epoch(logger, metrics, epoch)
             print(_progress_line(epoch, optim.epochs, metrics))
-        ray.train.report(
-            _scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None
-        )
+        ray.train.report(_scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None)
         if cfg["stop_after"] is not None and epoch + 1 >= cfg["stop_after"]:
             break
 
@@ -505,7 +502,9 @@ def _validate(model, sequences, val_ids, cfg, rank, world, dist, device) -> dict
     predictions = {vid: Detections(vid, Segments(s), sc, lab) for part in gathered for vid, s, sc, lab in part}
     label_map = LabelMap.from_names(cfg["labels"])
     truth = {
-        vid: VideoAnnotation(vid, Segments(np.asarray(a["segments_s"], np.float64).reshape(-1, 2)), np.asarray(a["labels"], np.int64), a["duration"])
+        vid: VideoAnnotation(
+            vid, Segments(np.asarray(a["segments_s"], np.float64).reshape(-1, 2)), np.asarray(a["labels"], np.int64), a["duration"]
+        )
         for vid, a in cfg["val"].items()
     }
     metrics = evaluate_detection(AnnotationSet(truth, label_map), predictions, THUMOS14_TIOU)

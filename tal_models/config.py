@@ -92,3 +92,30 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     return config_from_dict(cls, data or {}, where=path.name)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...], example: str = "section.key=value") -> list[str]:
+    """Apply ``key=value`` strings to the nested dict ``data`` in place (dotted keys; values parsed as YAML, so
+    ``3e-4``, ``[7, 7]`` and ``null`` mean what they say); returns the keys set, in order.
+
+    Only existing keys can be set, and only to values (not whole sections): a ``ValueError`` names the key
+    and what exists there. Validating the result is the caller's (``config_from_dict``).
+    """
+    done = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. {example}")
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                sections = sorted(k for k, v in node.items() if isinstance(v, dict))
+                raise ValueError(f"--set {key}: {part!r} is not a section (sections here: {sections})")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"--set {key}: no such key; {'.'.join(parts[:-1]) or 'the top level'} has {sorted(node)}")
+        if isinstance(node[parts[-1]], dict):
+            raise ValueError(f"--set {key}: a section, not a value; set one of its keys {sorted(node[parts[-1]])}")
+        node[parts[-1]] = yaml.safe_load(raw)
+        done.append(key)
+    return done

@@ -73,6 +73,9 @@ def test_demo_end_to_end(tmp_path, ray_session, capsys):
     # trained, registered as the champion, evaluated on the test video
     assert "registered tal-detector version 1" in printed and "average mAP" in printed
     assert (out / "eval" / "predictions.json").exists() and (out / "eval" / "metrics.json").exists()
+    # served: one test video through /v1/detect/video, its detections printed beside the ground truth
+    assert "POST synth_" in printed and "feature steps; decode" in printed and "best detection of the same class" in printed
+    assert ray_session.is_initialized()  # the demo leaves a Ray it did not start running
     # Running it again reuses the archive and skips finished videos.
     assert main(["demo", "--out", str(out), "--videos", "3", "--duration-range", "4", "6", "--workers", "2", "--epochs", "2"]) == 0
     again = capsys.readouterr().out

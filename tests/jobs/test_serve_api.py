@@ -215,3 +215,16 @@ def test_the_batcher_batches_whatever_waits_while_the_model_is_busy_and_keeps_or
     assert isinstance(failed[0], ValueError)
     assert calls[0] == [0] and max(len(c) for c in calls) == 4  # first alone (idle model), then full batches
     assert sorted(i for c in calls[:-2] for i in c) == list(range(10))
+
+
+def test_tal_serve_refuses_bad_flags_and_models_in_one_line_before_starting_ray(tmp_path, capsys):
+    from jobs.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    assert main(["serve", "--model", str(tmp_path / "notes.pt")]) == 2
+    assert "cannot read as a checkpoint" in capsys.readouterr().err
+    assert main(["serve", "--model", "x.pt", "--max-batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tal serve: error: --max-batch-size") and len(err.strip().splitlines()) == 1
