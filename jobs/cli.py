@@ -29,7 +29,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
             "(detected automatically)."
         ),
     )
-    p.add_argument("--ground-truth", "--annotations", dest="ground_truth", required=True, type=Path, metavar="FILE")
+    p.add_argument(
+        "--ground-truth",
+        "--annotations",
+        dest="ground_truth",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the ground truth (format detected)",
+    )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--predictions", type=Path, metavar="FILE", help="ActivityNet results JSON to score")
     mode.add_argument(

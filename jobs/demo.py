@@ -23,11 +23,26 @@ from jobs.errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the pipeline end to end on a synthetic archive (local Ray, local files)")
+    p = sub.add_parser(
+        "demo",
+        help="run the platform end to end on a synthetic archive (local Ray, local MLflow, local files)",
+        description=(
+            "synth -> extract (Ray Data, MobileNetV2 ImageNet) -> train (Ray Train DDP, MLflow, registry champion) -> "
+            "evaluate the champion on the test videos -> serve it (Ray Serve) and send one test video. A second run "
+            "reuses the archive and the features."
+        ),
+    )
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="working folder (default out/demo)")
     p.add_argument("--videos", type=int, default=20, help="synthetic videos, split 60/20/20 into train/validation/test (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--duration-range", nargs=2, type=float, default=[20.0, 40.0], metavar=("MIN", "MAX"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic archive (default 0)")
+    p.add_argument(
+        "--duration-range",
+        nargs=2,
+        type=float,
+        default=[20.0, 40.0],
+        metavar=("MIN", "MAX"),
+        help="video lengths in seconds (default 20 40)",
+    )
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 2), help="extraction actors (default: one per core)")
     p.add_argument(
         "--preset", default="demo-temporalmaxer", help="detector preset (default demo-temporalmaxer: the fastest to learn the demo)"

@@ -168,25 +168,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--batch-size", type=int, help="frames or clips per forward pass (default 64)")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(func=run_extract)
 
-    p = sub.add_parser("import-features", help="turn ActionFormer/OpenTAD <video_id>.npy features into a feature store")
+    p = sub.add_parser(
+        "import-features",
+        help="turn ActionFormer/OpenTAD <video_id>.npy features into a feature store",
+        description="Reads one <video_id>.npy [T, C] per annotated video and writes a feature store with the timing you give; "
+        "models trained on it serve feature requests but cannot featurize videos (their backbone is unknown).",
+    )
     p.add_argument("--features", required=True, help="folder of <video_id>.npy files, [T, C]")
     p.add_argument("--annotations", required=True, help="ground truth naming the videos and their durations")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the feature store to write: a directory or an s3:// prefix")
     p.add_argument("--fps", type=float, required=True, help="frame rate the features were sampled at")
     p.add_argument("--stride", type=int, required=True, help="frames between feature steps")
     p.add_argument("--window", type=int, required=True, help="frames per feature step (clip length)")
     p.add_argument("--backbone", default="imported", help="a name for where the features came from, e.g. i3d_rgb_flow")
     p.add_argument("--transpose", action="store_true", help="files are [C, T]")
-    p.add_argument("--s3-endpoint")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=run_import)
 
-    p = sub.add_parser("export-features", help="write a feature store as <video_id>.npy files (ActionFormer layout)")
+    p = sub.add_parser(
+        "export-features",
+        help="write a feature store as <video_id>.npy files (ActionFormer layout)",
+        description="Writes <video_id>.npy [T, C] per video and features.json (timing and provenance) for other TAL code bases.",
+    )
     p.add_argument("--features", required=True, help="the feature store")
     p.add_argument("--out", required=True, help="output folder (or s3:// prefix)")
-    p.add_argument("--s3-endpoint")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=run_export)
 
 
