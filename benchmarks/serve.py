@@ -15,6 +15,10 @@ as for a trained one). Measured in one script, in this order:
    4-frame clips, the demo's sampling) + a demo-sized detector, as seconds per minute of video.
 
 Prints one JSON line with the load average before and after. Loopback only, bounded in requests.
+
+Ray starts its workers at nice 15 (``RAY_worker_niceness``), so on a machine with other load a replica
+gets less CPU than this script's own process: the comparison would charge that to Serve. The script
+starts Ray with worker niceness 0 unless ``RAY_worker_niceness`` is already set (``--ray-niceness``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+RAY_NICENESS = "RAY_worker_niceness"  # Ray's own spelling (ray._private.ray_constants.RAY_WORKER_NICENESS)
 sys.path.insert(0, str(ROOT))
 
 
@@ -123,6 +128,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in-process and per Detector replica")
     parser.add_argument("--video-seconds", type=float, default=30.0)
     parser.add_argument("--skip-video", action="store_true")
+    parser.add_argument("--ray-niceness", type=int, default=0, help="niceness of Ray's workers (Ray's default: 15)")
     args = parser.parse_args()
 
     import ray
@@ -170,10 +176,16 @@ def main() -> None:
         batch8.append(time.perf_counter() - start)
     del model
 
+    os.environ.setdefault(RAY_NICENESS, str(args.ray_niceness))  # read when Ray starts
     ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = _free_port()
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_before": [round(x, 2) for x in load_before],
+            "ray_worker_niceness": int(os.environ[RAY_NICENESS]),
+            "script_niceness": os.nice(0),
+        },
         "request": {"steps": args.steps, "channels": dim, "npy_mb": round(len(body) / 2**20, 1), "preset": args.preset},
         "in_process": {**_percentiles(in_process), "batch_of_8_per_request_ms": round(1000 * min(batch8) / 8, 1)},
     }
