@@ -18,6 +18,7 @@ no weights travel through the deployment's config.
 """
 
 import asyncio
+import dataclasses
 import os
 import tempfile
 import time
@@ -359,9 +360,11 @@ class Ingress:
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.info.summary()}
 
-    @api.get("/v1/model", summary="the served checkpoint: registry name, version, alias, labels, feature provenance")
+    @api.get(
+        "/v1/model", summary="the served checkpoint (registry name, version, alias, labels, feature provenance) and the server's limits"
+    )
     async def model(self) -> dict[str, Any]:
-        return self.info.describe()
+        return {**self.info.describe(), "server": dataclasses.asdict(self.limits)}
 
     @api.post(
         "/v1/detect",
@@ -506,7 +509,7 @@ def build_app(args: ServeArgs) -> serve.Application:
     featurizer = VideoFeaturizer.options(**featurizer_options).bind(
         info.provenance, args.backbone_weights, storage, args.video_roots, threads, use_gpu
     )
-    limits = Limits(int(args.max_body_mb * MB), int(args.max_upload_mb * MB), args.max_steps)
+    limits = Limits(int(args.max_body_mb * MB), int(args.max_upload_mb * MB), args.max_steps, args.max_batch_size, bool(args.video_roots))
     return Ingress.bind(detector, featurizer, info, limits, args.video_roots)
 
 

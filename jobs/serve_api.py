@@ -165,9 +165,13 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Limits:
+    """What the server accepts (and, for clients, how it batches): ``GET /v1/model`` reports it."""
+
     max_body_bytes: int
     max_upload_bytes: int
     max_steps: int
+    max_batch_size: int = 1
+    video_uris: bool = False  # whether /v1/detect/video reads URIs (roots configured)
 
 
 # --- parsing -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -58,6 +59,24 @@ class ServeArgs(BaseModel):
 # --- tal serve --------------------------------------------------------------------------------------
 
 
+# flag dest -> ServeArgs field, for the flags whose default is None ("not given": the config file's value stands)
+_FLAG_FIELDS = {
+    "model": "model",
+    "replicas": "detector_replicas",
+    "featurizer_replicas": "featurizer_replicas",
+    "cpus_per_replica": "cpus_per_replica",
+    "gpus_per_replica": "gpus_per_replica",
+    "video_root": "video_roots",
+    "max_batch_size": "max_batch_size",
+    "max_body_mb": "max_body_mb",
+    "max_upload_mb": "max_upload_mb",
+    "max_steps": "max_steps",
+    "backbone_weights": "backbone_weights",
+    "mlflow_uri": "mlflow_uri",
+    "s3_endpoint": "s3_endpoint",
+}
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -65,59 +84,107 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Deploys the detector as a Ray Serve app: POST /v1/detect (a feature sequence as JSON or .npy), "
             'POST /v1/detect/video (an upload, or {"uri": ...} under --video-root), GET /healthz, GET /v1/model, '
-            "OpenAPI at /docs. Runs on RAY_ADDRESS if set, else on a local Ray; stops on Ctrl-C. For a cluster, "
-            "deploy infra/serve/tal.yaml with `serve deploy` instead."
+            "OpenAPI at /docs. Runs on RAY_ADDRESS if set, else on a local Ray; stops on Ctrl-C. Settings: defaults < "
+            "--config < flags given < --set. For a cluster, deploy infra/serve/tal.yaml with `serve deploy` instead."
         ),
     )
     fields = ServeArgs.model_fields
-    p.add_argument("--model", required=True, help=fields["model"].description)
+    p.add_argument("--model", help=fields["model"].description + " (required, here or in --config)")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="a Serve config file (the args of its application, e.g. infra/serve/tal.yaml) or a YAML of these settings",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. max_batch_size=1")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default 127.0.0.1; 0.0.0.0 to expose it)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--replicas", type=int, default=1, help="Detector replicas (default 1)")
-    p.add_argument("--featurizer-replicas", type=int, default=1, help="VideoFeaturizer replicas (default 1)")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help=fields["cpus_per_replica"].description + " (default 1)")
-    p.add_argument("--gpus-per-replica", type=float, default=0.0, help=fields["gpus_per_replica"].description + " (default 0)")
-    p.add_argument("--video-root", action="append", default=[], metavar="PREFIX", help=fields["video_roots"].description + "; repeatable")
-    p.add_argument("--max-batch-size", type=int, default=8, help=fields["max_batch_size"].description + " (default 8)")
-    p.add_argument("--max-body-mb", type=float, default=64.0, help=fields["max_body_mb"].description + " (default 64)")
-    p.add_argument("--max-upload-mb", type=float, default=512.0, help=fields["max_upload_mb"].description + " (default 512)")
-    p.add_argument("--max-steps", type=int, default=16384, help=fields["max_steps"].description + " (default 16384)")
+    p.add_argument("--replicas", type=int, help="Detector replicas (default 1)")
+    p.add_argument("--featurizer-replicas", type=int, help="VideoFeaturizer replicas (default 1)")
+    p.add_argument("--cpus-per-replica", type=float, help=fields["cpus_per_replica"].description + " (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, help=fields["gpus_per_replica"].description + " (default 0)")
+    p.add_argument("--video-root", action="append", metavar="PREFIX", help=fields["video_roots"].description + "; repeatable")
+    p.add_argument("--max-batch-size", type=int, help=fields["max_batch_size"].description + " (default 8)")
+    p.add_argument("--max-body-mb", type=float, help=fields["max_body_mb"].description + " (default 64)")
+    p.add_argument("--max-upload-mb", type=float, help=fields["max_upload_mb"].description + " (default 512)")
+    p.add_argument("--max-steps", type=int, help=fields["max_steps"].description + " (default 16384)")
     p.add_argument("--backbone-weights", help=fields["backbone_weights"].description)
     p.add_argument("--mlflow-uri", help=fields["mlflow_uri"].description)
     p.add_argument("--s3-endpoint", help=fields["s3_endpoint"].description)
     p.set_defaults(func=_serve)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def resolve_args(config: str | None, flags: dict, overrides: list[str]) -> ServeArgs:
+    """Defaults < ``config`` (a Serve config file: its one application's ``args``; or a plain mapping of
+    ``ServeArgs`` fields) < ``flags`` (argparse dest -> value, None = not given) < ``overrides`` (``key=value``).
+    Raises ``ValueError`` naming the file, flag or key."""
+    from pathlib import Path
+
+    import yaml
     from pydantic import ValidationError
 
+    from tal_models.config import apply_overrides
+
+    data: dict = {}
+    where = "settings"
+    if config:
+        where = Path(config).name
+        try:
+            loaded = yaml.safe_load(Path(config).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{config}: not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config}: expected a mapping of settings or a Serve config, got {type(loaded).__name__}")
+        if "applications" in loaded:
+            apps = [a for a in loaded["applications"] or [] if a.get("import_path") == APP_IMPORT_PATH]
+            if len(apps) != 1:
+                raise ValueError(
+                    f"{config}: a Serve config needs exactly one application with import_path {APP_IMPORT_PATH}, found {len(apps)}"
+                )
+            loaded = apps[0].get("args") or {}
+        data = dict(loaded)
+    source = dict.fromkeys(data, where)  # field -> where its value came from, for the error message
+    for dest, value in flags.items():
+        if dest in _FLAG_FIELDS and value is not None:
+            data[_FLAG_FIELDS[dest]] = value
+            source[_FLAG_FIELDS[dest]] = "--" + dest.replace("_", "-")
+    defaults = {name: None if f.is_required() else f.get_default(call_default_factory=True) for name, f in ServeArgs.model_fields.items()}
+    full = {**defaults, **data}
+    unknown = sorted(set(data) - set(defaults))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(defaults)}")
+    for key in apply_overrides(full, overrides, example="max_batch_size=1"):
+        source[key] = f"--set {key}"
+    if full["model"] is None:
+        raise ValueError("--model is required (or model: in --config)")
+    try:
+        return ServeArgs.model_validate(full)
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "settings"
+        raise ValueError(f"{source.get(name, name)}: {name}: {first['msg']}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
     from jobs.errors import UsageError
     from jobs.serve import describe_model, run_app
 
     try:
-        serve_args = ServeArgs(
-            model=args.model,
-            mlflow_uri=args.mlflow_uri,
-            s3_endpoint=args.s3_endpoint,
-            video_roots=args.video_root,
-            backbone_weights=args.backbone_weights,
-            max_body_mb=args.max_body_mb,
-            max_upload_mb=args.max_upload_mb,
-            max_steps=args.max_steps,
-            max_batch_size=args.max_batch_size,
-            detector_replicas=args.replicas,
-            featurizer_replicas=args.featurizer_replicas,
-            cpus_per_replica=args.cpus_per_replica,
-            gpus_per_replica=args.gpus_per_replica,
-        )
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise UsageError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        serve_args = resolve_args(args.config, vars(args), args.set)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
     try:
         describe_model(serve_args)  # a model that does not resolve is a one-line error before Ray starts
     except ValueError as e:
-        raise UsageError(f"--model {args.model}: {e}") from None
-    url = run_app(serve_args, args.host, args.port)
+        raise UsageError(f"--model {serve_args.model}: {e}") from None
+    from ray import serve
+
+    try:
+        url = run_app(serve_args, args.host, args.port)
+    except KeyboardInterrupt:  # Ctrl-C while the replicas start: stop what started, no traceback
+        print("interrupted while starting; stopping ...", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        serve.shutdown()
+        return 130
     print(f"serving {serve_args.model} at {url}  (OpenAPI: {url}/docs)")
     print(f"  curl {url}/v1/model")
     print(f"  curl -F video=@my_video.mp4 {url}/v1/detect/video")
@@ -127,7 +194,5 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     print("stopping ...")
-    from ray import serve
-
     serve.shutdown()
     return 0

@@ -137,6 +137,10 @@ def test_health_model_and_openapi(served):
     assert (model["name"], model["version"], model["alias"], model["pinned"]) == ("tal-detector", 1, "champion", "models:/tal-detector/1")
     assert model["labels"] == LABELS and model["input_dim"] == 1280
     assert model["provenance"]["backbone"] == "mobilenet_v2" and model["provenance"]["fps"] == 5.0
+    assert model["server"] == {
+        "max_body_bytes": int(MAX_BODY_MB * 2**20), "max_upload_bytes": int(MAX_BODY_MB * 2**20), "max_steps": 300,
+        "max_batch_size": 8, "video_uris": True,
+    }  # fmt: skip
     spec = requests.get(url + "/openapi.json", timeout=TIMEOUT).json()
     assert {"/v1/detect", "/v1/detect/video", "/healthz", "/v1/model"} <= set(spec["paths"])
     assert requests.get(url + "/docs", timeout=TIMEOUT).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,25 @@ def test_tal_serve_refuses_bad_flags_and_models_in_one_line_before_starting_ray(
     assert main(["serve", "--model", "x.pt", "--max-batch-size", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tal serve: error: --max-batch-size") and len(err.strip().splitlines()) == 1
+
+
+def test_tal_serve_settings_defaults_then_config_then_flags_then_set(tmp_path):
+    from jobs.serve_config import resolve_args
+
+    shipped = Path(__file__).resolve().parents[2] / "infra" / "serve" / "tal.yaml"  # a Serve config: its app's args
+    args = resolve_args(str(shipped), {"max_batch_size": 2, "video_root": None, "model": None}, ["max_steps=100"])
+    assert (args.model, args.gpus_per_replica, args.max_batch_size, args.max_steps) == ("models:/tal-detector@champion", 1.0, 2, 100)
+    plain = tmp_path / "serve.yaml"
+    plain.write_text("model: a.pt\nmax_batch_size: 4\nvideo_roots: [s3://b/v/]\n")
+    args = resolve_args(str(plain), {"model": "b.pt"}, ["max_batch_size=1"])
+    assert (args.model, args.max_batch_size, args.video_roots, args.max_body_mb) == ("b.pt", 1, ["s3://b/v/"], 64.0)
+    assert resolve_args(None, {"model": "c.pt"}, []).video_roots == []
+    plain.write_text("model: a.pt\nmax_batch_sise: 4\n")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['max_batch_sise'\]"):
+        resolve_args(str(plain), {}, [])
+    with pytest.raises(ValueError, match="no such key"):
+        resolve_args(None, {"model": "c.pt"}, ["max_batchsize=1"])
+    with pytest.raises(ValueError, match="--model is required"):
+        resolve_args(None, {}, [])
+    with pytest.raises(ValueError, match="max_batch_size"):
+        resolve_args(None, {"model": "c.pt"}, ["max_batch_size=0"])
