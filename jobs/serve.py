@@ -22,6 +22,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -73,7 +74,8 @@ def load_served_checkpoint(reference: str, mlflow_uri: str | None, storage_optio
     if reference.startswith(("models:/", "runs:/")):
         from jobs.tracking import resolve_model
 
-        return load_checkpoint(resolve_model(reference, mlflow_uri))
+        with tempfile.TemporaryDirectory(prefix="tal-serve-model-") as folder:  # read into memory, then gone
+            return load_checkpoint(resolve_model(reference, mlflow_uri, Path(folder)))
     return load_checkpoint(os.path.expanduser(reference))
 
 
@@ -81,7 +83,12 @@ def describe_model(args: ServeArgs) -> ModelInfo:
     """Pin ``args.model`` and read what the ingress needs to know about it (labels, width, provenance)."""
     from jobs.tracking import pin_model
 
-    pinned, registry = pin_model(args.model, args.mlflow_uri) if args.model.startswith("models:/") else (args.model, {})
+    if args.model.startswith("models:/"):
+        pinned, registry = pin_model(args.model, args.mlflow_uri)
+    elif "://" in args.model:
+        pinned, registry = args.model, {}
+    else:  # a local path: absolute, since replicas run in another working directory
+        pinned, registry = str(Path(args.model).expanduser().resolve()), {}
     checkpoint = load_served_checkpoint(pinned, args.mlflow_uri, _storage_options(args))
     metadata = {k: v for k, v in checkpoint.metadata.items() if isinstance(v, str | int | float | bool | type(None) | dict | list)}
     return ModelInfo(

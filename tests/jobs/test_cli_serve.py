@@ -38,7 +38,7 @@ def test_tal_serve_runs_answers_and_stops_on_ctrl_c(tmp_path):
     port = _free_port()
     log = tmp_path / "serve.log"
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}  # its own Ray, not the test session's
-    argv = [sys.executable, "-m", "jobs.cli", "serve", "--model", str(tmp_path / "model.pt"), "--config", str(tmp_path / "serve.yaml"),
+    argv = [sys.executable, "-m", "jobs.cli", "serve", "--model", "model.pt", "--config", "serve.yaml",  # relative to its cwd
             "--port", str(port), "--max-steps", "40", "--set", "max_batch_size=2"]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
