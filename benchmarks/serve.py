@@ -28,7 +28,6 @@ import concurrent.futures
 import io
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -39,12 +38,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 RAY_NICENESS = "RAY_worker_niceness"  # Ray's own spelling (ray._private.ray_constants.RAY_WORKER_NICENESS)
 sys.path.insert(0, str(ROOT))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -137,7 +130,7 @@ def main() -> None:
 
     from jobs.inference import detect_batch
     from jobs.serve import run_app
-    from jobs.serve_config import ServeArgs
+    from jobs.serve_config import ServeArgs, free_port
     from pipelines.store import FeatureSequence
     from tal_models.presets import load_preset
 
@@ -178,7 +171,7 @@ def main() -> None:
 
     os.environ.setdefault(RAY_NICENESS, str(args.ray_niceness))  # read when Ray starts
     ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
-    port = _free_port()
+    port = free_port()
     results: dict = {
         "machine": {
             "cpus": os.cpu_count(),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -155,12 +154,10 @@ def serve_one_video(mlflow_uri: str, video: Path, truth, label_map) -> None:
     from ray import serve
 
     from jobs.serve import run_app
-    from jobs.serve_config import ServeArgs
+    from jobs.serve_config import ServeArgs, free_port
     from tal_models.structures import pairwise_tiou
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     started = time.perf_counter()
     try:
         url = run_app(ServeArgs(model="models:/tal-detector@champion", mlflow_uri=mlflow_uri), "127.0.0.1", port, quiet=True)

@@ -182,14 +182,13 @@ def run(request: DetectRequest) -> DetectReport:
     _check_flags(request)
     import torch
 
-    from jobs.evaluate import resolve_checkpoint
+    from jobs.evaluate import open_model
     from pipelines.extract import features_for_video
     from pipelines.store import filesystem_for
     from pipelines.video import VideoDecodeError
 
     device = _device(request.device, torch)
-    checkpoint_uri = resolve_checkpoint(request.model)
-    checkpoint = _read_checkpoint(checkpoint_uri, request)
+    checkpoint, checkpoint_uri = open_model(request.model, request.storage_options)
     videos = _list_videos(request)
     backbone, sampling = _featurizer(checkpoint, device, request)
     model = checkpoint.build(device)
@@ -260,22 +259,6 @@ def _device(requested: str | None, torch) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {requested}: no CUDA device is available here; use --device cpu")
     return str(device)
-
-
-def _read_checkpoint(uri: str, request: DetectRequest):
-    import io
-
-    from jobs.inference import read_checkpoint_bytes
-    from tal_models.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        data = read_checkpoint_bytes(uri, request.storage_options)
-    except FileNotFoundError:
-        raise UsageError(f"--model {request.model}: no such checkpoint file {uri}") from None
-    try:
-        return load_checkpoint(io.BytesIO(data), map_location="cpu")
-    except CheckpointError as e:
-        raise UsageError(f"--model {uri}: {e}") from None
 
 
 def _list_videos(request: DetectRequest):

@@ -6,12 +6,13 @@ Thin on purpose: read the inputs, call ``jobs.inference`` and ``tal_models.evalu
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,11 +105,15 @@ def format_report(report: EvaluationReport, request: EvaluationRequest) -> str:
     if request.subset is None and len(report.subsets) > 1:
         lines.append(f"note          the ground truth has subsets {report.subsets}; all were evaluated (use --subset)")
     if m.num_ignored_predictions:
-        lines.append(f"ignored       {m.num_ignored_predictions:,} predictions of classes absent from this ground truth or of other subsets' videos")
+        lines.append(
+            f"ignored       {m.num_ignored_predictions:,} predictions of classes absent from this ground truth or of other subsets' videos"
+        )
     if report.unknown_labels:
         shown = ", ".join(f"{k!r} ({v})" for k, v in sorted(report.unknown_labels.items(), key=lambda kv: -kv[1])[:5])
         more = f" and {len(report.unknown_labels) - 5} more" if len(report.unknown_labels) > 5 else ""
-        lines.append(f"unknown       {sum(report.unknown_labels.values()):,} predictions with labels not in the ground truth: {shown}{more}")
+        lines.append(
+            f"unknown       {sum(report.unknown_labels.values()):,} predictions with labels not in the ground truth: {shown}{more}"
+        )
     if m.unknown_videos:
         lines.append(
             f"unknown       {len(m.unknown_videos)} predicted videos are not in the ground truth (their predictions count as false positives), e.g. {m.unknown_videos[0]!r}"
@@ -185,16 +190,17 @@ class ModelEvaluationReport:
         return out
 
 
-def resolve_checkpoint(model: str) -> str:
-    """A registry or run URI -> a local checkpoint file (through MLflow); anything else as given."""
-    if model.startswith(("models:/", "runs:/")):
-        from jobs.tracking import resolve_model  # MLflow only when asked
+def open_model(model: str, storage_options: Mapping[str, Any] | None = None):
+    """``jobs.inference.load_model`` for a command line: (checkpoint, where it was read from), or a one-line
+    ``UsageError`` naming ``--model`` (a missing file, an unknown registry name/alias/version/run, not a checkpoint)."""
+    from jobs.inference import load_model
 
-        try:
-            return str(resolve_model(model))
-        except ValueError as e:  # an unknown name, alias, version or run: named with what exists
-            raise UsageError(f"--model {model}: {e}") from None
-    return model
+    try:
+        return load_model(model, storage_options)
+    except FileNotFoundError as e:
+        raise UsageError(f"--model {model}: no such checkpoint file {e.filename or model}") from None
+    except ValueError as e:  # CheckpointError too; registry errors name what exists
+        raise UsageError(f"--model {model}: {e}") from None
 
 
 def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
@@ -205,10 +211,10 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     that does not exist, no annotated video in the store. Annotated videos missing from the
     store are reported and left out of the metrics.
     """
-    from jobs.inference import detect_sequences, detect_store_on_ray, read_checkpoint_bytes
+    from jobs.inference import detect_sequences, detect_store_on_ray
     from pipelines.annotations import write_activitynet_results
     from pipelines.store import FeatureStore, StoreError
-    from tal_models.checkpoint import CheckpointError, load_checkpoint
+    from tal_models.checkpoint import CheckpointError
 
     if request.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {request.batch_size}")
@@ -227,11 +233,7 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
             raise UsageError(f"--subset {request.subset!r} is not in {request.annotations}; it has {ground_truth.subsets}")
         scoped = ground_truth.subset(request.subset)
 
-    checkpoint_uri = resolve_checkpoint(request.model)
-    try:
-        checkpoint = load_checkpoint(io.BytesIO(read_checkpoint_bytes(checkpoint_uri, request.storage_options)), map_location="cpu")
-    except CheckpointError as e:
-        raise UsageError(f"{checkpoint_uri}: {e}") from None
+    checkpoint, checkpoint_uri = open_model(request.model, request.storage_options)
     unknown = [n for n in checkpoint.labels if n not in ground_truth.label_map]
     if unknown:
         raise UsageError(

@@ -16,6 +16,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,6 +148,29 @@ def read_checkpoint_bytes(uri: str | os.PathLike, storage_options: Mapping[str, 
     fs, path = filesystem_for(str(uri), storage_options)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def load_model(
+    reference: str,
+    storage_options: Mapping[str, Any] | None = None,
+    mlflow_uri: str | None = None,
+    download_to: str | os.PathLike | None = None,
+) -> tuple[Checkpoint, str]:
+    """A model reference -> (the checkpoint, the local path or ``s3://`` URI it was read from).
+
+    ``models:/name@alias``, ``models:/name/N`` and ``runs:/...`` are downloaded through MLflow (``mlflow_uri``,
+    default ``$MLFLOW_TRACKING_URI``) into ``download_to`` (default: a new temporary folder, left in place);
+    ``s3://`` URIs and paths are read where they are. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` for an unknown name, alias, version or run (naming what exists) or a file that is not a
+    checkpoint (``CheckpointError``).
+    """
+    if reference.startswith(("models:/", "runs:/")):
+        from jobs.tracking import resolve_model  # MLflow only when asked
+
+        local = str(resolve_model(reference, mlflow_uri, None if download_to is None else Path(download_to)))
+    else:
+        local = reference if "://" in reference else os.path.expanduser(reference)
+    return load_checkpoint(io.BytesIO(read_checkpoint_bytes(local, storage_options)), map_location="cpu"), local
 
 
 def detect_store_on_ray(

@@ -62,21 +62,11 @@ MB = 2**20
 
 
 def load_served_checkpoint(reference: str, mlflow_uri: str | None, storage_options: dict[str, Any]):
-    """The checkpoint behind ``reference``: ``models:/``/``runs:/`` through MLflow, ``s3://`` through fsspec, else a path."""
-    import io
+    """``jobs.inference.load_model``, with a registry download removed once read (replicas restart; copies would pile up)."""
+    from jobs.inference import load_model
 
-    from tal_models.checkpoint import load_checkpoint
-
-    if reference.startswith("s3://"):
-        from jobs.inference import read_checkpoint_bytes
-
-        return load_checkpoint(io.BytesIO(read_checkpoint_bytes(reference, storage_options)))
-    if reference.startswith(("models:/", "runs:/")):
-        from jobs.tracking import resolve_model
-
-        with tempfile.TemporaryDirectory(prefix="tal-serve-model-") as folder:  # read into memory, then gone
-            return load_checkpoint(resolve_model(reference, mlflow_uri, Path(folder)))
-    return load_checkpoint(os.path.expanduser(reference))
+    with tempfile.TemporaryDirectory(prefix="tal-serve-model-") as folder:
+        return load_model(reference, storage_options, mlflow_uri, download_to=folder)[0]
 
 
 def describe_model(args: ServeArgs) -> ModelInfo:
@@ -497,7 +487,10 @@ def build_app(args: ServeArgs) -> serve.Application:
     """The Serve application for ``args`` (the import path ``jobs.serve:build_app``)."""
     if isinstance(args, dict):  # called directly with a dict rather than through Serve's typed-builder validation
         args = ServeArgs.model_validate(args)
-    info = describe_model(args)
+    return _application(args, describe_model(args))
+
+
+def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
     storage = _storage_options(args)
     threads = max(1, int(args.cpus_per_replica))
     resources = {"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica}
@@ -520,10 +513,11 @@ def build_app(args: ServeArgs) -> serve.Application:
     return Ingress.bind(detector, featurizer, info, limits, args.video_roots)
 
 
-def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = False) -> str:
+def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = False, info: ModelInfo | None = None) -> str:
     """Start Serve's HTTP proxy on ``host:port`` (on the Ray cluster this process is connected to, or a new local
     one) and deploy the app; returns its base URL once every replica is up. ``quiet``: warnings only, from the
-    replicas (no access log) and from Serve in this process."""
+    replicas (no access log) and from Serve in this process. ``info``: ``describe_model(args)`` if the caller
+    has it already (it reads the whole checkpoint)."""
     import logging
 
     import ray
@@ -535,9 +529,6 @@ def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, *, quiet
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
     logging_config = LoggingConfig(log_level="WARNING", enable_access_log=False) if quiet else None
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging_config)
+    app = _application(args, info if info is not None else describe_model(args))
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging_config)
     return f"http://{host}:{port}"
-
-
-def stop_app() -> None:
-    serve.delete(APP_NAME)

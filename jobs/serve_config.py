@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import threading
 
@@ -54,6 +55,13 @@ class ServeArgs(BaseModel):
         if not value.strip():
             raise ValueError("model must name a checkpoint (models:/..., runs:/..., a path or s3:// URI)")
         return value.strip()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it), for a server started next."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 # --- tal serve --------------------------------------------------------------------------------------
@@ -173,13 +181,13 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
     try:
-        describe_model(serve_args)  # a model that does not resolve is a one-line error before Ray starts
+        info = describe_model(serve_args)  # a model that does not resolve is a one-line error before Ray starts
     except ValueError as e:
         raise UsageError(f"--model {serve_args.model}: {e}") from None
     from ray import serve
 
     try:
-        url = run_app(serve_args, args.host, args.port)
+        url = run_app(serve_args, args.host, args.port, info=info)
     except KeyboardInterrupt:  # Ctrl-C while the replicas start: stop what started, no traceback
         print("interrupted while starting; stopping ...", file=sys.stderr)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from jobs.serve_config import free_port
+
 
 @dataclass(frozen=True)
 class MotoS3:
@@ -22,12 +23,6 @@ class MotoS3:
 
     endpoint_url: str
     fs: Any
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +38,7 @@ def moto_s3(tmp_path_factory) -> Iterator[MotoS3]:
     exe = Path(sys.executable).parent / "moto_server"
     if not exe.exists():  # the test extras install it: a missing server is a broken setup, not a skip
         pytest.fail(f"moto_server not found at {exe} (pip install -e '.[test]')")
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
     with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the server
@@ -132,7 +127,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
     if not exe.exists():
         pytest.fail(f"mlflow not found at {exe}")
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log_path = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no store of the caller leaks in

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,11 @@ import pytest
 import requests
 import torch
 
+from jobs.serve_config import free_port
 from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.extract import SamplingConfig, provenance_for, settings_json
 from tal_models.checkpoint import Checkpoint, save_checkpoint
 from tal_models.detector import build_detector, make_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -35,7 +29,7 @@ def test_tal_serve_runs_answers_and_stops_on_ctrl_c(tmp_path):
     provenance = provenance_for(build_backbone(backbone_config, "cpu"), sampling, settings_json(backbone_config, sampling))
     save_checkpoint(Checkpoint.from_model(model.eval(), ["a", "b"], provenance.to_dict()), tmp_path / "model.pt")
     (tmp_path / "serve.yaml").write_text("max_batch_size: 4\nmax_steps: 50\ncpus_per_replica: 1\n")
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}  # its own Ray, not the test session's
     argv = [sys.executable, "-m", "jobs.cli", "serve", "--model", "model.pt", "--config", "serve.yaml",  # relative to its cwd

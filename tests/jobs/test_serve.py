@@ -11,7 +11,6 @@ import concurrent.futures
 import io
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import requests
 import torch
 
-from jobs.serve_config import ServeArgs
+from jobs.serve_config import ServeArgs, free_port
 from jobs.tracking import TrainingRun, register_checkpoint
 from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.extract import SamplingConfig, features_for_video, provenance_for, settings_json
@@ -33,12 +32,6 @@ SAMPLING = SamplingConfig(fps=5.0, window=2, stride=2, chunk_frames=16)
 LABELS = ["jump", "run", "wave"]
 MAX_BODY_MB = 2.0  # small, so that a 413 is cheap to provoke
 TIMEOUT = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -83,7 +76,7 @@ def served(tmp_path_factory, ray_session, moto_s3):
     moto_s3.fs.mkdir("serve-videos")
     moto_s3.fs.put(str(synthetic), "serve-videos/in/synthetic.mp4")
 
-    port = _free_port()
+    port = free_port()
     args = ServeArgs(
         model="models:/tal-detector@champion",
         mlflow_uri=uri,

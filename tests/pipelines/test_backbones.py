@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 from torchvision.models import video as tv_video
 
+from jobs.serve_config import free_port
 from pipelines import weights as weights_module
 from pipelines.backbones import Backbone, BackboneConfig, Preprocessing, build_backbone, flow_images
 from pipelines.weights import (
@@ -492,18 +493,12 @@ def test_flow_chunks_chain_exactly(two_stream):
 # --- weights from S3 (a real moto server) ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def own_moto_s3():
     """A moto_server of our own on a free loopback port, for when tests/conftest.py has no ``moto_s3``."""
     import s3fs
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
