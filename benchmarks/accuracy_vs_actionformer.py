@@ -69,9 +69,11 @@ def train_ours(
 ):
     import torch
 
-    from tal_models.detector import build_detector, make_config
-    from tal_models.presets import load_preset
-    from tal_models.training import ModelEMA, build_optimizer, build_scheduler, collate, random_crop, train_one_epoch
+    from tal_models.batch import collate, random_crop
+    from tal_models.detectors import build_detector
+    from tal_models.optim import ModelEMA, build_optimizer, build_scheduler
+    from tal_models.presets import load_preset, make_config
+    from tal_models.training import train_one_epoch
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -46,9 +46,10 @@ def worker(preset_name: str, mode: str, repeats: int, threads: int, seed: int) -
     import numpy as np
     import torch
 
-    from tal_models.detector import build_detector
+    from tal_models.batch import collate
+    from tal_models.detectors import build_detector
+    from tal_models.optim import build_optimizer
     from tal_models.presets import load_preset
-    from tal_models.training import build_optimizer, collate
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

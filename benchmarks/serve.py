@@ -102,7 +102,7 @@ def make_checkpoint(path: Path, preset: str, provenance: dict):
     import torch
 
     from tal_models.checkpoint import Checkpoint, save_checkpoint
-    from tal_models.detector import build_detector
+    from tal_models.detectors import build_detector
     from tal_models.presets import load_preset
 
     torch.manual_seed(0)

@@ -54,8 +54,7 @@ def make_preset(workdir: Path, input_dim: int, embed_dim: int, epochs: int) -> P
     from dataclasses import replace
 
     from tal_models.config import dump_yaml
-    from tal_models.detector import make_config
-    from tal_models.presets import load_preset
+    from tal_models.presets import load_preset, make_config
 
     base = load_preset("thumos14-actionformer")
     detector = make_config("actionformer", num_classes=20, input_dim=input_dim, embed_dim=embed_dim, max_seq_len=2304)

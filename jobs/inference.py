@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from pipelines.store import FeatureSequence, FeatureStore, filesystem_for, from_table
+from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, load_checkpoint
-from tal_models.detector import Detector
+from tal_models.detectors import Detector
 from tal_models.structures import Detections, Segments, Unit
-from tal_models.training import collate
 
 # One row per video; a video without detections has empty lists (and so is still accounted for).
 DETECTIONS_SCHEMA = pa.schema(

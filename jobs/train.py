@@ -338,20 +338,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     from jobs import tracking
     from pipelines.store import FeatureStore
+    from tal_models.batch import collate, random_crop
     from tal_models.checkpoint import Checkpoint, save_checkpoint
     from tal_models.config import config_from_dict
-    from tal_models.detector import DetectorConfig, build_detector
+    from tal_models.detectors import DetectorConfig, build_detector
     from tal_models.losses import LossNormalizer
-    from tal_models.training import (
-        EpochTiming,
-        ModelEMA,
-        OptimConfig,
-        build_optimizer,
-        build_scheduler,
-        collate,
-        random_crop,
-        train_one_epoch,
-    )
+    from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
+    from tal_models.training import EpochTiming, train_one_epoch
 
     loop_started = time.time()
     context = ray.train.get_context()

@@ -3,7 +3,8 @@
 Contents (plain containers and tensors only, so no pickle of our classes is ever executed):
 
     {"format": "tal-detector/1",
-     "config": DetectorConfig as a dict,          # rebuilds the model
+     "family": "one_stage",                        # which config type "config" is (absent in older files: one_stage)
+     "config": the detector's config as a dict,    # rebuilds the model
      "state_dict": {...},                          # the weights (the EMA's when training kept one)
      "labels": ["BaseballPitch", ...],             # class id i is labels[i]
      "provenance": {"backbone", "backbone_weights", "backbone_sha256", "feature_dim", "fps", "stride", "window", ...},
@@ -26,7 +27,7 @@ from typing import IO, Any
 import torch
 
 from tal_models.config import config_from_dict, config_to_dict
-from tal_models.detector import Detector, DetectorConfig, build_detector
+from tal_models.detectors import Detector, DetectorConfig, build_detector, config_type
 from tal_models.structures import LabelMap
 
 CHECKPOINT_FORMAT = "tal-detector/1"
@@ -50,9 +51,7 @@ class Checkpoint:
 
     def __post_init__(self) -> None:
         if len(self.labels) != self.config.num_classes:
-            raise CheckpointError(
-                f"checkpoint has {len(self.labels)} class names for a detector of {self.config.num_classes} classes"
-            )
+            raise CheckpointError(f"checkpoint has {len(self.labels)} class names for a detector of {self.config.num_classes} classes")
         dim = self.provenance.get("feature_dim")
         if dim is not None and int(dim) != self.config.input_dim:
             raise CheckpointError(f"provenance says {dim}-dim features but the detector takes {self.config.input_dim}")
@@ -98,6 +97,7 @@ class Checkpoint:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
+            "family": self.config.family,
             "config": config_to_dict(self.config),
             "state_dict": self.state_dict,
             "labels": list(self.labels),
@@ -114,7 +114,7 @@ class Checkpoint:
         if missing:
             raise CheckpointError(f"{source}: checkpoint lacks {missing}")
         try:
-            config = config_from_dict(DetectorConfig, data["config"], where=f"{source}: config")
+            config = config_from_dict(config_type(data.get("family", "one_stage")), data["config"], where=f"{source}: config")
         except ValueError as exc:
             raise CheckpointError(str(exc)) from exc
         return cls(config, dict(data["state_dict"]), list(data["labels"]), dict(data.get("provenance", {})), dict(data.get("metadata", {})))

@@ -20,6 +20,20 @@ import yaml
 T = TypeVar("T")
 
 
+def require_int(value: Any, name: str, minimum: int = 1, hint: str = "") -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; otherwise a ``ValueError``
+    naming ``name`` (and ``hint``, e.g. a paper's value). The one check every config and entry point uses."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}{hint}")
+    return value
+
+
+def require_positive_int(value: Any, name: str, hint: str = "") -> int:
+    """``require_int(value, name, 1, hint)``."""
+    return require_int(value, name, 1, hint)
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass (nested ones included) -> a dict of plain Python values (tuples -> lists)."""
     if not dataclasses.is_dataclass(config) or isinstance(config, type):

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from tal_models.blocks import LayerNormC, MaskedConv1d, _check_odd
+from tal_models.layers import LayerNormC, MaskedConv1d, check_odd
 
 RegressionKind = Literal["offsets", "trident"]
 _REGRESSION_KINDS = ("offsets", "trident")
@@ -49,7 +49,7 @@ class HeadConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"HeadConfig.{name} must be a positive int, got {value!r}")
-        _check_odd("HeadConfig.kernel_size", self.kernel_size)
+        check_odd("HeadConfig.kernel_size", self.kernel_size)
         if not 0.0 < self.prior_prob < 1.0:
             raise ValueError(f"HeadConfig.prior_prob must be in (0, 1), got {self.prior_prob} (ActionFormer: 0.01)")
         if self.regression not in _REGRESSION_KINDS:

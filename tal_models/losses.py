@@ -110,6 +110,8 @@ class LossNormalizer:
     ``value <- momentum * value + (1 - momentum) * max(num_pos, 1)`` at every ``update``
     (ActionFormer: momentum 0.9; its ``init_loss_norm`` is 100 for THUMOS14, 200 for ActivityNet).
     A per-batch count would make the loss scale jump with small batches; the average does not.
+    Given a tensor count, the value becomes a float64 tensor on its device, so training never
+    waits for the accelerator to hand the count back; ``state_dict`` reads it (at checkpoints).
     """
 
     def __init__(self, init: float = 100.0, momentum: float = 0.9):
@@ -117,24 +119,28 @@ class LossNormalizer:
             raise ValueError(f"LossNormalizer init must be > 0, got {init} (ActionFormer: 100)")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"LossNormalizer momentum must be in [0, 1), got {momentum} (ActionFormer: 0.9)")
-        self.value = float(init)
+        self.value: float | Tensor = float(init)
         self.momentum = float(momentum)
 
-    def update(self, num_pos: int | Tensor) -> float:
+    def update(self, num_pos: int | Tensor) -> float | Tensor:
         """Fold in this batch's number of positives and return the new value."""
-        n = float(num_pos.item() if isinstance(num_pos, Tensor) else num_pos)
-        self.value = self.momentum * self.value + (1.0 - self.momentum) * max(n, 1.0)
+        if isinstance(num_pos, Tensor):
+            count = num_pos.detach().to(torch.float64).clamp(min=1.0)
+            value = torch.as_tensor(self.value, dtype=torch.float64, device=count.device)
+            self.value = self.momentum * value + (1.0 - self.momentum) * count
+        else:
+            self.value = self.momentum * float(self.value) + (1.0 - self.momentum) * max(float(num_pos), 1.0)
         return self.value
 
     def state_dict(self) -> dict[str, float]:
-        return {"value": self.value, "momentum": self.momentum}
+        return {"value": float(self.value), "momentum": self.momentum}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
         self.momentum = float(state["momentum"])
 
     def __repr__(self) -> str:
-        return f"LossNormalizer(value={self.value:.4g}, momentum={self.momentum})"
+        return f"LossNormalizer(value={float(self.value):.4g}, momentum={self.momentum})"
 
 
 def detection_losses(
@@ -194,6 +200,8 @@ def detection_losses(
     valid_mask = valid_mask.bool()
     positive = (cls_targets.sum(dim=-1) > 0) & valid_mask  # [B, P]
     norm = normalizer.update(positive.sum())
+    if isinstance(norm, Tensor):
+        norm = norm.to(cls_logits.dtype if cls_logits.is_floating_point() else torch.float32)
 
     targets = cls_targets[valid_mask]  # [B, P, K] -> [V, K]
     if label_smoothing > 0:

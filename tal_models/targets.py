@@ -84,7 +84,7 @@ def assign_targets_single_video(
     Args:
         points: the ``P`` points of the pyramid.
         segments: ``[N, 2]`` ground truth in input steps (``Segments`` must be in ``Unit.STEPS``).
-        labels: ``[N]`` integer classes in ``[0, K)``.
+        labels: ``[N]`` integer classes in ``[0, K)`` (not checked here: ``collate`` does it, on the host).
         num_classes: ``K``.
         center_sample: restrict positives to the centre region of each segment.
         center_radius: half-width of the centre region, in strides of the point's level.
@@ -102,8 +102,6 @@ def assign_targets_single_video(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not center_radius > 0:
         raise ValueError(f"center_radius must be > 0 (in strides), got {center_radius} (ActionFormer: 1.5)")
-    if num_gt and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
 
     dtype = torch.promote_types(points.position.dtype, segs.dtype)
     num_points = len(points)
@@ -159,6 +157,30 @@ def assign_targets(
         for s, lab in zip(segments, labels)
     ]
     return PointTargets(torch.stack([t.cls_targets for t in per_video]), torch.stack([t.reg_targets for t in per_video]))
+
+
+class CenterSamplingAssigner:
+    """ActionFormer's label assignment as a part of a detector: ``assigner(points, segments, labels)``
+    -> ``PointTargets(cls_targets [B, P, K], reg_targets [B, P, 2])`` (rules in the module docstring).
+
+    A detector takes its assigner built (``tal_models.detectors.build``); another rule (e.g. a
+    SimOTA-style dynamic assignment) is another class with the same call.
+    """
+
+    def __init__(self, num_classes: int, center_sample: bool = True, center_radius: float = 1.5):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not center_radius > 0:
+            raise ValueError(f"center_radius must be > 0 (in strides), got {center_radius} (ActionFormer: 1.5)")
+        self.num_classes, self.center_sample, self.center_radius = num_classes, center_sample, center_radius
+
+    def __call__(self, points: Points, segments: Sequence[Segments | Tensor], labels: Sequence[Tensor | Sequence[int]]) -> PointTargets:
+        return assign_targets(
+            points, segments, labels, self.num_classes, center_sample=self.center_sample, center_radius=self.center_radius
+        )
+
+    def __repr__(self) -> str:
+        return f"CenterSamplingAssigner(num_classes={self.num_classes}, center_sample={self.center_sample}, center_radius={self.center_radius})"
 
 
 def _steps_tensor(segments: Segments | Tensor | np.ndarray, device: torch.device) -> Tensor:

@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tal_models.blocks import _check_odd
 from tal_models.heads import ConvTower
+from tal_models.layers import check_odd
 
 Side = Literal["start", "end"]
 
@@ -119,8 +119,8 @@ class TridentHeadConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TridentHeadConfig.{name} must be a positive int, got {value!r}")
-        _check_odd("TridentHeadConfig.kernel_size", self.kernel_size)
-        _check_odd("TridentHeadConfig.boundary_kernel_size", self.boundary_kernel_size)
+        check_odd("TridentHeadConfig.kernel_size", self.kernel_size)
+        check_odd("TridentHeadConfig.boundary_kernel_size", self.boundary_kernel_size)
         for name in ("with_ln", "detach_boundary"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TridentHeadConfig.{name} must be True or False, got {getattr(self, name)!r}")

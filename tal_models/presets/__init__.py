@@ -1,25 +1,52 @@
-"""Named presets: a detector config, its optimiser settings and batch size, stored as YAML here.
+"""Presets: a detector config with the optimiser settings and batch size it was published with.
 
-``load_preset("thumos14-actionformer")`` or ``load_preset("path/to/mine.yaml")``. Names are
-``{dataset}-{arch}``: datasets ``thumos14`` (I3D two-stream features, 2048-d, 30 fps, stride 4,
-window 16; 20 classes; training crops of 2304 steps), ``anet`` (ActivityNet-1.3: TSP features,
-512-d, every video resized to 192 steps; class-agnostic, labelled afterwards by fusion with a
-video classifier) and ``demo`` (the embedded demo: MobileNetV2 features, 1280-d, 15 fps,
-stride 4; small); archs ``actionformer``, ``tridet``, ``temporalmaxer``. Values follow each
-paper's published config for that data set, with the differences listed in the YAML comments.
+The papers' THUMOS14 configurations are written once, in code (``paper_preset``); a preset file
+names one of them as its ``base`` and holds only what differs::
+
+    name: demo-tridet
+    base: {arch: tridet, num_classes: 4, input_dim: 1280, max_seq_len: 192, embed_dim: 128, levels: 5}
+    detector:
+      head: {num_bins: 8}
+    optim: {lr: 0.001, warmup_epochs: 2, epochs: 30}
+
+``base`` is an arch name (the paper's THUMOS14 config as published: 20 classes of 2048-d I3D
+features, crops of 2304 steps, 512 channels, 6 levels) or a mapping of the arch and those sizes;
+the rest of the file is merged over it key by key (a key the config does not have is an error
+naming its path). ``make_config`` is the base's detector, so code and presets cannot disagree.
+A file without ``base`` is a full preset (as ``dump_yaml(preset)`` writes it).
+
+``load_preset("thumos14-actionformer")`` or ``load_preset("path/to/mine.yaml")``. Shipped names
+are ``{dataset}-{arch}``: datasets ``thumos14`` (I3D two-stream, 2048-d, 30 fps, stride 4,
+window 16; 20 classes), ``anet`` (ActivityNet-1.3: TSP, 512-d, every video resized to 192 steps;
+class-agnostic, labelled afterwards by fusion with a video classifier) and ``demo`` (the embedded
+demo: MobileNetV2, 1280-d, 15 fps, stride 4; small); archs ``actionformer``, ``tridet``,
+``temporalmaxer``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from tal_models.config import load_yaml
-from tal_models.detector import DetectorConfig
-from tal_models.training import OptimConfig
+import yaml
+
+from tal_models.config import config_from_dict, config_to_dict, require_positive_int
+from tal_models.detectors import ARCHS, InferenceConfig, LossConfig, OneStageConfig
+from tal_models.detectors.one_stage import Arch
+from tal_models.encoders import EncoderConfig
+from tal_models.heads import HeadConfig
+from tal_models.necks import FPNConfig
+from tal_models.optim import OptimConfig
+from tal_models.points import DEFAULT_REGRESSION_RANGES
 
 PRESETS_DIR = Path(str(resources.files(__name__)))
+THUMOS14_FEATURES = (
+    "I3D two-stream (RGB + flow) features, 2048-d, 30 fps, stride 4 frames, window 16 frames (ActionFormer's THUMOS14 release)"
+)
 
 
 @dataclass(frozen=True)
@@ -29,13 +56,64 @@ class Preset:
     name: str
     description: str = ""
     features: str = ""  # what features the input must be (backbone, dims, sampling)
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    detector: OneStageConfig = field(default_factory=OneStageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 2
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"Preset.batch_size must be a positive int, got {self.batch_size!r}")
+        require_positive_int(self.batch_size, "Preset.batch_size")
+
+
+# --- the papers' THUMOS14 configurations -----------------------------------------------------
+def paper_preset(
+    arch: Arch, *, num_classes: int = 20, input_dim: int = 2048, max_seq_len: int = 2304, embed_dim: int = 512, levels: int = 6
+) -> Preset:
+    """The published THUMOS14 configuration of ``arch`` (detector, optimiser, batch size), at the
+    given sizes: the base of every preset. The coarsest level takes every length beyond the
+    regression ranges before it (ActionFormer's ranges)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    require_positive_int(levels, "levels")
+    if levels > len(DEFAULT_REGRESSION_RANGES):
+        raise ValueError(f"at most {len(DEFAULT_REGRESSION_RANGES)} levels have default regression ranges, got {levels}")
+    ranges = DEFAULT_REGRESSION_RANGES[: levels - 1] + ((DEFAULT_REGRESSION_RANGES[levels - 1][0], math.inf),)
+    neck = FPNConfig(in_dim=embed_dim, out_dim=embed_dim, levels=levels)
+    head = HeadConfig(in_dim=embed_dim, feat_dim=embed_dim)
+    loss, inference = LossConfig(), InferenceConfig()
+    match arch:
+        case "actionformer":  # ActionFormer (ECCV 2022): 4 heads, window 19, MLP ratio 4; 30 + 5 epochs
+            encoder = EncoderConfig(kind="transformer", input_dim=input_dim, embed_dim=embed_dim, levels=levels, heads=4, window=19)
+            optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=5, epochs=35)
+        case "tridet":  # TriDet (CVPR 2023): SGP with k = 5, w = 1, MLP 768/512 = 1.5; 16 bins; 2000 detections kept
+            encoder = EncoderConfig(
+                kind="sgp", input_dim=input_dim, embed_dim=embed_dim, levels=levels, kernel_size=1, sgp_k=5.0, mlp_ratio=1.5
+            )
+            head = replace(head, regression="trident", num_bins=16)
+            loss = replace(loss, iou_weight_power=0.2, input_noise=0.0005)
+            inference = replace(inference, nms=replace(inference.nms, max_detections=2000))
+            optim = OptimConfig(lr=1e-4, weight_decay=0.025, warmup_epochs=20, epochs=40)
+        case "temporalmaxer":  # TemporalMaxer (2023): max-pooling blocks, no stem; 60 + 5 epochs
+            encoder = EncoderConfig(kind="maxpool", input_dim=input_dim, embed_dim=embed_dim, levels=levels, kernel_size=3)
+            optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=5, epochs=65)
+    detector = OneStageConfig(
+        arch=arch, num_classes=num_classes, max_seq_len=max_seq_len, encoder=encoder, neck=neck, head=head,
+        regression_ranges=ranges, loss=loss, inference=inference,
+    )  # fmt: skip
+    return Preset(name=arch, description=f"{arch}: the paper's THUMOS14 configuration", features=THUMOS14_FEATURES, detector=detector,
+                  optim=optim, batch_size=2)  # fmt: skip
+
+
+def make_config(
+    arch: Arch, *, num_classes: int, input_dim: int, max_seq_len: int = 2304, embed_dim: int = 512, levels: int = 6, **overrides: Any
+) -> OneStageConfig:
+    """The paper's THUMOS14 detector config of ``arch`` at the given sizes (``paper_preset(...).detector``);
+    ``overrides`` replace top-level config fields (``loss=LossConfig(...)``, ``inference=...``)."""
+    base = paper_preset(arch, num_classes=num_classes, input_dim=input_dim, max_seq_len=max_seq_len, embed_dim=embed_dim, levels=levels)
+    return replace(base.detector, **overrides)
+
+
+# --- preset files ----------------------------------------------------------------------------
+_BASE_KEYS = ("arch", "num_classes", "input_dim", "max_seq_len", "embed_dim", "levels")
 
 
 def preset_names() -> list[str]:
@@ -44,7 +122,7 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
-    """A shipped preset by name, or a preset YAML file by path."""
+    """A shipped preset by name, or a preset YAML file by path (full, or sparse over a ``base``)."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = PRESETS_DIR / f"{name_or_path}.yaml"
@@ -52,4 +130,43 @@ def load_preset(name_or_path: str | Path) -> Preset:
             raise ValueError(f"unknown preset {str(name_or_path)!r}; shipped presets: {', '.join(preset_names())} (or give a .yaml path)")
     elif not path.exists():
         raise FileNotFoundError(f"preset file {path} does not exist")
-    return load_yaml(Preset, path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    return preset_from_dict(data or {}, where=path.name, default_name=path.stem)
+
+
+def preset_from_dict(data: Mapping[str, Any], where: str = "preset", default_name: str | None = None) -> Preset:
+    """A ``Preset`` from its stored form: full, or sparse over ``base`` (module docstring)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+    data = dict(data)
+    base = data.pop("base", None)
+    if default_name is not None:
+        data.setdefault("name", default_name)
+    if base is None:
+        return config_from_dict(Preset, data, where=where)
+    if isinstance(base, str):
+        base = {"arch": base}
+    if not isinstance(base, Mapping) or "arch" not in base:
+        raise ValueError(f"{where}: base must be an arch name ({', '.join(ARCHS)}) or a mapping with 'arch' and sizes {_BASE_KEYS[1:]}")
+    unknown = sorted(set(base) - set(_BASE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: base: unknown key(s) {unknown}; known keys: {list(_BASE_KEYS)}")
+    try:
+        merged = _merge(config_to_dict(paper_preset(**base)), data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: base: {exc}") from exc
+    return config_from_dict(Preset, merged, where=where)
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` merged into ``base`` key by key (sections recursively, values replaced)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

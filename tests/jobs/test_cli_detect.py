@@ -19,9 +19,12 @@ from jobs.inference import detect_sequences
 from pipelines.extract import ExtractConfig, SamplingConfig, extract
 from pipelines.store import FeatureStore, Provenance
 from pipelines.synth import synthesize
+from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, save_checkpoint
-from tal_models.detector import build_detector, make_config
-from tal_models.training import OptimConfig, build_optimizer, collate, train_one_epoch
+from tal_models.detectors import build_detector
+from tal_models.optim import OptimConfig, build_optimizer
+from tal_models.presets import make_config
+from tal_models.training import train_one_epoch
 
 SAMPLING = SamplingConfig(fps=5.0, window=2, stride=2, chunk_frames=16)
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,8 @@ from jobs.serve_config import free_port
 from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.extract import SamplingConfig, provenance_for, settings_json
 from tal_models.checkpoint import Checkpoint, save_checkpoint
-from tal_models.detector import build_detector, make_config
+from tal_models.detectors import build_detector
+from tal_models.presets import make_config
 
 
 @pytest.mark.slow

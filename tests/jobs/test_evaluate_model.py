@@ -18,11 +18,14 @@ import torch
 from jobs.cli import main
 from pipelines.annotations import read_activitynet_results, read_annotations, write_activitynet
 from pipelines.store import FeatureSequence, FeatureStore, Provenance
+from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, save_checkpoint
-from tal_models.detector import build_detector, make_config
+from tal_models.detectors import build_detector
+from tal_models.optim import OptimConfig, build_optimizer
+from tal_models.presets import make_config
 from tal_models.structures import AnnotationSet, LabelMap, Segments, VideoAnnotation
 from tal_models.timing import FeatureTiming
-from tal_models.training import OptimConfig, build_optimizer, collate, train_one_epoch
+from tal_models.training import train_one_epoch
 
 C = 16
 CLASSES = ["Jump", "Run", "Throw"]

@@ -24,8 +24,9 @@ from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.extract import SamplingConfig, features_for_video, provenance_for, settings_json
 from pipelines.synth import synthesize
 from tal_models.checkpoint import Checkpoint, save_checkpoint
-from tal_models.detector import build_detector, make_config
+from tal_models.detectors import build_detector
 from tal_models.heads import ClassificationHead, OffsetRegressionHead
+from tal_models.presets import make_config
 
 SHARED_VIDEO = Path(__file__).resolve().parents[3] / "shared" / "data" / "videos" / "bigbuckbunny_720p_h264.mp4"
 SAMPLING = SamplingConfig(fps=5.0, window=2, stride=2, chunk_frames=16)

@@ -18,10 +18,9 @@ from jobs.train import TrainJob, plan, train
 from pipelines.store import FeatureSequence, FeatureStore, Provenance
 from tal_models.checkpoint import load_checkpoint
 from tal_models.config import dump_yaml
-from tal_models.detector import make_config
-from tal_models.presets import Preset
+from tal_models.optim import OptimConfig
+from tal_models.presets import Preset, make_config
 from tal_models.timing import FeatureTiming
-from tal_models.training import OptimConfig
 
 C, K = 16, 3
 TIMING = FeatureTiming(fps=15.0, stride=4, window=4)

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint
 from tal_models.config import config_from_dict, config_to_dict
-from tal_models.detector import ARCHS, DetectorConfig, build_detector, make_config
+from tal_models.detectors import ARCHS, DetectorConfig, build_detector
 from tal_models.evaluation.detection import evaluate_detection
-from tal_models.presets import load_preset, preset_names
+from tal_models.optim import OptimConfig, build_optimizer
+from tal_models.presets import load_preset, make_config, preset_names
 from tal_models.structures import AnnotationSet, LabelMap, Segments, Unit, VideoAnnotation
 from tal_models.timing import FeatureTiming
-from tal_models.training import OptimConfig, build_optimizer, collate, train_one_epoch
+from tal_models.training import train_one_epoch
 
 C, K = 16, 3
 
@@ -98,12 +100,16 @@ def test_gradients_finite_with_empty_ground_truth(arch):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_labels_outside_the_model_are_refused():
+def test_labels_outside_the_model_are_refused_when_batched():
+    """Labels are checked once, on the host, where the batch is made (the forward pass waits for nothing)."""
     model = build_detector(_tiny("actionformer")).train()
     samples = _samples(1)
     samples[0]["labels"] = np.full_like(samples[0]["labels"], K)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
-        model(collate(samples, model.pad_multiple))
+    with pytest.raises(ValueError, match=r"video 'v0': labels must lie in \[0, 3\)"):
+        collate(samples, model.pad_multiple, num_classes=model.config.num_classes)
+    samples[0]["labels"] = samples[0]["labels"][:-1]
+    with pytest.raises(ValueError, match=r"video 'v0' has \d+ segments but \d+ labels"):
+        collate(samples, model.pad_multiple)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -165,7 +171,7 @@ def test_config_round_trips_through_a_dict_and_refuses_unknown_keys():
     assert config_from_dict(DetectorConfig, config_to_dict(config)) == config
     data = config_to_dict(config)
     data["encoder"]["windw"] = 9
-    with pytest.raises(ValueError, match=r"DetectorConfig.encoder: unknown key\(s\) \['windw'\]"):
+    with pytest.raises(ValueError, match=r"OneStageConfig.encoder: unknown key\(s\) \['windw'\]"):
         config_from_dict(DetectorConfig, data)
 
 

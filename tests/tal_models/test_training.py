@@ -6,19 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from tal_models.blocks import LayerNormC
+from tal_models.batch import Batch, collate, random_crop
+from tal_models.layers import LayerNormC
+from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
 from tal_models.timing import FeatureTiming
-from tal_models.training import (
-    Batch,
-    ModelEMA,
-    OptimConfig,
-    build_optimizer,
-    build_scheduler,
-    collate,
-    random_crop,
-    train_one_epoch,
-    validate_one_epoch,
-)
+from tal_models.training import train_one_epoch, validate_one_epoch
 
 
 # --- config, optimiser, schedule -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The multi-scale one-stage detector: ActionFormer, TriDet and TemporalMaxer in one forward path.
+"""Multi-scale one-stage detectors: ActionFormer, TriDet and TemporalMaxer share this forward path.
 
 Legend: B batch, C input channels, T steps (padded to a multiple of 2**(L-1)), L pyramid levels,
 T_l = T / 2**l steps at level l, P = sum_l T_l points, K classes, N_i segments of video i.
@@ -10,39 +10,58 @@ T_l = T / 2**l steps at level l, P = sum_l T_l points, K classes, N_i segments o
     training:  assign targets to the points -> focal + DIoU losses  -> {"cls_loss", "reg_loss", "final_loss"}
     inference: decode (top-k per level -> segments -> seconds -> NMS) -> list of Detections
 
-The three papers share this path and differ in two parts, chosen by ``make_config``:
+The methods share this path and differ in their parts (``ARCH_PARTS``), which
+``tal_models.detectors.build`` builds from the config and hands to ``OneStageDetector``:
 
 | arch            | encoder blocks                       | regression head             |
 |-----------------|--------------------------------------|-----------------------------|
 | ``actionformer``| local-window self-attention          | distances (``offsets``)     |
 | ``tridet``      | SGP (instant + window-level branches)| Trident (boundary bins)     |
 | ``temporalmaxer``| max-pooling, no stem                | distances (``offsets``)     |
+
+A new one-stage method is a new block in ``tal_models.layers`` (or a head), a row of
+``ARCH_PARTS``, a ``case`` in the builder, and a preset: nothing in this file's forward path.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tal_models.blocks import EncoderConfig, FPNConfig, FPNNeck, PyramidEncoder
+from tal_models.batch import Batch
+from tal_models.config import require_positive_int
 from tal_models.decode import decode
-from tal_models.heads import ClassificationHead, HeadConfig, OffsetRegressionHead
+from tal_models.detectors.base import detect_sequence
+from tal_models.encoders import EncoderConfig, EncoderKind, PyramidEncoder
+from tal_models.heads import HeadConfig, RegressionKind
 from tal_models.losses import LossNormalizer, RegLoss, detection_losses
+from tal_models.necks import FPNConfig
 from tal_models.points import DEFAULT_REGRESSION_RANGES, Points, make_points
 from tal_models.postprocess import NMSConfig
 from tal_models.structures import Detections
-from tal_models.targets import assign_targets
+from tal_models.targets import CenterSamplingAssigner
 from tal_models.timing import STEP_TIMING, FeatureTiming
-from tal_models.training import Batch, collate
-from tal_models.trident import TridentHead, TridentHeadConfig
 
 Arch = Literal["actionformer", "tridet", "temporalmaxer"]
-ARCHS: tuple[str, ...] = ("actionformer", "tridet", "temporalmaxer")
+
+
+class ArchParts(NamedTuple):
+    """The parts that make a method: its encoder's blocks and its regression head."""
+
+    encoder: EncoderKind
+    regression: RegressionKind
+
+
+ARCH_PARTS: dict[str, ArchParts] = {
+    "actionformer": ArchParts("transformer", "offsets"),
+    "tridet": ArchParts("sgp", "trident"),
+    "temporalmaxer": ArchParts("maxpool", "offsets"),
+}
+ARCHS: tuple[str, ...] = tuple(ARCH_PARTS)
 
 
 @dataclass(frozen=True)
@@ -82,13 +101,18 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
-    """Everything needed to rebuild a detector; stored as YAML in presets and checkpoints.
+class OneStageConfig:
+    """Everything needed to rebuild a one-stage detector; stored as YAML in presets and checkpoints.
+
+    ``arch`` names the method and must agree with its parts (``ARCH_PARTS``): a config whose
+    ``encoder.kind`` or ``head.regression`` is another method's is refused.
 
     ``max_seq_len``: training sequences are cropped to it (ActivityNet-style presets resize every
     video to it instead, in the data pipeline); inference takes any length.
     ``regression_ranges``: per level, in input steps (``tal_models.points``).
     """
+
+    family: ClassVar[str] = "one_stage"
 
     arch: Arch = "actionformer"
     num_classes: int = 20
@@ -101,10 +125,16 @@ class DetectorConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
+        if self.arch not in ARCH_PARTS:
             raise ValueError(f"DetectorConfig.arch must be one of {ARCHS}, got {self.arch!r}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"DetectorConfig.num_classes must be a positive int (1 = class-agnostic), got {self.num_classes!r}")
+        parts = ARCH_PARTS[self.arch]
+        if (self.encoder.kind, self.head.regression) != parts:
+            raise ValueError(
+                f"DetectorConfig: arch {self.arch!r} is encoder.kind={parts.encoder!r} with head.regression={parts.regression!r}, "
+                f"but this config has encoder.kind={self.encoder.kind!r} and head.regression={self.head.regression!r}: "
+                f"change the arch or the parts (archs: {', '.join(f'{a} = {p.encoder} + {p.regression}' for a, p in ARCH_PARTS.items())})"
+            )
+        require_positive_int(self.num_classes, "DetectorConfig.num_classes", " (1 = class-agnostic)")
         levels = self.encoder.levels
         object.__setattr__(self, "regression_ranges", tuple((float(lo), float(hi)) for lo, hi in self.regression_ranges))
         if self.neck.levels != levels or len(self.regression_ranges) != levels:
@@ -131,48 +161,6 @@ class DetectorConfig:
         return self.encoder.input_dim
 
 
-def make_config(
-    arch: Arch,
-    *,
-    num_classes: int,
-    input_dim: int,
-    max_seq_len: int = 2304,
-    embed_dim: int = 512,
-    levels: int = 6,
-    **overrides,
-) -> DetectorConfig:
-    """The paper's THUMOS14 configuration of ``arch`` at the given sizes; ``overrides`` replace
-    top-level ``DetectorConfig`` fields (``loss=LossConfig(...)``, ``inference=...``)."""
-    if levels > len(DEFAULT_REGRESSION_RANGES):
-        raise ValueError(f"make_config: at most {len(DEFAULT_REGRESSION_RANGES)} levels have default regression ranges")
-    # ActionFormer's ranges; the coarsest level takes everything longer
-    ranges = DEFAULT_REGRESSION_RANGES[: levels - 1] + ((DEFAULT_REGRESSION_RANGES[levels - 1][0], math.inf),)
-    neck = FPNConfig(in_dim=embed_dim, out_dim=embed_dim, levels=levels)
-    match arch:
-        case "actionformer":  # ActionFormer (ECCV 2022): 4 heads, window 19, MLP ratio 4
-            encoder = EncoderConfig(kind="transformer", input_dim=input_dim, embed_dim=embed_dim, levels=levels, heads=4, window=19)
-            head = HeadConfig(in_dim=embed_dim, feat_dim=embed_dim)
-        case "tridet":  # TriDet (CVPR 2023), THUMOS14: SGP with k = 5, w = 1, MLP 768/512 = 1.5; 16 bins
-            encoder = EncoderConfig(kind="sgp", input_dim=input_dim, embed_dim=embed_dim, levels=levels, kernel_size=1, sgp_k=5.0, mlp_ratio=1.5)
-            head = HeadConfig(in_dim=embed_dim, feat_dim=embed_dim, regression="trident", num_bins=16)
-            overrides.setdefault("loss", LossConfig(iou_weight_power=0.2, input_noise=0.0005))
-        case "temporalmaxer":  # TemporalMaxer (2023): max-pooling blocks, no stem
-            encoder = EncoderConfig(kind="maxpool", input_dim=input_dim, embed_dim=embed_dim, levels=levels, kernel_size=3)
-            head = HeadConfig(in_dim=embed_dim, feat_dim=embed_dim)
-        case _:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    return DetectorConfig(
-        arch=arch,
-        num_classes=num_classes,
-        max_seq_len=max_seq_len,
-        encoder=encoder,
-        neck=neck,
-        head=head,
-        regression_ranges=ranges,
-        **overrides,
-    )
-
-
 @dataclass
 class DenseOutputs:
     """The heads' outputs over all points: ``cls_logits [B, P, K]``, ``reg_offsets [B, P, 2]``
@@ -184,8 +172,15 @@ class DenseOutputs:
     valid: Tensor
 
 
-class Detector(nn.Module):
+class OneStageDetector(nn.Module):
     """A multi-scale one-stage temporal action detector (module docstring for the path).
+
+    Built from parts, as torchvision's detectors take ``head=``: ``encoder`` (features -> pyramid),
+    ``neck`` (pyramid -> pyramid), ``cls_head`` (pyramid -> ``L x [B, K, T_l]`` logits),
+    ``reg_head`` (pyramid -> ``L x [B, 2, T_l]`` distances in strides), ``assigner`` (points +
+    ground truth -> targets); ``config`` supplies the rest (classes, regression ranges, losses,
+    decoding) and is what a checkpoint stores, so the parts must be the ones it names:
+    ``tal_models.detectors.build_detector(config)`` makes them.
 
     ``forward(batch)``: in training mode the loss dict (``final_loss`` is back-propagated), in
     eval mode one ``Detections`` per video, in seconds when the batch carries timings.
@@ -193,22 +188,23 @@ class Detector(nn.Module):
     ``pad_multiple`` (``collate(..., pad_to_multiple=model.pad_multiple)`` does it).
     """
 
-    def __init__(self, config: DetectorConfig):
+    def __init__(
+        self,
+        config: OneStageConfig,
+        *,
+        encoder: PyramidEncoder,
+        neck: nn.Module,
+        cls_head: nn.Module,
+        reg_head: nn.Module,
+        assigner: CenterSamplingAssigner,
+    ):
         super().__init__()
         self.config = config
-        self.encoder = PyramidEncoder(config.encoder)
-        self.neck = FPNNeck(config.neck)
-        self.cls_head = ClassificationHead(config.head, config.num_classes)
-        match config.head.regression:
-            case "offsets":
-                self.reg_head = OffsetRegressionHead(config.head, config.encoder.levels)
-            case "trident":
-                h = config.head
-                trident = TridentHeadConfig(
-                    in_dim=h.in_dim, feat_dim=h.feat_dim, num_layers=h.num_layers, kernel_size=h.kernel_size, num_bins=h.num_bins,
-                    levels=config.encoder.levels,
-                )  # fmt: skip
-                self.reg_head = TridentHead(trident)
+        self.encoder = encoder
+        self.neck = neck
+        self.cls_head = cls_head
+        self.reg_head = reg_head
+        self.assigner = assigner
         self.loss_normalizer = LossNormalizer(config.loss.init_loss_norm, config.loss.loss_norm_momentum)
 
     @property
@@ -220,14 +216,15 @@ class Detector(nn.Module):
             return self.forward_training(batch)
         return self.forward_inference(batch)
 
-    def dense(self, features: Tensor, mask: Tensor) -> DenseOutputs:
-        """Features ``[B, C, T]`` and mask ``[B, 1, T]`` -> the heads' outputs at every point."""
+    def dense(self, features: Tensor, mask: Tensor, zero_padded: bool = False) -> DenseOutputs:
+        """Features ``[B, C, T]`` and mask ``[B, 1, T]`` -> the heads' outputs at every point.
+        ``zero_padded``: ``features`` is 0 at invalid steps (a ``Batch`` is); otherwise they may hold anything."""
         torch._assert(
             features.shape[-1] % self.pad_multiple == 0,
             f"Detector: T = {features.shape[-1]} must be a multiple of {self.pad_multiple}; "
             f"batch with collate(..., pad_to_multiple=model.pad_multiple)",
         )
-        feats, masks = self.encoder(features, mask)  # L x [B, D, T_l], L x [B, 1, T_l]
+        feats, masks = self.encoder(features, mask, zero_padded)  # L x [B, D, T_l], L x [B, 1, T_l]
         feats, masks = self.neck(feats, masks)
         cfg = self.config
         points = make_points([f.shape[-1] for f in feats], cfg.strides, cfg.regression_ranges, device=features.device)
@@ -237,17 +234,13 @@ class Detector(nn.Module):
         return DenseOutputs(points, cls_logits, reg_offsets, valid)
 
     def forward_training(self, batch: Batch) -> dict[str, Tensor]:
+        """The losses of a batch (labels were checked by ``collate``: nothing here waits for the device)."""
         cfg = self.config
         features = batch.features
         if cfg.loss.input_noise > 0:
-            features = features + cfg.loss.input_noise * torch.randn_like(features)  # padded steps are masked anyway
-        out = self.dense(features, batch.mask)
-        for i, labels in enumerate(batch.labels):
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
-                raise ValueError(f"video {batch.video_ids[i]!r}: labels must lie in [0, {cfg.num_classes}), got {labels.tolist()}")
-        targets = assign_targets(
-            out.points, batch.segments, batch.labels, cfg.num_classes, center_sample=cfg.loss.center_sample, center_radius=cfg.loss.center_radius
-        )
+            features = features + cfg.loss.input_noise * torch.randn_like(features)  # noise at padded steps: zero_padded=False below
+        out = self.dense(features, batch.mask, zero_padded=cfg.loss.input_noise == 0)
+        targets = self.assigner(out.points, batch.segments, batch.labels)
         return detection_losses(
             out.cls_logits,
             out.reg_offsets,
@@ -263,7 +256,7 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def forward_inference(self, batch: Batch) -> list[Detections]:
-        out = self.dense(batch.features, batch.mask)
+        out = self.dense(batch.features, batch.mask, zero_padded=True)
         inf = self.config.inference
         durations = batch.durations if batch.durations is not None else [None] * len(batch)
         return decode(
@@ -280,28 +273,8 @@ class Detector(nn.Module):
             min_length=inf.min_length,
         )
 
-    @torch.no_grad()
     def detect(
         self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"
     ) -> Detections:
         """Detections of one feature sequence ``[T, C]`` (the serving path); the model's mode is kept."""
-        features = torch.as_tensor(features, dtype=torch.float32)
-        if features.ndim != 2 or features.shape[1] != self.config.input_dim:
-            raise ValueError(f"features must be [T, {self.config.input_dim}], got {tuple(features.shape)}")
-        if features.shape[0] == 0:
-            raise ValueError("features must have at least one step")
-        if not torch.isfinite(features).all():
-            raise ValueError("features contain NaN or infinite values")
-        device = next(self.parameters()).device
-        batch = collate([{"features": features, "video_id": video_id, "timing": timing, "duration": duration}], self.pad_multiple)
-        was_training = self.training
-        self.eval()
-        try:
-            return self.forward_inference(batch.to(device))[0]
-        finally:
-            self.train(was_training)
-
-
-def build_detector(config: DetectorConfig) -> Detector:
-    """The detector of ``config`` (one class for all archs; ``config.arch`` chose the parts)."""
-    return Detector(config)
+        return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id)

@@ -14,18 +14,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tal_models.blocks import (
+from tal_models.detectors import build_encoder
+from tal_models.encoders import EncoderConfig, PyramidEncoder
+from tal_models.layers import (
     DilatedTCNBlock,
     DropPath,
-    EncoderConfig,
-    FPNConfig,
-    FPNNeck,
     LayerNormC,
     LocalMultiHeadAttention,
     MaskedConv1d,
     MaskedGroupNorm,
     MaxPoolBlock,
-    PyramidEncoder,
     SGPBlock,
     TransformerBlock,
     full_attention,
@@ -33,6 +31,7 @@ from tal_models.blocks import (
     masked_max_pool,
     sgp_wide_kernel,
 )
+from tal_models.necks import FPNConfig, FPNNeck
 
 ATOL = 1e-5
 
@@ -323,7 +322,7 @@ KINDS = ("transformer", "sgp", "maxpool", "conv")
 
 def small_encoder(kind: str, **overrides) -> PyramidEncoder:
     cfg = dict(kind=kind, input_dim=32, embed_dim=16, heads=2, window=(5, 5, 3, 3, 3, -1), mlp_ratio=2, sgp_groups=4, drop_path=0.0)
-    return PyramidEncoder(EncoderConfig(**(cfg | overrides)))
+    return build_encoder(EncoderConfig(**(cfg | overrides)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -440,7 +439,7 @@ def test_heads_only_constrain_transformer_encoders():
 
 # --- the memory-lean autograd functions: gradients against autograd's own ------------------
 def test_channel_layer_norm_and_fused_norm_functions_have_exact_gradients():
-    from tal_models.blocks import MLP, LayerNormC, norm_mlp, norm_pointwise
+    from tal_models.layers import MLP, LayerNormC, norm_mlp, norm_pointwise
 
     torch.manual_seed(0)
     C, T = 6, 9

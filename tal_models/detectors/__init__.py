@@ -1,0 +1,42 @@
+"""Temporal action detectors, one module per family.
+
+- ``base``: the ``Detector`` protocol every family satisfies (``forward_training``,
+  ``forward_inference``, ``detect``) and the shared body of ``detect``;
+- ``one_stage``: multi-scale one-stage detectors (ActionFormer, TriDet, TemporalMaxer);
+  later families add ``boundary_matching`` (two-stage, BMN) and ``set_prediction`` (DETR-style);
+- ``build``: ``build_detector(config)``, the one place where a config's names become parts.
+
+Presets (the papers' configurations) are in ``tal_models.presets``.
+"""
+
+from tal_models.detectors.base import Detector, detect_sequence
+from tal_models.detectors.build import CONFIG_TYPES, DetectorConfig, build_detector, build_encoder, config_type, encoder_blocks
+from tal_models.detectors.one_stage import (
+    ARCH_PARTS,
+    ARCHS,
+    ArchParts,
+    DenseOutputs,
+    InferenceConfig,
+    LossConfig,
+    OneStageConfig,
+    OneStageDetector,
+)
+
+__all__ = [
+    "ARCHS",
+    "ARCH_PARTS",
+    "CONFIG_TYPES",
+    "ArchParts",
+    "DenseOutputs",
+    "Detector",
+    "DetectorConfig",
+    "InferenceConfig",
+    "LossConfig",
+    "OneStageConfig",
+    "OneStageDetector",
+    "build_detector",
+    "build_encoder",
+    "config_type",
+    "detect_sequence",
+    "encoder_blocks",
+]

@@ -1,0 +1,76 @@
+"""What every detector is, whatever its family: the protocol training, inference and serving rely on.
+
+Legend: B batch, C input channels, T steps.
+
+A detector is an ``nn.Module`` built by ``tal_models.detectors.build_detector`` from its config
+(the config is its stored form: presets, checkpoints, MLflow). It takes a padded
+``tal_models.batch.Batch`` (``features [B, C, T]``, ``mask [B, 1, T]``, ``T`` a multiple of
+``pad_multiple``) and
+
+- ``forward_training(batch)`` -> a dict of scalar losses, ``final_loss`` the one back-propagated;
+- ``forward_inference(batch)`` -> one ``Detections`` per video, in seconds when the batch carries
+  timings (``STEP_TIMING``, i.e. feature steps, otherwise);
+- ``detect(features [T, C], timing, duration)`` -> the ``Detections`` of one sequence (serving).
+
+``forward(batch)`` is ``forward_training`` in training mode and ``forward_inference`` in eval
+mode, so ``tal_models.training``'s loops need nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tal_models.batch import Batch, collate
+from tal_models.structures import Detections
+from tal_models.timing import FeatureTiming
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """The protocol of every detector (module docstring)."""
+
+    config: Any  # the frozen config dataclass it was built from (its ``family`` names the family)
+
+    @property
+    def pad_multiple(self) -> int: ...
+
+    def forward_training(self, batch: Batch) -> dict[str, Tensor]: ...
+
+    def forward_inference(self, batch: Batch) -> list[Detections]: ...
+
+    def detect(
+        self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"
+    ) -> Detections: ...
+
+
+@torch.no_grad()
+def detect_sequence(
+    model: nn.Module,
+    features: Tensor | np.ndarray,
+    input_dim: int,
+    timing: FeatureTiming | None = None,
+    duration: float | None = None,
+    video_id: str = "video",
+) -> Detections:
+    """``model.forward_inference`` on one feature sequence ``[T, input_dim]``: the shared body of
+    every detector's ``detect``. The sequence is checked here (the edge where a user's array
+    enters); the model's training/eval mode is kept."""
+    features = torch.as_tensor(features, dtype=torch.float32)
+    if features.ndim != 2 or features.shape[1] != input_dim:
+        raise ValueError(f"features must be [T, {input_dim}], got {tuple(features.shape)}")
+    if features.shape[0] == 0:
+        raise ValueError("features must have at least one step")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or infinite values")
+    device = next(model.parameters()).device
+    batch = collate([{"features": features, "video_id": video_id, "timing": timing, "duration": duration}], model.pad_multiple)
+    was_training = model.training
+    model.eval()
+    try:
+        return model.forward_inference(batch.to(device))[0]
+    finally:
+        model.train(was_training)

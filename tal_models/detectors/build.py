@@ -1,0 +1,86 @@
+"""``build_detector(config)``: the one place where the names in a config become parts.
+
+Every ``match`` on a name lives here: the detector family (the config's type), the encoder's
+blocks (``EncoderConfig.kind``), the regression head (``HeadConfig.regression``). The parts are
+built in a fixed order (encoder, neck, classification head, regression head), so a seed gives
+the same initial weights whatever the method.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tal_models.detectors.one_stage import OneStageConfig, OneStageDetector
+from tal_models.encoders import BlockFactory, EncoderConfig, PyramidEncoder
+from tal_models.heads import ClassificationHead, OffsetRegressionHead
+from tal_models.layers import DilatedTCNBlock, MaxPoolBlock, SGPBlock, TransformerBlock
+from tal_models.necks import FPNConfig, FPNNeck
+from tal_models.targets import CenterSamplingAssigner
+from tal_models.trident import TridentHead, TridentHeadConfig
+
+# The config type of every detector family; a checkpoint names its family, and old checkpoints
+# (without the key) are one-stage.
+DetectorConfig = OneStageConfig
+CONFIG_TYPES: dict[str, type] = {OneStageConfig.family: OneStageConfig}
+
+
+def build_detector(config: DetectorConfig) -> OneStageDetector:
+    """The detector ``config`` describes, with fresh weights (seeded by the caller)."""
+    match config:
+        case OneStageConfig():
+            return _one_stage(config)
+    raise TypeError(f"build_detector: no detector family takes a {type(config).__name__}")
+
+
+def _one_stage(config: OneStageConfig) -> OneStageDetector:
+    encoder = build_encoder(config.encoder)
+    neck = build_neck(config.neck)
+    cls_head = ClassificationHead(config.head, config.num_classes)
+    match config.head.regression:
+        case "offsets":
+            reg_head: nn.Module = OffsetRegressionHead(config.head, config.encoder.levels)
+        case "trident":
+            h = config.head
+            reg_head = TridentHead(
+                TridentHeadConfig(
+                    in_dim=h.in_dim, feat_dim=h.feat_dim, num_layers=h.num_layers, kernel_size=h.kernel_size, num_bins=h.num_bins,
+                    levels=config.encoder.levels,
+                )
+            )  # fmt: skip
+    assigner = CenterSamplingAssigner(config.num_classes, config.loss.center_sample, config.loss.center_radius)
+    return OneStageDetector(config, encoder=encoder, neck=neck, cls_head=cls_head, reg_head=reg_head, assigner=assigner)
+
+
+def build_encoder(config: EncoderConfig) -> PyramidEncoder:
+    """The pyramid encoder with the blocks ``config.kind`` names."""
+    return PyramidEncoder(config, encoder_blocks(config))
+
+
+def encoder_blocks(cfg: EncoderConfig) -> BlockFactory:
+    """``(level, stride, index in the stem) -> block`` for ``cfg.kind``."""
+    C = cfg.embed_dim
+
+    def make(level: int, stride: int, index: int) -> nn.Module:
+        match cfg.kind:
+            case "transformer":  # ActionFormer
+                return TransformerBlock(C, cfg.heads, cfg.windows()[level], stride, cfg.mlp_ratio, cfg.dropout, cfg.drop_path)
+            case "sgp":  # TriDet
+                return SGPBlock(C, cfg.kernel_size, cfg.sgp_k, stride, cfg.mlp_ratio, cfg.dropout, cfg.drop_path, cfg.sgp_groups)
+            case "maxpool":  # TemporalMaxer
+                return MaxPoolBlock(C, stride, cfg.kernel_size)
+            case "conv":  # dilated TCN: the stem's dilations are 1, 2, 4, ...
+                return DilatedTCNBlock(C, cfg.kernel_size, 2**index if stride == 1 else 1, stride, cfg.dropout, cfg.drop_path)
+        raise ValueError(f"unknown encoder kind {cfg.kind!r}")
+
+    return make
+
+
+def build_neck(config: FPNConfig) -> FPNNeck:
+    return FPNNeck(config)
+
+
+def config_type(family: str) -> type:
+    """The config dataclass of a detector family (``"one_stage"``, ...), e.g. to read a checkpoint."""
+    if family not in CONFIG_TYPES:
+        raise ValueError(f"unknown detector family {family!r}; known: {sorted(CONFIG_TYPES)}")
+    return CONFIG_TYPES[family]
