@@ -292,7 +292,7 @@ def _write_outputs(report: DetectReport, request: DetectRequest, label_map) -> N
     """Timelines, failed.json, then results.json last: each atomic, so a reader never sees half a file."""
     from jobs.evaluate import safe_file_name
     from pipelines.annotations import write_activitynet_results
-    from pipelines.annotations.errors import write_json_atomic
+    from pipelines.atomic import write_json_atomic
 
     out = request.output
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from jobs.errors import UsageError
 from pipelines.annotations import read_activitynet_results, read_annotations
-from pipelines.annotations.errors import write_json_atomic
+from pipelines.atomic import write_json_atomic
 from tal_models.evaluation import (
     ACTIVITYNET_TIOU,
     THUMOS14_TIOU,

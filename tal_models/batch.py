@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tal_models.config import require_positive_int
 from tal_models.timing import FeatureTiming
 
 ArrayLike = np.ndarray | Tensor
@@ -59,8 +60,7 @@ def random_crop(
     Sequences of at most ``max_length`` steps are returned unchanged with offset 0 (the returned
     features of a crop are a view of the input).
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"random_crop: max_length must be a positive int, got {max_length!r}")
+    require_positive_int(max_length, "random_crop: max_length")
     if max_tries < 1:
         raise ValueError(f"random_crop: max_tries must be >= 1, got {max_tries}")
     if not 0.0 <= min_kept_fraction <= 1.0:
@@ -147,8 +147,7 @@ def collate(samples: Sequence[Any], pad_to_multiple: int = 1, num_classes: int |
     one ``C``, as many labels as segments, and with ``num_classes`` every label in ``[0, K)``;
     the model's forward pass checks nothing per video (it would stall the accelerator).
     """
-    if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, int) or pad_to_multiple < 1:
-        raise ValueError(f"collate: pad_to_multiple must be a positive int, got {pad_to_multiple!r}")
+    require_positive_int(pad_to_multiple, "collate: pad_to_multiple")
     if len(samples) == 0:
         raise ValueError("collate: got an empty list of samples")
     features = [_features(_field(s, "features")) for s in samples]

@@ -128,7 +128,7 @@ def _differ(a: Any, b: Any) -> bool:
 
 def save_checkpoint(checkpoint: Checkpoint, f: str | os.PathLike | IO[bytes]) -> None:
     """Write ``checkpoint`` to a path or a binary file object. (Atomic writing is the caller's:
-    ``pipelines.store.write_atomic`` takes the bytes of ``checkpoint_bytes``.)"""
+    ``pipelines.atomic.write_atomic`` takes the bytes of ``checkpoint_bytes``.)"""
     torch.save(checkpoint.to_dict(), f)
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from tal_models.config import require_positive_int
 from tal_models.points import Points
 from tal_models.postprocess import NMSConfig, postprocess
 from tal_models.structures import Detections, Segments, Unit
@@ -77,8 +78,7 @@ def decode_single_video(
     torch._assert(valid.shape == (num_points,), f"valid must be [P={num_points}], got {tuple(valid.shape)}")
     if not pre_nms_threshold >= 0:
         raise ValueError(f"pre_nms_threshold must be >= 0, got {pre_nms_threshold} (ActionFormer: 0.001)")
-    if isinstance(pre_nms_topk, bool) or not isinstance(pre_nms_topk, int) or pre_nms_topk < 1:
-        raise ValueError(f"pre_nms_topk must be a positive int (per level), got {pre_nms_topk!r} (ActionFormer: 5000)")
+    require_positive_int(pre_nms_topk, "pre_nms_topk", " (per level) (ActionFormer: 5000)")
     if not min_length >= 0:
         raise ValueError(f"min_length must be >= 0 input steps, got {min_length} (ActionFormer: 0.05)")
     if duration is not None and not duration >= 0:

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from tal_models.config import require_positive_int
 from tal_models.layers import LayerNormC, MaskedConv1d, check_inputs, check_odd
 
 EncoderKind = Literal["transformer", "sgp", "maxpool", "conv"]
@@ -59,8 +60,7 @@ class EncoderConfig:
             raise ValueError(f"EncoderConfig.kind must be one of {ENCODER_KINDS}, got {self.kind!r}")
         for name in ("input_dim", "embed_dim", "levels", "embed_layers"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EncoderConfig.{name} must be a positive int, got {value!r}")
+            require_positive_int(value, f"EncoderConfig.{name}")
         if self.stem_layers is not None and (not isinstance(self.stem_layers, int) or self.stem_layers < 0):
             raise ValueError(f"EncoderConfig.stem_layers must be an int >= 0 or None (the kind's default), got {self.stem_layers!r}")
         check_odd("EncoderConfig.embed_kernel", self.embed_kernel)

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from tal_models.config import require_positive_int
 from tal_models.layers import LayerNormC, MaskedConv1d, check_odd
 
 RegressionKind = Literal["offsets", "trident"]
@@ -47,8 +48,7 @@ class HeadConfig:
     def __post_init__(self) -> None:
         for name in ("in_dim", "feat_dim", "num_layers", "num_bins"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HeadConfig.{name} must be a positive int, got {value!r}")
+            require_positive_int(value, f"HeadConfig.{name}")
         check_odd("HeadConfig.kernel_size", self.kernel_size)
         if not 0.0 < self.prior_prob < 1.0:
             raise ValueError(f"HeadConfig.prior_prob must be in (0, 1), got {self.prior_prob} (ActionFormer: 0.01)")
@@ -83,8 +83,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, config: HeadConfig, num_classes: int):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        require_positive_int(num_classes, "num_classes")
         self.tower = ConvTower(config.in_dim, config.feat_dim, num_classes, config.num_layers, config.kernel_size, config.with_ln)
         nn.init.constant_(self.tower.out.conv.bias, -math.log((1.0 - config.prior_prob) / config.prior_prob))
 

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from tal_models.config import require_positive_int
 from tal_models.layers import LayerNormC, MaskedConv1d
 
 NeckKind = Literal["identity", "fpn"]
@@ -32,8 +33,7 @@ class FPNConfig:
             raise ValueError(f"FPNConfig.kind must be one of {NECK_KINDS}, got {self.kind!r}")
         for name in ("in_dim", "out_dim", "levels"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FPNConfig.{name} must be a positive int, got {value!r}")
+            require_positive_int(value, f"FPNConfig.{name}")
         if self.kind == "identity" and self.in_dim != self.out_dim:
             raise ValueError(
                 f"FPNConfig: kind='identity' keeps the width, but in_dim={self.in_dim} != out_dim={self.out_dim}; use kind='fpn' or equal dims"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tal_models.config import require_int, require_positive_int
 from tal_models.layers import LayerNormC, MaskedGroupNorm
 
 # Modules whose weights are scales/shifts of a normalisation: never weight-decayed.
@@ -53,10 +54,8 @@ class OptimConfig:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"OptimConfig.betas must be two numbers in [0, 1), got {self.betas}")
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"OptimConfig.epochs must be a positive int, got {self.epochs!r}")
-        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
-            raise ValueError(f"OptimConfig.warmup_epochs must be an int >= 0, got {self.warmup_epochs!r}")
+        require_positive_int(self.epochs, "OptimConfig.epochs")
+        require_int(self.warmup_epochs, "OptimConfig.warmup_epochs", 0)
         if self.warmup_epochs > self.epochs:
             raise ValueError(
                 f"OptimConfig.warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs}); "
@@ -123,8 +122,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, steps
     """Per-iteration schedule: linear warm-up from 0 to ``lr`` over ``warmup_epochs * steps_per_epoch``
     steps, then cosine to 0 at ``epochs * steps_per_epoch``. Call ``scheduler.step()`` after every
     ``optimizer.step()`` (``train_one_epoch`` does). The very first step runs at lr 0, as in ActionFormer."""
-    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-        raise ValueError(f"build_scheduler: steps_per_epoch must be a positive int (len(loader)), got {steps_per_epoch!r}")
+    require_positive_int(steps_per_epoch, "build_scheduler: steps_per_epoch", " (len(loader))")
     warmup = config.warmup_epochs * steps_per_epoch
     total = config.epochs * steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, warmup, total))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tal_models.config import require_positive_int
 from tal_models.structures import Detections, Segments, pairwise_tiou
 
 NMSMethod = Literal["hard", "soft_linear", "soft_gaussian", "none"]
@@ -65,8 +66,7 @@ class NMSConfig:
             raise ValueError(f"NMSConfig.sigma must be a positive number, got {self.sigma} (typical: 0.5)")
         if not (math.isfinite(self.min_score) and self.min_score >= 0):
             raise ValueError(f"NMSConfig.min_score must be >= 0, got {self.min_score} (typical: 0.001)")
-        if isinstance(self.max_detections, bool) or not isinstance(self.max_detections, int) or self.max_detections < 1:
-            raise ValueError(f"NMSConfig.max_detections must be a positive int, got {self.max_detections!r} (typical: 200)")
+        require_positive_int(self.max_detections, "NMSConfig.max_detections", " (typical: 200)")
         if self.pre_nms_topk is not None and (
             isinstance(self.pre_nms_topk, bool) or not isinstance(self.pre_nms_topk, int) or self.pre_nms_topk < 1
         ):
@@ -425,8 +425,7 @@ def fuse_video_classifier(detections: Detections, class_scores: Tensor, top_k: i
     Returns:
         ``k * N`` detections sorted by score, highest first.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    require_positive_int(top_k, "top_k")
     if not isinstance(detections.scores, torch.Tensor):
         return fuse_video_classifier(_numpy_to_torch(detections), torch.as_tensor(np.asarray(class_scores)), top_k).to_numpy()
     class_scores = torch.as_tensor(class_scores, device=detections.scores.device)

@@ -143,7 +143,7 @@ def _raw(x: Segments | Array | Sequence) -> Array:
     return _as_segment_array(x)
 
 
-def _tiou(a: Array, b: Array) -> Array:
+def tiou(a: Array, b: Array) -> Array:
     """Broadcasting tIoU of ``a [..., 2]`` and ``b [..., 2]``.
 
     The float operations are those of the ActivityNet reference (intersection clipped at 0,
@@ -175,7 +175,7 @@ def pairwise_tiou(a: Segments | Array, b: Segments | Array) -> Array:
     """
     _same_unit(a, b)
     x, y = _raw(a), _raw(b)
-    return _tiou(x[:, None, :], y[None, :, :])
+    return tiou(x[:, None, :], y[None, :, :])
 
 
 def matched_tiou(a: Segments | Array, b: Segments | Array) -> Array:
@@ -184,7 +184,7 @@ def matched_tiou(a: Segments | Array, b: Segments | Array) -> Array:
     x, y = _raw(a), _raw(b)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"matched_tiou needs equal lengths, got {x.shape[0]} and {y.shape[0]}")
-    return _tiou(x, y)
+    return tiou(x, y)
 
 
 def _same_unit(a, b) -> None:

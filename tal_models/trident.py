@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tal_models.config import require_positive_int
 from tal_models.heads import ConvTower
 from tal_models.layers import check_odd
 
@@ -117,8 +118,7 @@ class TridentHeadConfig:
     def __post_init__(self) -> None:
         for name in ("in_dim", "feat_dim", "num_layers", "num_bins", "levels"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TridentHeadConfig.{name} must be a positive int, got {value!r}")
+            require_positive_int(value, f"TridentHeadConfig.{name}")
         check_odd("TridentHeadConfig.kernel_size", self.kernel_size)
         check_odd("TridentHeadConfig.boundary_kernel_size", self.boundary_kernel_size)
         for name in ("with_ln", "detach_boundary"):

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.atomic import write_json_atomic
 from tal_models.structures import (
     AnnotationSet,
     Detections,
@@ -40,7 +41,6 @@ from .errors import (
     scores_of,
     seconds_data,
     segments_and_labels,
-    write_json_atomic,
 )
 
 __all__ = [

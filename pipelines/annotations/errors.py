@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -268,26 +267,3 @@ def seconds_data(segments: Segments, video_id: str) -> np.ndarray:
     if segments.unit != Unit.SECONDS:
         raise ValueError(f"video {video_id!r}: segments are in {segments.unit.value}; convert them to seconds before writing")
     return segments.to_numpy().data
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> None:
-    """Write ``obj`` as JSON so that a reader sees either the old file or the whole new one.
-
-    The text goes to a temporary file in the same directory (same filesystem), is flushed to
-    disk, then ``os.replace``s the target. NaN and infinity are refused: they are not JSON.
-    """
-    path = Path(path)
-    text = json.dumps(obj, indent=indent, allow_nan=False)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with 0o666 lets the umask decide the mode, as a plain open() would
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

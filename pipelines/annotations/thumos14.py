@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.atomic import write_json_atomic
 from tal_models.structures import AnnotationSet, LabelMap, Segments, VideoAnnotation
 
 from .activitynet import video_database
@@ -39,7 +40,6 @@ from .errors import (
     seconds_data,
     segment_array,
     segments_and_labels,
-    write_json_atomic,
 )
 
 __all__ = ["read_thumos14_json", "read_thumos14_txt", "write_thumos14_json"]

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tal_models.structures import AnnotationSet, Detections, _tiou
+from tal_models.structures import AnnotationSet, Detections
+from tal_models.structures import tiou as segment_tiou
 
 THUMOS14_TIOU = np.linspace(0.3, 0.7, 5)
 ACTIVITYNET_TIOU = np.linspace(0.5, 0.95, 10)
@@ -278,7 +279,7 @@ def _pairs(gt: FlatGroundTruth, pred: FlatPredictions, groups: _Groups) -> _Pair
     pred_row = np.repeat(rows, counts)
     offset = np.arange(len(pred_row)) - np.repeat(np.cumsum(counts) - counts, counts)
     gt_index = groups.gt_order[np.repeat(groups.start[rows], counts) + offset]
-    return _Pairs(pred_row, gt_index, _tiou(pred.segments[pred_row], gt.segments[gt_index]))
+    return _Pairs(pred_row, gt_index, segment_tiou(pred.segments[pred_row], gt.segments[gt_index]))
 
 
 def _ragged_position(keys: np.ndarray) -> np.ndarray:
@@ -357,7 +358,7 @@ def _ambiguous_overlap(gt: FlatGroundTruth, pred: FlatPredictions) -> np.ndarray
         rows = np.flatnonzero(pred.video == v)
         if len(rows):
             amb = gt.ambiguous_segments[gt.ambiguous_video == v]
-            out[rows] = (_tiou(pred.segments[rows, None, :], amb[None, :, :]) > 0).any(axis=1)
+            out[rows] = (segment_tiou(pred.segments[rows, None, :], amb[None, :, :]) > 0).any(axis=1)
     return out
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tal_models.evaluation.detection import ACTIVITYNET_TIOU
-from tal_models.structures import AnnotationSet, Detections, _tiou
+from tal_models.structures import AnnotationSet, Detections
+from tal_models.structures import tiou as segment_tiou
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def evaluate_proposals(
         n = min(int(len(order) * ratio), len(order))
         kept[i] = n
         seg = np.asarray(det.segments.data, np.float64)[order[:n]]
-        values = _tiou(gt_seg[:, None, :], seg[None, :, :])  # [n_gt, n]
+        values = segment_tiou(gt_seg[:, None, :], seg[None, :, :])  # [n_gt, n]
         reach = values[None, :, :] >= tiou[:, None, None]  # [T, n_gt, n]
         hit = reach.any(axis=2)
         first_hit.append(np.where(hit, reach.argmax(axis=2) if n else 0, np.iinfo(np.int64).max))
