@@ -12,6 +12,9 @@ model is built (so it counts what the step needs, not ``import torch``).
 
 The reference runs in ``.venv-reference`` (``bash benchmarks/setup_reference_venv.sh``) through
 ``benchmarks/_actionformer_reference.py``; without it the reference figures are null.
+``--baseline DIR`` also measures the presets as another checkout of this repository has them
+(e.g. ``git worktree add /tmp/base <commit>``), in the same rounds, and reports our ratios to it:
+a regression check side by side, not against figures from another day.
 Prints one JSON line.
 """
 
@@ -108,14 +111,20 @@ def _run(cmd: list[str]) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(impl: str, mode: str, repeats: int, threads: int) -> dict | None:
+def measure(impl: str, mode: str, repeats: int, threads: int, baseline: Path | None = None) -> dict | None:
     if impl == "reference":
         if not REFERENCE_PYTHON.exists():
             return None
         cmd = [str(REFERENCE_PYTHON), str(REFERENCE_SCRIPT), "speed", "--mode", mode, "--repeats", str(repeats), "--threads", str(threads)]
+    elif impl.startswith(BASELINE):  # the same worker, in the other checkout (its own tal_models first on sys.path)
+        script = baseline / "benchmarks" / Path(__file__).name
+        cmd = [sys.executable, str(script), "--worker", impl[len(BASELINE) :], "--mode", mode, "--repeats", str(repeats), "--threads", str(threads)]
     else:
         cmd = [sys.executable, __file__, "--worker", impl, "--mode", mode, "--repeats", str(repeats), "--threads", str(threads)]
     return _run(cmd)
+
+
+BASELINE = "baseline:"
 
 
 def main() -> None:
@@ -127,12 +136,15 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("inference", "train"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", type=Path, metavar="DIR", help="another checkout of this repository to measure side by side")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.mode, args.repeats, args.threads, args.seed)))
         return
 
     impls = ["reference", *args.presets]
+    if args.baseline:
+        impls += [BASELINE + p for p in args.presets]
     runs: dict[tuple[str, str], list[dict]] = {}
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -140,7 +152,7 @@ def main() -> None:
         order = impls if r % 2 == 0 else impls[::-1]
         for mode in ("inference", "train"):
             for impl in order:
-                result = measure(impl, mode, args.repeats, args.threads)
+                result = measure(impl, mode, args.repeats, args.threads, args.baseline)
                 if result is not None:
                     runs.setdefault((impl, mode), []).append(result)
                     print(f"round {r + 1} {mode:9s} {impl:24s} {result['median_s']:.3f} s", file=sys.stderr)
@@ -169,12 +181,22 @@ def main() -> None:
                 "peak_train_memory": round(ours["peak_train_mb"] / ref["peak_train_mb"], 3),
                 "peak_inference_memory": round(ours["peak_inference_mb"] / ref["peak_inference_mb"], 3),
             }
+        base = summary(BASELINE + preset) if args.baseline else None
+        if ours and base:
+            ours["vs_baseline"] = {
+                "inference": round(ours["inference_s"] / base["inference_s"], 3),
+                "train_step": round(ours["train_step_s"] / base["train_step_s"], 3),
+                "peak_train_memory": round(ours["peak_train_mb"] / base["peak_train_mb"], 3),
+                "peak_inference_memory": round(ours["peak_inference_mb"] / base["peak_inference_mb"], 3),
+            }
+            results[BASELINE + preset] = base
         results[preset] = ours
     print(
         json.dumps({
             "benchmark": "detector_vs_actionformer",
             "setting": {"length": LENGTH, "input_dim": 2048, "classes": 20, "train_batch": TRAIN_BATCH, "threads": args.threads},
             "rounds": args.rounds,
+            "baseline": str(args.baseline) if args.baseline else None,
             "repeats": args.repeats,
             "results": results,
             "load_before": [round(x, 2) for x in load_before],
