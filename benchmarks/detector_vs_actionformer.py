@@ -127,6 +127,15 @@ def measure(impl: str, mode: str, repeats: int, threads: int, baseline: Path | N
 BASELINE = "baseline:"
 
 
+def _ratios(ours: dict, other: dict) -> dict:
+    return {
+        "inference": round(ours["inference_s"] / other["inference_s"], 3),
+        "train_step": round(ours["train_step_s"] / other["train_step_s"], 3),
+        "peak_train_memory": round(ours["peak_train_mb"] / other["peak_train_mb"], 3),
+        "peak_inference_memory": round(ours["peak_inference_mb"] / other["peak_inference_mb"], 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -175,20 +184,10 @@ def main() -> None:
     for preset in args.presets:
         ours = summary(preset)
         if ours and ref:
-            ours["ratios"] = {
-                "inference": round(ours["inference_s"] / ref["inference_s"], 3),
-                "train_step": round(ours["train_step_s"] / ref["train_step_s"], 3),
-                "peak_train_memory": round(ours["peak_train_mb"] / ref["peak_train_mb"], 3),
-                "peak_inference_memory": round(ours["peak_inference_mb"] / ref["peak_inference_mb"], 3),
-            }
+            ours["ratios"] = _ratios(ours, ref)
         base = summary(BASELINE + preset) if args.baseline else None
         if ours and base:
-            ours["vs_baseline"] = {
-                "inference": round(ours["inference_s"] / base["inference_s"], 3),
-                "train_step": round(ours["train_step_s"] / base["train_step_s"], 3),
-                "peak_train_memory": round(ours["peak_train_mb"] / base["peak_train_mb"], 3),
-                "peak_inference_memory": round(ours["peak_inference_mb"] / base["peak_inference_mb"], 3),
-            }
+            ours["vs_baseline"] = _ratios(ours, base)
             results[BASELINE + preset] = base
         results[preset] = ours
     print(
