@@ -46,6 +46,8 @@ from typing import IO, Any
 import av
 import numpy as np
 
+from tal_models.config import require_positive_int
+
 __all__ = [
     "REASONS",
     "FrameChunk",
@@ -207,8 +209,7 @@ def iter_frames(
     uri = os.fspath(uri)
     if fps is not None:
         _check_fps(fps)
-    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
-        raise ValueError(f"chunk_frames must be a positive whole number, got {chunk_frames!r}")
+    require_positive_int(chunk_frames, "chunk_frames")
     if resize is not None and not callable(resize):
         resize = _check_size(resize)
     index = _index(uri, filesystem)
