@@ -28,6 +28,7 @@ import concurrent.futures
 import io
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -44,6 +45,13 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it), for Serve's HTTP proxy."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -130,7 +138,7 @@ def main() -> None:
 
     from jobs.inference import detect_batch
     from jobs.serve import run_app
-    from jobs.serve_config import ServeArgs, free_port
+    from jobs.serve_config import ServeArgs
     from pipelines.store import FeatureSequence
     from tal_models.presets import load_preset
 
@@ -171,7 +179,7 @@ def main() -> None:
 
     os.environ.setdefault(RAY_NICENESS, str(args.ray_niceness))  # read when Ray starts
     ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
-    port = free_port()
+    port = _free_port()
     results: dict = {
         "machine": {
             "cpus": os.cpu_count(),

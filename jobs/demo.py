@@ -11,68 +11,56 @@ the archive and the features (extraction resumes) and trains a new run.
 
 from __future__ import annotations
 
-import argparse
 import os
+import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
+import requests
+from ray import serve
 
-from jobs.errors import UsageError
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run the platform end to end on a synthetic archive (local Ray, local MLflow, local files)",
-        description=(
-            "synth -> extract (Ray Data, MobileNetV2 ImageNet) -> train (Ray Train DDP, MLflow, registry champion) -> "
-            "evaluate the champion on the test videos -> serve it (Ray Serve) and send one test video. A second run "
-            "reuses the archive and the features."
-        ),
-    )
-    p.add_argument("--out", type=Path, default=Path("out/demo"), help="working folder (default out/demo)")
-    p.add_argument("--videos", type=int, default=20, help="synthetic videos, split 60/20/20 into train/validation/test (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic archive (default 0)")
-    p.add_argument(
-        "--duration-range",
-        nargs=2,
-        type=float,
-        default=[20.0, 40.0],
-        metavar=("MIN", "MAX"),
-        help="video lengths in seconds (default 20 40)",
-    )
-    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 2), help="extraction actors (default: one per core)")
-    p.add_argument(
-        "--preset", default="demo-temporalmaxer", help="detector preset (default demo-temporalmaxer: the fastest to learn the demo)"
-    )
-    p.add_argument("--epochs", type=int, default=80, help="training epochs (default 80)")
-    p.add_argument("--train-workers", type=int, default=min(2, os.cpu_count() or 1), help="DDP workers (default 2)")
-    p.add_argument("--no-serve", action="store_true", help="stop after the evaluation (no Ray Serve step)")
-    p.set_defaults(func=run_demo)
+from jobs.evaluate import ModelEvaluationRequest, format_model_report, run_model
+from jobs.serve import run_app
+from jobs.serve_config import ServeArgs
+from jobs.train import TrainJob, train
+from pipelines.annotations import read_activitynet
+from pipelines.extract import ExtractConfig, SamplingConfig, extract
+from pipelines.store import FeatureStore
+from pipelines.synth import summary, synthesize
+from tal_models.structures import pairwise_tiou
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from pipelines.annotations import read_activitynet
-    from pipelines.extract import ExtractConfig, SamplingConfig, extract
-    from pipelines.store import FeatureStore
-    from pipelines.synth import summary, synthesize
+@dataclass(frozen=True)
+class DemoRequest:
+    """What ``tal demo`` was asked to do (the CLI builds it)."""
 
-    if args.videos < 1:
-        raise UsageError(f"--videos must be >= 1, got {args.videos}")
-    import ray
+    out: Path  # the working folder: archive/, features/, mlruns/, train/, eval/
+    videos: int  # synthetic videos, split 60/20/20 into train/validation/test
+    seed: int
+    duration_range: tuple[float, float]  # video lengths, seconds
+    workers: int  # synthesis processes and extraction actors
+    preset: str
+    epochs: int
+    train_workers: int  # DDP workers (at most one per training video)
+    serve: bool = True  # end with Ray Serve and one test video
 
+
+def run_demo(request: DemoRequest) -> int:
+    """The five steps of the module doc, printing as they go; 0 once done, 1 if videos have no features."""
     started_ray = not ray.is_initialized()
     t0 = time.perf_counter()
-    root = args.out
+    root = request.out
     print(f"[1/5] synthetic archive -> {root / 'archive'}")
     archive_dir = root / "archive"
     gt_path = archive_dir / "annotations_activitynet.json"
-    if gt_path.exists() and len(list((archive_dir / "videos").glob("*.mp4"))) == args.videos:
+    if gt_path.exists() and len(list((archive_dir / "videos").glob("*.mp4"))) == request.videos:
         print("      (already there: reusing it)")
     else:
         result = synthesize(
-            archive_dir, videos=args.videos, seed=args.seed, duration_range=tuple(args.duration_range), workers=args.workers
+            archive_dir, videos=request.videos, seed=request.seed, duration_range=tuple(request.duration_range), workers=request.workers
         )
         print("      " + summary(result))
     print(f"[2/5] features (mobilenet_v2, ImageNet weights, 15 fps, 4-frame steps) -> {root / 'features'}")
@@ -80,7 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
         videos=str(archive_dir / "videos"),
         out=str(root / "features"),
         sampling=SamplingConfig(fps=15.0, window=4, stride=4),
-        num_workers=args.workers,
+        num_workers=request.workers,
     )
     result = extract(config)
     print("      " + result.format().replace("\n", "\n      "))
@@ -97,26 +85,23 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{ground_truth.num_instances} annotated actions in {len(ground_truth.label_map)} classes"
     )
 
-    from jobs.evaluate import ModelEvaluationRequest, format_model_report, run_model
-    from jobs.train import TrainJob, train
-
     mlflow_uri = f"sqlite:///{(root / 'mlruns').resolve()}/mlflow.db"
     (root / "mlruns").mkdir(parents=True, exist_ok=True)
-    train_workers = max(1, min(args.train_workers, len(ground_truth.subset("train"))))  # each worker needs a video
-    print(f"[3/5] train {args.preset} ({args.epochs} epochs, {train_workers} Ray Train workers), MLflow {mlflow_uri}")
+    train_workers = max(1, min(request.train_workers, len(ground_truth.subset("train"))))  # each worker needs a video
+    print(f"[3/5] train {request.preset} ({request.epochs} epochs, {train_workers} Ray Train workers), MLflow {mlflow_uri}")
     summary_ = train(
         TrainJob(
-            config=args.preset,
+            config=request.preset,
             features=config.out,
             annotations=str(gt_path),
             out=str(root / "train"),
             workers=train_workers,
-            epochs=args.epochs,
+            epochs=request.epochs,
             mlflow_uri=mlflow_uri,
         )
     )
     print(f"[4/5] evaluate the champion (models:/tal-detector@champion) on the test videos -> {root / 'eval'}")
-    request = ModelEvaluationRequest(
+    evaluation = ModelEvaluationRequest(
         model="models:/tal-detector@champion",
         features=config.out,
         annotations=gt_path,
@@ -125,11 +110,11 @@ def run_demo(args: argparse.Namespace) -> int:
         tiou=DEMO_TIOU,
     )
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri  # where models:/ resolves
-    report = run_model(request)
-    print(format_model_report(report, request))
+    report = run_model(evaluation)
+    print(format_model_report(report, evaluation))
     average = float(report.metrics.average_mAP)
     print(f"      average mAP (tIoU 0.3:0.7) on the {len(report.videos)} test videos: {average:.3f}")
-    if not args.no_serve:
+    if request.serve:
         test_videos = [v for v in ground_truth if v.subset == "test"]
         print("[5/5] Ray Serve: the champion behind HTTP; one test video POSTed to /v1/detect/video")
         serve_one_video(mlflow_uri, archive_dir / "videos" / f"{test_videos[0].video_id}.mp4", test_videos[0], ground_truth.label_map)
@@ -150,14 +135,7 @@ DEMO_TIOU = np.round(np.arange(0.3, 0.71, 0.1), 2)  # THUMOS14's thresholds: the
 
 def serve_one_video(mlflow_uri: str, video: Path, truth, label_map) -> None:
     """Start the Serve app on a free port, POST ``video``, print its detections beside the ground truth, shut Serve down."""
-    import requests
-    from ray import serve
-
-    from jobs.serve import run_app
-    from jobs.serve_config import ServeArgs, free_port
-    from tal_models.structures import pairwise_tiou
-
-    port = free_port()
+    port = _free_port()
     started = time.perf_counter()
     try:
         url = run_app(ServeArgs(model="models:/tal-detector@champion", mlflow_uri=mlflow_uri), "127.0.0.1", port, quiet=True)
@@ -189,3 +167,10 @@ def serve_one_video(mlflow_uri: str, video: Path, truth, label_map) -> None:
             print(f"      {name:<20} {start:6.1f}-{end:6.1f} s  {found}")
     finally:
         serve.shutdown()
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it), for Serve's HTTP proxy: a fixed one may be taken."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

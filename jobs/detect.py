@@ -12,17 +12,24 @@ on videos (e.g. trained on imported features), or not one video processed.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
 
 from jobs.errors import UsageError
-
-if TYPE_CHECKING:
-    from tal_models.structures import Detections
+from jobs.evaluate import open_model, safe_file_name
+from pipelines.annotations import write_activitynet_results
+from pipelines.atomic import write_json_atomic
+from pipelines.extract import VIDEO_EXTENSIONS, FeaturizerUnavailable, build_featurizer, features_for_video, list_videos
+from pipelines.store import filesystem_for
+from pipelines.video import VideoDecodeError
+from pipelines.weights import WeightsNotFoundError
+from tal_models.structures import Detections
 
 EXIT_SOME_FAILED = 3
 EXIT_NOTHING_USABLE = 2  # as jobs.cli.EXIT_BAD_INPUT
@@ -33,95 +40,6 @@ DEFAULT_SCORE_THRESHOLD = 0.1
 DEFAULT_TIMELINE_VIDEOS = 20
 SHOWN_PER_VIDEO = 3  # detections per video in the printed summary
 PRINTED_VIDEOS = 50  # videos in the printed summary (results.json has them all)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "detect",
-        help="run a checkpoint on video files in this process: ActivityNet results JSON and a timeline per video",
-        description=(
-            "Featurize each video exactly as the checkpoint's training features were extracted (same backbone, "
-            "weights sha256, sampling), detect, and write OUTPUT/results.json (ActivityNet results format, labels "
-            "are the checkpoint's class names), OUTPUT/timelines/<video>.png and OUTPUT/failed.json (videos that "
-            "could not be decoded, with the reason). No Ray cluster and no server: everything runs here, one video "
-            "at a time. A broken video is reported and the others go on."
-        ),
-        epilog="exit codes: 0 all videos detected; 3 some videos failed (see failed.json), the others written; "
-        "2 nothing usable (no videos found, a model that cannot run on videos, not one video processed).",
-    )
-    p.add_argument(
-        "videos",
-        metavar="VIDEO_OR_DIR",
-        help="a video file, a directory (searched recursively), a glob, an s3:// prefix, or a CSV manifest (video_id,uri)",
-    )
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="MODEL",
-        help="the checkpoint: models:/tal-detector@champion, models:/tal-detector/3, runs:/<id>/path (MLflow at "
-        "$MLFLOW_TRACKING_URI), a path or an s3:// URI; it must have been trained on features of tal extract",
-    )
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=Path("out/detect"),
-        metavar="DIR",
-        help="where results.json, failed.json and timelines/ go (default out/detect)",
-    )
-    p.add_argument(
-        "--score-threshold",
-        type=float,
-        default=DEFAULT_SCORE_THRESHOLD,
-        metavar="S",
-        help=f"write only detections scoring >= S (default {DEFAULT_SCORE_THRESHOLD:g}; 0 keeps all the model's, as evaluation wants); "
-        "the model computes the same either way",
-    )
-    p.add_argument(
-        "--top-k", type=int, metavar="K", help="at most K detections per video, the best first (default: all above the threshold)"
-    )
-    p.add_argument(
-        "--device", metavar="DEVICE", help="cpu, cuda or cuda:N for the backbone and the detector (default: cuda when available)"
-    )
-    p.add_argument(
-        "--backbone-weights",
-        metavar="PATH",
-        help="where the backbone's weights are, if not where extraction read them (a path or s3:// URI); their sha256 must match the checkpoint's",
-    )
-    p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// videos, checkpoints and weights (default: $AWS_ENDPOINT_URL)")
-    p.add_argument(
-        "--timeline-videos",
-        type=int,
-        default=DEFAULT_TIMELINE_VIDEOS,
-        metavar="N",
-        help=f"draw timelines/<video>.png for the first N videos (default {DEFAULT_TIMELINE_VIDEOS})",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_detect)
-
-
-def run_detect(args: argparse.Namespace) -> int:
-    from pipelines.store import storage_options
-
-    request = DetectRequest(
-        videos=args.videos,
-        model=args.model,
-        output=args.output,
-        score_threshold=args.score_threshold,
-        top_k=args.top_k,
-        device=args.device,
-        backbone_weights=args.backbone_weights,
-        timeline_videos=args.timeline_videos,
-        storage_options=storage_options(args.s3_endpoint),
-        progress=not args.no_progress,
-    )
-    report = run(request)
-    print(format_report(report, request))
-    if not report.videos:
-        print(
-            f"tal detect: error: none of the {len(report.failed)} videos could be processed (reasons in {report.outputs['failed']})",
-            file=sys.stderr,
-        )
-    return report.exit_code
 
 
 @dataclass(frozen=True)
@@ -180,14 +98,7 @@ def run(request: DetectRequest) -> DetectReport:
     no videos. A video that fails is recorded with its reason and the others go on.
     """
     _check_flags(request)
-    import torch
-
-    from jobs.evaluate import open_model
-    from pipelines.extract import features_for_video
-    from pipelines.store import filesystem_for
-    from pipelines.video import VideoDecodeError
-
-    device = _device(request.device, torch)
+    device = _device(request.device)
     checkpoint, checkpoint_uri = open_model(request.model, request.storage_options)
     videos = _list_videos(request)
     backbone, sampling = _featurizer(checkpoint, device, request)
@@ -199,8 +110,6 @@ def run(request: DetectRequest) -> DetectReport:
         featurizer=f"{prov.get('backbone')} ({backbone.weights_name}, sha256 {backbone.weights_sha256[:12]}...), "
         f"{sampling.fps or 'native'} fps, window {sampling.window}, stride {sampling.stride}, on {device}",
     )
-
-    from tqdm import tqdm
 
     started = time.perf_counter()
     with tqdm(videos, unit="video", desc="detect", disable=not request.progress) as bar:
@@ -229,8 +138,6 @@ def run(request: DetectRequest) -> DetectReport:
 
 def keep_detections(detections: Detections, score_threshold: float, top_k: int | None = None) -> Detections:
     """The ``top_k`` best of ``detections`` scoring ``>= score_threshold``, best first."""
-    import numpy as np
-
     d = detections.to_numpy().sorted_by_score()
     d = d[np.flatnonzero(d.scores >= score_threshold)]
     return d if top_k is None else d[np.arange(min(top_k, len(d)))]
@@ -247,7 +154,7 @@ def _check_flags(request: DetectRequest) -> None:
         raise UsageError(f"--output {request.output} is a file; it names a directory (results.json, failed.json, timelines/)")
 
 
-def _device(requested: str | None, torch) -> str:
+def _device(requested: str | None) -> str:
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -262,8 +169,6 @@ def _device(requested: str | None, torch) -> str:
 
 
 def _list_videos(request: DetectRequest):
-    from pipelines.extract import VIDEO_EXTENSIONS, list_videos
-
     try:
         videos = list_videos(request.videos, request.storage_options)
     except ValueError as e:  # duplicate ids, a manifest without a uri column
@@ -275,9 +180,6 @@ def _list_videos(request: DetectRequest):
 
 def _featurizer(checkpoint, device: str, request: DetectRequest):
     """The backbone and sampling of the checkpoint's training features, or a ``UsageError`` saying why not."""
-    from pipelines.extract import FeaturizerUnavailable, build_featurizer
-    from pipelines.weights import WeightsNotFoundError
-
     try:
         return build_featurizer(checkpoint.provenance, device, weights=request.backbone_weights, storage_options=request.storage_options)
     except FeaturizerUnavailable as e:
@@ -290,15 +192,12 @@ def _featurizer(checkpoint, device: str, request: DetectRequest):
 
 def _write_outputs(report: DetectReport, request: DetectRequest, label_map) -> None:
     """Timelines, failed.json, then results.json last: each atomic, so a reader never sees half a file."""
-    from jobs.evaluate import safe_file_name
-    from pipelines.annotations import write_activitynet_results
-    from pipelines.atomic import write_json_atomic
-
     out = request.output
     out.mkdir(parents=True, exist_ok=True)
     drawn = report.videos[: request.timeline_videos]
     if drawn:
-        from jobs.plots import plot_timeline  # matplotlib only here
+        # Here, not at the top: importing jobs.plots switches matplotlib to Agg, which a notebook importing this module must not get.
+        from jobs.plots import plot_timeline
 
         for v in drawn:
             path = out / "timelines" / f"{safe_file_name(v.video_id)}.png"

@@ -17,8 +17,11 @@ from typing import Any
 import numpy as np
 
 from jobs.errors import UsageError
-from pipelines.annotations import read_activitynet_results, read_annotations
+from jobs.inference import detect_sequences, detect_store_on_ray, load_model
+from pipelines.annotations import read_activitynet_results, read_annotations, write_activitynet_results
 from pipelines.atomic import write_json_atomic
+from pipelines.store import FeatureStore, StoreError
+from tal_models.checkpoint import CheckpointError
 from tal_models.evaluation import (
     ACTIVITYNET_TIOU,
     THUMOS14_TIOU,
@@ -88,7 +91,7 @@ def run(request: EvaluationRequest) -> EvaluationReport:
         request.output.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(request.output, report.to_dict(), indent=2)
     if request.plot is not None:
-        from jobs.plots import plot_detection_metrics  # matplotlib only when asked
+        from jobs.plots import plot_detection_metrics  # not at the top: importing jobs.plots switches matplotlib to Agg
 
         plot_detection_metrics(metrics, request.plot)
     return report
@@ -193,8 +196,6 @@ class ModelEvaluationReport:
 def open_model(model: str, storage_options: Mapping[str, Any] | None = None):
     """``jobs.inference.load_model`` for a command line: (checkpoint, where it was read from), or a one-line
     ``UsageError`` naming ``--model`` (a missing file, an unknown registry name/alias/version/run, not a checkpoint)."""
-    from jobs.inference import load_model
-
     try:
         return load_model(model, storage_options)
     except FileNotFoundError as e:
@@ -211,11 +212,6 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     that does not exist, no annotated video in the store. Annotated videos missing from the
     store are reported and left out of the metrics.
     """
-    from jobs.inference import detect_sequences, detect_store_on_ray
-    from pipelines.annotations import write_activitynet_results
-    from pipelines.store import FeatureStore, StoreError
-    from tal_models.checkpoint import CheckpointError
-
     if request.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {request.batch_size}")
     if request.workers is not None and request.workers < 0:
@@ -316,7 +312,8 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     )
     write_json_atomic(outputs["metrics"], report.to_dict(), indent=2)
 
-    from jobs.plots import plot_detection_metrics, plot_timeline  # matplotlib only here
+    # Here, not at the top: importing jobs.plots switches matplotlib to Agg, which a notebook importing this module must not get.
+    from jobs.plots import plot_detection_metrics, plot_timeline
 
     plot_detection_metrics(metrics, outputs["plot"])
     timeline_tiou = 0.5 if 0.5 in np.round(tiou, 6) else float(tiou[len(tiou) // 2])

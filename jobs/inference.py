@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
+import ray.data
 import torch
+from ray.data.expressions import col
 from tqdm import tqdm
 
 from pipelines.store import FeatureSequence, FeatureStore, filesystem_for, from_table
@@ -101,8 +104,6 @@ class StoreDetector:
     rows (a ``pyarrow.Table`` of the feature-store schema) to one ``DETECTIONS_SCHEMA`` row per video."""
 
     def __init__(self, checkpoint: Any, num_threads: int = 1):
-        import ray
-
         torch.set_num_threads(max(1, num_threads))
         data = ray.get(checkpoint) if isinstance(checkpoint, ray.ObjectRef) else checkpoint  # bytes, put once by the driver
         self.model = load_checkpoint(io.BytesIO(data)).build("cpu")
@@ -165,7 +166,9 @@ def load_model(
     checkpoint (``CheckpointError``).
     """
     if reference.startswith(("models:/", "runs:/")):
-        from jobs.tracking import resolve_model  # MLflow only when asked
+        # Here, not at the top: MLflow costs ~1 s and ~40 MB to import, and most processes that import this module
+        # (the StoreDetector actors, Serve's Ingress and VideoFeaturizer replicas) never resolve a registry reference.
+        from jobs.tracking import resolve_model
 
         local = str(resolve_model(reference, mlflow_uri, None if download_to is None else Path(download_to)))
     else:
@@ -192,10 +195,6 @@ def detect_store_on_ray(
     node (shared storage or ``s3://``). Returns ``{video_id: Detections}`` (NumPy, seconds,
     labels indexing the checkpoint's labels) in the order of ``video_ids``.
     """
-    import ray
-    import ray.data
-    from ray.data.expressions import col
-
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

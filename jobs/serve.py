@@ -19,20 +19,28 @@ no weights travel through the deployment's config.
 
 import asyncio
 import dataclasses
+import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import LoggingConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from jobs.inference import detect_batch, load_model
 from jobs.serve_api import (
     NPY_CONTENT_TYPES,
     DetectFeaturesRequest,
@@ -52,8 +60,10 @@ from jobs.serve_api import (
     parse_npy,
     to_sequence,
 )
-from jobs.serve_config import APP_NAME, ServeArgs
-from pipelines.store import FeatureSequence
+from jobs.serve_config import APP_IMPORT_PATH, APP_NAME, ServeArgs
+from pipelines.store import FeatureSequence, filesystem_for, storage_options
+from pipelines.video import VideoDecodeError
+from tal_models.config import apply_overrides
 
 MB = 2**20
 
@@ -63,14 +73,13 @@ MB = 2**20
 
 def load_served_checkpoint(reference: str, mlflow_uri: str | None, storage_options: dict[str, Any]):
     """``jobs.inference.load_model``, with a registry download removed once read (replicas restart; copies would pile up)."""
-    from jobs.inference import load_model
-
     with tempfile.TemporaryDirectory(prefix="tal-serve-model-") as folder:
         return load_model(reference, storage_options, mlflow_uri, download_to=folder)[0]
 
 
 def describe_model(args: ServeArgs) -> ModelInfo:
     """Pin ``args.model`` and read what the ingress needs to know about it (labels, width, provenance)."""
+    # Here, not at the top: only the driver pins, and MLflow (~1 s, ~40 MB to import) would load in every replica.
     from jobs.tracking import pin_model
 
     if args.model.startswith("models:/"):
@@ -94,14 +103,10 @@ def describe_model(args: ServeArgs) -> ModelInfo:
 
 
 def _storage_options(args: ServeArgs) -> dict[str, Any]:
-    from pipelines.store import storage_options
-
     return storage_options(args.s3_endpoint)
 
 
 def _device(use_gpu: bool) -> str:
-    import torch
-
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 
@@ -123,8 +128,6 @@ class DetectorDeployment:
         num_threads: int,
         use_gpu: bool,
     ):
-        import torch
-
         torch.set_num_threads(max(1, num_threads))
         self.info = info
         checkpoint = load_served_checkpoint(info.pinned, mlflow_uri, storage_options)
@@ -135,8 +138,6 @@ class DetectorDeployment:
         return await self.batcher.submit(item)
 
     def _detect(self, items: list[tuple[FeatureSequence, float | None, int | None]]) -> list[dict[str, Any]]:
-        from jobs.inference import detect_batch
-
         start = time.perf_counter()
         detections = detect_batch(self.model, [seq for seq, _, _ in items])
         seconds = time.perf_counter() - start
@@ -187,6 +188,8 @@ class VideoFeaturizer:
         num_threads: int,
         use_gpu: bool,
     ):
+        # Here and in _featurize, not at the top: the backbones (torchvision, OpenCV: ~2 s and ~190 MB to import)
+        # are this deployment's alone, and the Ingress and Detector replicas import this module too.
         from pipelines.extract import build_featurizer
 
         self.storage_options = storage_options
@@ -203,9 +206,7 @@ class VideoFeaturizer:
         return await asyncio.to_thread(self._featurize, video_id, data, uri)
 
     def _featurize(self, video_id: str, data: bytes | None, uri: str | None) -> dict[str, Any]:
-        from pipelines.extract import features_for_video
-        from pipelines.store import filesystem_for
-        from pipelines.video import VideoDecodeError
+        from pipelines.extract import features_for_video  # see __init__
 
         if self.unavailable is not None:
             return _failure(501, "video_unsupported", f"this model cannot featurize videos: {self.unavailable}")
@@ -483,6 +484,53 @@ class Ingress:
 # --- building and running the app ----------------------------------------------------------------
 
 
+def resolve_args(
+    config: str | None, given: Mapping[str, Any], overrides: Sequence[str], *, given_as: Mapping[str, str] | None = None
+) -> ServeArgs:
+    """Defaults < ``config`` (a Serve config file: its one application's ``args``; or a plain mapping of
+    ``ServeArgs`` fields) < ``given`` (field -> value, None = not given) < ``overrides`` (``key=value``).
+    Raises ``ValueError`` naming the file, the value's source (``given_as``: field -> e.g. ``--replicas``;
+    default the field's name) or the key."""
+    data: dict = {}
+    where = "settings"
+    if config:
+        where = Path(config).name
+        try:
+            loaded = yaml.safe_load(Path(config).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{config}: not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config}: expected a mapping of settings or a Serve config, got {type(loaded).__name__}")
+        if "applications" in loaded:
+            apps = [a for a in loaded["applications"] or [] if a.get("import_path") == APP_IMPORT_PATH]
+            if len(apps) != 1:
+                raise ValueError(
+                    f"{config}: a Serve config needs exactly one application with import_path {APP_IMPORT_PATH}, found {len(apps)}"
+                )
+            loaded = apps[0].get("args") or {}
+        data = dict(loaded)
+    source = dict.fromkeys(data, where)  # field -> where its value came from, for the error message
+    for name, value in given.items():
+        if value is not None:
+            data[name] = value
+            source[name] = (given_as or {}).get(name, name)
+    defaults = {name: None if f.is_required() else f.get_default(call_default_factory=True) for name, f in ServeArgs.model_fields.items()}
+    full = {**defaults, **data}
+    unknown = sorted(set(data) - set(defaults))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(defaults)}")
+    for key in apply_overrides(full, overrides, example="max_batch_size=1"):
+        source[key] = f"--set {key}"
+    if full["model"] is None:
+        raise ValueError("--model is required (or model: in --config)")
+    try:
+        return ServeArgs.model_validate(full)
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "settings"
+        raise ValueError(f"{source.get(name, name)}: {name}: {first['msg']}") from None
+
+
 def build_app(args: ServeArgs) -> serve.Application:
     """The Serve application for ``args`` (the import path ``jobs.serve:build_app``)."""
     if isinstance(args, dict):  # called directly with a dict rather than through Serve's typed-builder validation
@@ -518,11 +566,6 @@ def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, *, quiet
     one) and deploy the app; returns its base URL once every replica is up. ``quiet``: warnings only, from the
     replicas (no access log) and from Serve in this process. ``info``: ``describe_model(args)`` if the caller
     has it already (it reads the whole checkpoint)."""
-    import logging
-
-    import ray
-    from ray.serve.schema import LoggingConfig
-
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=False)
     if quiet:

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
@@ -506,8 +507,6 @@ def _download_source(client: MlflowClient, source: str, sub: str | None, target:
         path = f"{match['path'].rstrip('/')}/{sub}" if sub else match["path"]
         return _download_run_artifact(client, match["run_id"], path, target)
     # A version registered from a plain artifact URI (not through register_checkpoint).
-    import mlflow.artifacts
-
     full = f"{source.rstrip('/')}/{sub}" if sub else source
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=full, dst_path=str(target), tracking_uri=uri))
 

@@ -45,7 +45,6 @@ annotation writers are imported only where the parent process builds the ground 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import numbers
@@ -82,12 +81,10 @@ __all__ = [
     "SynthResult",
     "VideoPlan",
     "action_classes",
-    "add_synth_parser",
     "annotations_of",
     "opacity",
     "parse_size",
     "plan_archive",
-    "run_synth",
     "summary",
     "synthesize",
 ]
@@ -335,7 +332,7 @@ def _instance(label: int, start: float, end: float, fade_in: float, fade_out: fl
 
 def annotations_of(plans: Sequence[VideoPlan], source: str = "") -> AnnotationSet:
     """The ground truth of planned videos: segments in seconds, labels indexing the class designs."""
-    from tal_models.structures import AnnotationSet, LabelMap, Segments, VideoAnnotation
+    from tal_models.structures import AnnotationSet, LabelMap, Segments, VideoAnnotation  # torch: kept out of the workers (module doc)
 
     classes = plans[0].classes if plans else ()
     label_map = LabelMap({c.name: i for i, c in enumerate(classes)})
@@ -629,7 +626,7 @@ def synthesize(
     reader never sees a half-written file. Bad arguments raise ``ValueError`` saying what to fix.
     """
     _check_arguments(videos=videos, seed=seed, classes=classes, duration_range=duration_range, size=size, fps=fps, workers=workers)
-    from pipelines.annotations import write_activitynet, write_thumos14_json
+    from pipelines.annotations import write_activitynet, write_thumos14_json  # torch: kept out of the workers (module doc)
 
     t0 = time.perf_counter()
     root = Path(out_dir)
@@ -718,71 +715,12 @@ def _check_arguments(*, videos, seed, classes, duration_range, size, fps, worker
         raise ValueError(f"fps must be a number in 1..120, got {fps!r}")
 
 
-# --- the command line (wired into jobs/cli.py) ----------------------------------------------------
-def add_synth_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``tal synth`` on ``subparsers``; its handler is ``run_synth``."""
-    p = subparsers.add_parser(
-        "synth",
-        help="write the synthetic demo archive: H.264 videos and their ground truth",
-        description=(
-            "Render videos of K visually distinct action classes (shape, motion, colour) on a cluttered, "
-            "panning, noisy background, with soft boundaries and some overlapping instances, and write "
-            f"their ground truth as {ACTIVITYNET_JSON} and {THUMOS14_JSON} (subsets {'/'.join(SUBSETS)}, "
-            "60/20/20). The same seed gives the same archive."
-        ),
-    )
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (videos/ and the two JSON files)")
-    p.add_argument("--videos", required=True, type=int, metavar="N", help="number of videos")
-    p.add_argument("--seed", required=True, type=int, metavar="S", help="random seed (>= 0)")
-    p.add_argument("--classes", type=int, default=5, metavar="K", help=f"number of action classes, 1..{MAX_CLASSES} (default 5)")
-    p.add_argument(
-        "--duration-range",
-        nargs=2,
-        type=float,
-        default=[20.0, 120.0],
-        metavar=("MIN", "MAX"),
-        help="video durations are uniform in [MIN, MAX] seconds (default 20 120)",
-    )
-    p.add_argument("--size", default="320x240", metavar="WxH", help="frame size, even numbers (default 320x240)")
-    p.add_argument("--fps", type=float, default=15.0, help="frames per second (default 15)")
-    p.add_argument("--workers", type=int, default=None, metavar="W", help="parallel processes (default: one per CPU)")
-    p.set_defaults(func=run_synth)
-    return p
-
-
 def parse_size(text: str) -> tuple[int, int]:
     """``"320x240"`` -> (320, 240)."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not m:
         raise ValueError(f"expected WIDTHxHEIGHT such as 320x240, got {text!r}")
     return int(m[1]), int(m[2])
-
-
-def run_synth(args: argparse.Namespace) -> int:
-    """``tal synth``: check the flags, write the archive, print a one-paragraph summary."""
-    from jobs.errors import UsageError
-
-    try:
-        size = parse_size(args.size)
-    except ValueError as e:
-        raise UsageError(f"--size: {e}") from None
-    kwargs = {
-        "videos": args.videos,
-        "seed": args.seed,
-        "classes": args.classes,
-        "duration_range": tuple(args.duration_range),
-        "size": size,
-        "fps": args.fps,
-        "workers": args.workers,
-    }
-    try:
-        _check_arguments(**kwargs)
-    except ValueError as e:
-        argument = str(e).split(" ", 1)[0]  # every message starts with the argument's name
-        raise UsageError(f"--{argument.replace('_', '-')}: {e}") from None
-    result = synthesize(args.out, progress=True, **kwargs)
-    print(summary(result))
-    return 0
 
 
 def summary(result: SynthResult) -> str:

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from jobs.serve_config import free_port
+from helpers import free_port
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
-"""The ``tal`` command line as a whole: every subcommand is there and explains itself."""
+"""The ``tal`` command line as a whole: every subcommand is there and explains itself, and asking for help stays light."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -29,3 +33,52 @@ def test_help_exits_0(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0 and f"tal {command}" in capsys.readouterr().out
+
+
+# In a fresh interpreter: every --help, then which heavy modules got imported.
+_HELP_EVERYWHERE = """
+import contextlib, io, json, sys
+from jobs.cli import main
+codes = []
+for argv in [["--help"]] + [[command, "--help"] for command in sys.argv[1:]]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit as e:
+            codes.append(e.code)
+heavy = ("torch", "ray", "mlflow", "torchvision", "matplotlib", "pyarrow", "cv2")
+print(json.dumps({"codes": codes, "loaded": sorted(m for m in heavy if m in sys.modules)}))
+"""
+
+
+def test_help_imports_neither_torch_nor_ray():
+    """``tal --help`` and ``tal COMMAND --help`` load no job module: each handler imports its own (jobs/cli/__init__.py)."""
+    commands = sorted(COMMANDS)
+    out = subprocess.run([sys.executable, "-c", _HELP_EVERYWHERE, *commands], capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [0] * (1 + len(commands))
+    assert result["loaded"] == [], f"tal --help imported {result['loaded']}: import them inside the handler, not at the top of jobs/cli/"
+
+
+def test_defaults_written_into_the_help_are_the_jobs():
+    """The parsers repeat a few job constants (importing the job modules would load torch); they must agree."""
+    from jobs import detect, evaluate
+    from jobs.cli import detect as detect_cli
+    from jobs.cli import evaluate as evaluate_cli
+    from jobs.cli import extract as extract_cli
+    from jobs.cli import synth as synth_cli
+    from pipelines import synth
+    from pipelines.extract import SamplingConfig
+
+    assert (detect_cli.DEFAULT_SCORE_THRESHOLD, detect_cli.DEFAULT_TIMELINE_VIDEOS) == (
+        detect.DEFAULT_SCORE_THRESHOLD,
+        detect.DEFAULT_TIMELINE_VIDEOS,
+    )
+    assert evaluate_cli.AUTO_RAY_VIDEOS == evaluate.AUTO_RAY_VIDEOS
+    assert SamplingConfig(**extract_cli.DEFAULT_SAMPLING) == SamplingConfig()
+    assert (synth_cli.ACTIVITYNET_JSON, synth_cli.THUMOS14_JSON, synth_cli.SUBSETS, synth_cli.MAX_CLASSES) == (
+        synth.ACTIVITYNET_JSON,
+        synth.THUMOS14_JSON,
+        synth.SUBSETS,
+        synth.MAX_CLASSES,
+    )

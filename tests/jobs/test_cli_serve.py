@@ -12,8 +12,8 @@ import time
 import pytest
 import requests
 import torch
+from helpers import free_port
 
-from jobs.serve_config import free_port
 from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.extract import SamplingConfig, provenance_for, settings_json
 from tal_models.checkpoint import Checkpoint, save_checkpoint

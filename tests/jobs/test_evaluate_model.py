@@ -242,9 +242,3 @@ def test_usage_errors(world, tmp_path, capsys):
     for argv, needle in cases:
         assert main(argv) == 2, argv
         assert needle in _one_line_error(capsys), argv
-
-
-def test_cli_help_states_the_automatic_worker_threshold():
-    from jobs import cli, evaluate
-
-    assert cli._AUTO_RAY_VIDEOS == evaluate.AUTO_RAY_VIDEOS

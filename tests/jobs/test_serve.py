@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import requests
 import torch
+from helpers import free_port
 
-from jobs.serve_config import ServeArgs, free_port
+from jobs.serve_config import ServeArgs
 from jobs.tracking import TrainingRun, register_checkpoint
 from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.extract import SamplingConfig, features_for_video, provenance_for, settings_json

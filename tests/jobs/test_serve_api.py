@@ -232,10 +232,10 @@ def test_tal_serve_refuses_bad_flags_and_models_in_one_line_before_starting_ray(
 
 
 def test_tal_serve_settings_defaults_then_config_then_flags_then_set(tmp_path):
-    from jobs.serve_config import resolve_args
+    from jobs.serve import resolve_args
 
     shipped = Path(__file__).resolve().parents[2] / "infra" / "serve" / "tal.yaml"  # a Serve config: its app's args
-    args = resolve_args(str(shipped), {"max_batch_size": 2, "video_root": None, "model": None}, ["max_steps=100"])
+    args = resolve_args(str(shipped), {"max_batch_size": 2, "video_roots": None, "model": None}, ["max_steps=100"])
     assert (args.model, args.gpus_per_replica, args.max_batch_size, args.max_steps) == ("models:/tal-detector@champion", 1.0, 2, 100)
     plain = tmp_path / "serve.yaml"
     plain.write_text("model: a.pt\nmax_batch_size: 4\nvideo_roots: [s3://b/v/]\n")

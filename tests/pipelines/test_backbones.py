@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import free_port
 from torch import nn
 from torchvision.models import video as tv_video
 
-from jobs.serve_config import free_port
 from pipelines import weights as weights_module
 from pipelines.backbones import Backbone, BackboneConfig, Preprocessing, build_backbone, flow_images
 from pipelines.weights import (

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from jobs.cli import synth as synth_cli
 from jobs.errors import UsageError
 from pipelines.annotations import read_activitynet, read_thumos14_json
 from pipelines.synth import (
@@ -19,7 +20,6 @@ from pipelines.synth import (
     SUBSETS,
     SynthResult,
     action_classes,
-    add_synth_parser,
     opacity,
     plan_archive,
     synthesize,
@@ -239,7 +239,7 @@ def test_bad_arguments_are_value_errors_that_say_what_to_fix(tmp_path, kwargs, m
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tal")
-    add_synth_parser(p.add_subparsers(dest="command", required=True))
+    synth_cli.add_parser(p.add_subparsers(dest="command", required=True))
     return p
 
 

@@ -1,22 +1,17 @@
-"""The ``tal`` command line. Each subcommand parses its flags, builds a request, calls one function.
-
-Exit codes: 0 success, 2 unusable input (one line on stderr saying what and where), 3 partial success
-(``tal detect``: some videos failed, the others were written), 1 a bug.
-"""
+"""``tal evaluate``: score a results JSON, or a checkpoint on a feature store, against ground truth (``jobs.evaluate``)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from jobs.errors import UsageError
 
-EXIT_BAD_INPUT = 2
+AUTO_RAY_VIDEOS = 200  # jobs.evaluate.AUTO_RAY_VIDEOS, for the help (not imported: the parser stays light; a test keeps them equal)
+_MODEL_ONLY = ("features", "workers", "batch_size", "timeline_videos", "s3_endpoint")
 
 
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="score predictions (ActivityNet results JSON), or a checkpoint on a feature store, against ground truth",
@@ -70,19 +65,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         metavar="N",
-        help=f"Ray actors for inference; 0 = in this process (default: 0 below {_AUTO_RAY_VIDEOS} videos, else one per CPU)",
+        help=f"Ray actors for inference; 0 = in this process (default: 0 below {AUTO_RAY_VIDEOS} videos, else one per CPU)",
     )
     model.add_argument("--batch-size", type=int, metavar="B", help="videos per forward pass (default 8)")
     model.add_argument("--timeline-videos", type=int, metavar="N", help="draw timelines/<video>.png for the first N videos (default 10)")
     model.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// stores and checkpoints (default: $AWS_ENDPOINT_URL)")
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func=handle)
 
 
-_AUTO_RAY_VIDEOS = 200  # jobs.evaluate.AUTO_RAY_VIDEOS (not imported here: the parser stays light)
-_MODEL_ONLY = ("features", "workers", "batch_size", "timeline_videos", "s3_endpoint")
-
-
-def _evaluate(args: argparse.Namespace) -> int:
+def handle(args: argparse.Namespace) -> int:
     from tal_models.evaluation import parse_tiou
 
     try:
@@ -92,7 +83,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if any(k < 1 for k in args.top_k):
         raise UsageError(f"--top-k values must be >= 1, got {args.top_k}")
     if args.model is not None:
-        return _evaluate_model(args, tiou)
+        return _handle_model(args, tiou)
     given = [f"--{name.replace('_', '-')}" for name in _MODEL_ONLY if getattr(args, name) is not None]
     if given:
         raise UsageError(f"{', '.join(given)} only apply with --model; --predictions scores an existing results file")
@@ -119,7 +110,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_model(args: argparse.Namespace, tiou) -> int:
+def _handle_model(args: argparse.Namespace, tiou) -> int:
     if args.features is None:
         raise UsageError("--model needs --features STORE (the feature store to run it on)")
     if args.output is None:
@@ -148,38 +139,3 @@ def _evaluate_model(args: argparse.Namespace, tiou) -> int:
     report = run_model(request)
     print(format_model_report(report, request))
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tal", description="Temporal action localization on Ray.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from jobs import demo, detect, extract, serve_config, train
-    from pipelines.synth import add_synth_parser
-
-    demo.add_parser(sub)
-    add_synth_parser(sub)
-    extract.add_parsers(sub)
-    train.add_parser(sub)
-    detect.add_parser(sub)
-    serve_config.add_parser(sub)
-    _add_evaluate(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from pipelines.annotations import AnnotationFormatError
-
-    try:
-        return args.func(args)
-    except (UsageError, AnnotationFormatError, OSError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, FileNotFoundError) and e.filename:
-            message = f"no such file: {e.filename}"
-        print(f"tal {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
-if __name__ == "__main__":
-    sys.exit(main())

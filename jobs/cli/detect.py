@@ -1,0 +1,105 @@
+"""``tal detect``: run a checkpoint on video files in this process (``jobs.detect``).
+
+Exit codes: 0 every video detected; 3 some videos failed (each in failed.json), the others written;
+2 nothing usable (no videos, a model that cannot run on videos, not one video processed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# jobs.detect's, for the defaults and the help (not imported: the parser stays light; a test keeps them equal)
+DEFAULT_SCORE_THRESHOLD = 0.1
+DEFAULT_TIMELINE_VIDEOS = 20
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "detect",
+        help="run a checkpoint on video files in this process: ActivityNet results JSON and a timeline per video",
+        description=(
+            "Featurize each video exactly as the checkpoint's training features were extracted (same backbone, "
+            "weights sha256, sampling), detect, and write OUTPUT/results.json (ActivityNet results format, labels "
+            "are the checkpoint's class names), OUTPUT/timelines/<video>.png and OUTPUT/failed.json (videos that "
+            "could not be decoded, with the reason). No Ray cluster and no server: everything runs here, one video "
+            "at a time. A broken video is reported and the others go on."
+        ),
+        epilog="exit codes: 0 all videos detected; 3 some videos failed (see failed.json), the others written; "
+        "2 nothing usable (no videos found, a model that cannot run on videos, not one video processed).",
+    )
+    p.add_argument(
+        "videos",
+        metavar="VIDEO_OR_DIR",
+        help="a video file, a directory (searched recursively), a glob, an s3:// prefix, or a CSV manifest (video_id,uri)",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="the checkpoint: models:/tal-detector@champion, models:/tal-detector/3, runs:/<id>/path (MLflow at "
+        "$MLFLOW_TRACKING_URI), a path or an s3:// URI; it must have been trained on features of tal extract",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("out/detect"),
+        metavar="DIR",
+        help="where results.json, failed.json and timelines/ go (default out/detect)",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DEFAULT_SCORE_THRESHOLD,
+        metavar="S",
+        help=f"write only detections scoring >= S (default {DEFAULT_SCORE_THRESHOLD:g}; 0 keeps all the model's, as evaluation wants); "
+        "the model computes the same either way",
+    )
+    p.add_argument(
+        "--top-k", type=int, metavar="K", help="at most K detections per video, the best first (default: all above the threshold)"
+    )
+    p.add_argument(
+        "--device", metavar="DEVICE", help="cpu, cuda or cuda:N for the backbone and the detector (default: cuda when available)"
+    )
+    p.add_argument(
+        "--backbone-weights",
+        metavar="PATH",
+        help="where the backbone's weights are, if not where extraction read them (a path or s3:// URI); their sha256 must match the checkpoint's",
+    )
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// videos, checkpoints and weights (default: $AWS_ENDPOINT_URL)")
+    p.add_argument(
+        "--timeline-videos",
+        type=int,
+        default=DEFAULT_TIMELINE_VIDEOS,
+        metavar="N",
+        help=f"draw timelines/<video>.png for the first N videos (default {DEFAULT_TIMELINE_VIDEOS})",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from jobs.detect import DetectRequest, format_report, run
+    from pipelines.store import storage_options
+
+    request = DetectRequest(
+        videos=args.videos,
+        model=args.model,
+        output=args.output,
+        score_threshold=args.score_threshold,
+        top_k=args.top_k,
+        device=args.device,
+        backbone_weights=args.backbone_weights,
+        timeline_videos=args.timeline_videos,
+        storage_options=storage_options(args.s3_endpoint),
+        progress=not args.no_progress,
+    )
+    report = run(request)
+    print(format_report(report, request))
+    if not report.videos:
+        print(
+            f"tal detect: error: none of the {len(report.failed)} videos could be processed (reasons in {report.outputs['failed']})",
+            file=sys.stderr,
+        )
+    return report.exit_code
