@@ -53,6 +53,7 @@ from jobs.serve_api import (
     to_sequence,
 )
 from jobs.serve_config import APP_NAME, ServeArgs
+from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence
 
 MB = 2**20
@@ -520,11 +521,9 @@ def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, *, quiet
     has it already (it reads the whole checkpoint)."""
     import logging
 
-    import ray
     from ray.serve.schema import LoggingConfig
 
-    if not ray.is_initialized():
-        ray.init(configure_logging=False, log_to_driver=False)
+    init_ray()
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port})

@@ -9,8 +9,9 @@ shard of the store (the parts holding its videos: a detector needs whole sequenc
 anew every epoch, so a worker keeps its shard in memory rather than streaming it each epoch),
 trains with the single-process utilities of ``tal_models.training`` inside DDP, validates its
 share of the validation videos, and rank 0 gathers the detections, evaluates once, logs the
-epoch to MLflow and reports a checkpoint to Ray Train. The driver finally logs the best
-checkpoint as an artifact and registers it (``jobs.tracking``).
+epoch to MLflow, reports a checkpoint to Ray Train and sends its progress line to the driver,
+which prints it (workers' own output stays in Ray's log files: ``pipelines.ray_runtime``). The
+driver finally logs the best checkpoint as an artifact and registers it (``jobs.tracking``).
 
 Fault tolerance: every epoch ends with a checkpoint (weights, optimiser, schedule, EMA, loss
 normaliser, epoch); a dead worker restarts the group from the last one (``--max-failures``). A
@@ -40,13 +41,14 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs import tracking
 from jobs.errors import UsageError
 from jobs.plots import plot_detection_metrics
 from pipelines.annotations import read_activitynet_results, read_annotations, write_activitynet_results
+from pipelines.ray_runtime import DriverConsole, init_ray
 from pipelines.store import FeatureSequence, FeatureStore, Provenance, StoreError
 from tal_models.checkpoint import Checkpoint, save_checkpoint
 from tal_models.config import apply_overrides, config_from_dict, config_to_dict, dump_yaml
@@ -285,13 +287,13 @@ def train(job: TrainJob) -> dict[str, Any]:
                         "batch_size": planned.batch_size, "workers": job.workers, "seed": job.seed})  # fmt: skip
         if job.stop_after:
             run.set_tags({"tal.stopped_after_epoch": str(job.stop_after)})
-        if not ray.is_initialized():
-            # keys the environment (e.g. a Ray job's runtime_env) already sets are left to it: Ray refuses to merge conflicting ones
-            env = {k: v for k, v in _RAY_TRAIN_ENV.items() if k not in given}
-            ray.init(runtime_env={"env_vars": env} if env else None)
+        # keys the environment (e.g. a Ray job's runtime_env) already sets are left to it: Ray refuses to merge conflicting ones
+        env = {k: v for k, v in _RAY_TRAIN_ENV.items() if k not in given}
+        init_ray(runtime_env={"env_vars": env} if env else None)
+        console = DriverConsole()  # the workers' output stays in Ray's logs: rank 0 sends its progress lines here
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"plan": planned, "mlflow_uri": uri, "mlflow_run_id": run.run_id},
+            train_loop_config={"plan": planned, "mlflow_uri": uri, "mlflow_run_id": run.run_id, "console": console},
             scaling_config=ScalingConfig(
                 num_workers=job.workers,
                 use_gpu=job.gpus_per_worker > 0,
@@ -304,10 +306,12 @@ def train(job: TrainJob) -> dict[str, Any]:
                     num_to_keep=max(job.keep_best, 1), checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
                 ),  # fmt: skip
                 failure_config=FailureConfig(max_failures=job.max_failures),
+                logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines only in its log files
             ),
         )
         fit_started = time.time()
-        result = trainer.fit()
+        with console.printing():
+            result = trainer.fit()
         best = _best_checkpoint(result)
         summary: dict[str, Any] = {
             "run_name": run_name,
@@ -372,6 +376,7 @@ def _best_checkpoint(result) -> tuple[Any, float] | None:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP worker: its shard, the epoch loop, validation, checkpoints (rank 0 reports them)."""
     plan: TrainPlan = config["plan"]
+    console: DriverConsole = config["console"]
     loop_started = time.time()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -387,7 +392,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = _TrainingState(model, optimizer, scheduler, ema)
     start_epoch = _restore_state(state, ray.train.get_checkpoint(), rank, world, device)
     if start_epoch and rank == 0:
-        print(f"resuming from the checkpoint of epoch {start_epoch} (of {plan.optim.epochs})")
+        console.print(f"resuming from the checkpoint of epoch {start_epoch} (of {plan.optim.epochs})")
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     logger = tracking.RunLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
     autocast = torch.bfloat16 if plan.amp and device.type == "cuda" else None
@@ -414,7 +419,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             checkpoint = _save_state(state, [normalizer for normalizer, _ in shared], epoch, metrics, predictions, plan)
             _log_epoch(logger, metrics, epoch)
-            print(_progress_line(epoch, plan.optim.epochs, metrics))
+            console.print(_progress_line(epoch, plan.optim.epochs, metrics))
         ray.train.report(_scalars(metrics), checkpoint=checkpoint)
         if plan.stop_after is not None and epoch + 1 >= plan.stop_after:
             break

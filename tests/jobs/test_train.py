@@ -164,6 +164,19 @@ def test_plan_is_a_typed_train_plan_of_the_job(tmp_path):
     assert again.detector == planned.detector and sorted(again.train) == sorted(planned.train)
 
 
+def test_a_failing_worker_s_traceback_reaches_the_driver(tmp_path, ray_session):
+    """Workers' own output stays in Ray's log files: what went wrong in one must still be readable where train() was called."""
+    store, gt = _dataset(tmp_path, videos=6)
+    for part in Path(store).glob("*.parquet"):  # the manifests (what plan() reads) stay; the features cannot be read
+        part.write_bytes(b"not parquet")
+    job = TrainJob(config=str(_preset(tmp_path)), features=store, annotations=str(gt), out=str(tmp_path / "runs"), max_failures=0,
+                   mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", run_name="broken", register=False)  # fmt: skip
+    with pytest.raises(Exception, match="Training failed") as failed:
+        train(job)
+    message = str(failed.value)
+    assert "Traceback" in message and "_read_shard" in message and "Parquet magic bytes not found" in message, message
+
+
 def _train_worker_pids() -> list[int]:
     """PIDs of the Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
     pids = []
