@@ -186,12 +186,15 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {serve_args.model}: {e}") from None
     from ray import serve
 
+    from pipelines.ray_runtime import owns_ray
+
     try:
         url = run_app(serve_args, args.host, args.port, info=info)
     except KeyboardInterrupt:  # Ctrl-C while the replicas start: stop what started, no traceback
         print("interrupted while starting; stopping ...", file=sys.stderr)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
-        serve.shutdown()
+        if not owns_ray():  # a local Ray this process started ends with it, Serve included
+            serve.shutdown()
         return 130
     print(f"serving {serve_args.model} at {url}  (OpenAPI: {url}/docs)")
     print(f"  curl {url}/v1/model")
@@ -202,5 +205,8 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     print("stopping ...")
-    serve.shutdown()
+    # serve.shutdown() makes Ray print "Task ServeController.graceful_shutdown failed ... will be retried": a local Ray
+    # this process started ends with it (Serve included) at exit; only a cluster's Serve is shut down here
+    if not owns_ray():
+        serve.shutdown()
     return 0
