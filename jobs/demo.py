@@ -28,6 +28,7 @@ from jobs.serve_config import ServeArgs
 from jobs.train import TrainJob, train
 from pipelines.annotations import read_activitynet
 from pipelines.extract import ExtractConfig, SamplingConfig, extract
+from pipelines.ray_runtime import owns_ray
 from pipelines.store import FeatureStore
 from pipelines.synth import summary, synthesize
 from tal_models.structures import pairwise_tiou
@@ -117,7 +118,13 @@ def run_demo(request: DemoRequest) -> int:
     if request.serve:
         test_videos = [v for v in ground_truth if v.subset == "test"]
         print("[5/5] Ray Serve: the champion behind HTTP; one test video POSTed to /v1/detect/video")
-        serve_one_video(mlflow_uri, archive_dir / "videos" / f"{test_videos[0].video_id}.mp4", test_videos[0], ground_truth.label_map)
+        serve_one_video(
+            mlflow_uri,
+            archive_dir / "videos" / f"{test_videos[0].video_id}.mp4",
+            test_videos[0],
+            ground_truth.label_map,
+            stop_serve=not (started_ray and owns_ray()),  # a local Ray the demo started ends below, Serve with it
+        )
     if started_ray:  # a caller's own Ray (a notebook, the tests) is left running
         ray.shutdown()
     print(f"done in {time.perf_counter() - t0:.0f} s. Outputs:")
@@ -133,8 +140,9 @@ def run_demo(request: DemoRequest) -> int:
 DEMO_TIOU = np.round(np.arange(0.3, 0.71, 0.1), 2)  # THUMOS14's thresholds: the synthetic actions last seconds, like THUMOS's
 
 
-def serve_one_video(mlflow_uri: str, video: Path, truth, label_map) -> None:
-    """Start the Serve app on a free port, POST ``video``, print its detections beside the ground truth, shut Serve down."""
+def serve_one_video(mlflow_uri: str, video: Path, truth, label_map, *, stop_serve: bool = True) -> None:
+    """Start the Serve app on a free port, POST ``video``, print its detections beside the ground truth, shut Serve down
+    (``stop_serve``; a Ray that ``ray.shutdown()`` ends next takes Serve with it)."""
     port = _free_port()
     started = time.perf_counter()
     try:
@@ -166,7 +174,10 @@ def serve_one_video(mlflow_uri: str, video: Path, truth, label_map) -> None:
                 found = "none among the top 10"
             print(f"      {name:<20} {start:6.1f}-{end:6.1f} s  {found}")
     finally:
-        serve.shutdown()
+        # serve.shutdown() prints Ray's "Task ServeController.graceful_shutdown failed ... will be retried" (the
+        # controller kills itself while the call waits): only for a Ray that outlives the demo
+        if stop_serve:
+            serve.shutdown()
 
 
 def _free_port(host: str = "127.0.0.1") -> int:

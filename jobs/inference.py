@@ -12,7 +12,6 @@ Both paths run the same ``detect_batch``: each video is decoded with its own ``t
 from __future__ import annotations
 
 import io
-import logging
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +26,7 @@ import torch
 from ray.data.expressions import col
 from tqdm import tqdm
 
+from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, FeatureStore, filesystem_for, from_table
 from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, load_checkpoint
@@ -210,13 +210,10 @@ def detect_store_on_ray(
     data = read_checkpoint_bytes(checkpoint_path, storage_options)
     load_checkpoint(io.BytesIO(data))  # a bad file fails here, not in every actor
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)
+    init_ray()
     ctx = ray.data.DataContext.get_current()
-    ray_logger = logging.getLogger("ray.data")
-    progress_bars, log_level = ctx.enable_progress_bars, ray_logger.level
+    progress_bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # ours counts videos; Ray's per operator would repeat it
-    ray_logger.setLevel(logging.ERROR)
     # An actor pool holding every CPU starves the tasks that read the store (Ray Data then waits
     # forever): with fewer than num_workers + 1 CPUs, the actors share what the reader leaves.
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
@@ -243,7 +240,6 @@ def detect_store_on_ray(
                 bar.update(len(got))
     finally:
         ctx.enable_progress_bars = progress_bars
-        ray_logger.setLevel(log_level)
     lost = [v for v in wanted if v not in results]
     if lost:
         raise RuntimeError(f"Ray inference returned no row for {len(lost)} videos, e.g. {lost[:3]}")

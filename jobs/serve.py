@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 import yaml
 from fastapi import FastAPI, Request
@@ -61,6 +60,7 @@ from jobs.serve_api import (
     to_sequence,
 )
 from jobs.serve_config import APP_IMPORT_PATH, APP_NAME, ServeArgs
+from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, filesystem_for, storage_options
 from pipelines.video import VideoDecodeError
 from tal_models.config import apply_overrides
@@ -566,8 +566,7 @@ def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, *, quiet
     one) and deploy the app; returns its base URL once every replica is up. ``quiet``: warnings only, from the
     replicas (no access log) and from Serve in this process. ``info``: ``describe_model(args)`` if the caller
     has it already (it reads the whole checkpoint)."""
-    if not ray.is_initialized():
-        ray.init(configure_logging=False, log_to_driver=False)
+    init_ray()
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port})

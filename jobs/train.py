@@ -9,8 +9,9 @@ shard of the store (the parts holding its videos: a detector needs whole sequenc
 anew every epoch, so a worker keeps its shard in memory rather than streaming it each epoch),
 trains with the single-process utilities of ``tal_models.training`` inside DDP, validates its
 share of the validation videos, and rank 0 gathers the detections, evaluates once, logs the
-epoch to MLflow and reports a checkpoint to Ray Train. The driver finally logs the best
-checkpoint as an artifact and registers it (``jobs.tracking``).
+epoch to MLflow, reports a checkpoint to Ray Train and sends its progress line to the driver,
+which prints it (workers' own output stays in Ray's log files: ``pipelines.ray_runtime``). The
+driver finally logs the best checkpoint as an artifact and registers it (``jobs.tracking``).
 
 Fault tolerance: every epoch ends with a checkpoint (weights, optimiser, schedule, EMA, loss
 normaliser, epoch); a dead worker restarts the group from the last one (``--max-failures``). A
@@ -22,18 +23,41 @@ per epoch: an epoch re-run after a failure does not log twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
+from jobs import tracking
 from jobs.errors import UsageError
+from jobs.plots import plot_detection_metrics
+from pipelines.annotations import read_activitynet_results, read_annotations, write_activitynet_results
+from pipelines.ray_runtime import DriverConsole, init_ray
+from pipelines.store import FeatureSequence, FeatureStore, Provenance, StoreError
+from tal_models.batch import Batch, collate, random_crop
+from tal_models.checkpoint import Checkpoint, save_checkpoint
+from tal_models.config import apply_overrides, config_from_dict, config_to_dict, dump_yaml
+from tal_models.detectors import Detector, DetectorConfig, build_detector
+from tal_models.evaluation.detection import THUMOS14_TIOU, evaluate_detection
+from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
+from tal_models.presets import Preset, load_preset
+from tal_models.structures import AnnotationSet, Detections, LabelMap, Segments, VideoAnnotation
+from tal_models.training import EpochTiming, train_one_epoch
 
 # Ray Train V2's controller polls slowly by default: ~20 s of fixed cost per fit on a small run (STACK_NOTES)
 _RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
@@ -69,19 +93,58 @@ class TrainJob:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
-# --- the driver ------------------------------------------------------------------------------
-def plan(job: TrainJob) -> dict[str, Any]:
-    """Everything the workers need, checked on the driver: raises ``UsageError`` with what to fix."""
-    from pipelines.annotations import read_annotations
-    from pipelines.store import FeatureStore, StoreError
-    from tal_models.config import config_to_dict
-    from tal_models.presets import load_preset
+@dataclass(frozen=True, eq=False)
+class VideoTargets:
+    """One annotated video as training and validation use it (N ground-truth segments)."""
 
+    segments_s: np.ndarray  # [N, 2] float64, seconds (validation scores detections against these)
+    segments: np.ndarray  # [N, 2] float64, fractional feature steps (the training targets)
+    labels: np.ndarray  # [N] int64, model classes 0..K-1
+    duration: float | None  # seconds, as annotated (None: the store's)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything the workers need, checked on the driver by ``plan``; Ray pickles it into each worker."""
+
+    preset: str
+    detector: DetectorConfig  # num_classes set from the annotations
+    optim: OptimConfig  # epochs and warm-up as this job runs them
+    batch_size: int  # videos per worker and step
+    labels: tuple[str, ...]  # class names, in model class order
+    provenance: Provenance  # of the feature store
+    features: str  # store URI, absolute for a local store: workers run elsewhere
+    storage_options: dict[str, Any]
+    train: dict[str, VideoTargets]  # video id -> targets, every video with features in the training subset
+    val: dict[str, VideoTargets]
+    train_subset: str
+    val_subset: str
+    missing_videos: tuple[str, ...]  # annotated in either subset but without features (skipped)
+    validation_key: str  # identifies the validation set (see _validation_key)
+    val_every: int
+    seed: int
+    amp: bool
+    stop_after: int | None
+
+
+# --- the driver ------------------------------------------------------------------------------
+def effective_preset(config: str, overrides: tuple[str, ...] | list[str] = (), epochs: int | None = None, batch_size: int | None = None) -> Preset:
+    """The preset as a job trains it: ``config`` (a name or a YAML path) with ``--set`` overrides, ``--epochs``
+    (the warm-up shortened to fit) and ``--batch-size`` applied; ``UsageError`` naming what to fix.
+    (``num_classes`` is the annotations' and is set by ``plan``.)"""
     try:
-        preset = load_preset(job.config)
+        preset = load_preset(config)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(f"--config: {exc}") from None
-    preset = _apply_overrides(preset, job.overrides)
+    preset = _apply_overrides(preset, overrides)
+    epochs = epochs or preset.optim.epochs
+    optim = replace(preset.optim, epochs=epochs, warmup_epochs=min(preset.optim.warmup_epochs, max(epochs - 1, 0)))
+    return replace(preset, optim=optim, batch_size=batch_size or preset.batch_size)
+
+
+def plan(job: TrainJob) -> TrainPlan:
+    """Everything the workers need, checked on the driver: raises ``UsageError`` with what to fix."""
+    preset = effective_preset(job.config, job.overrides, job.epochs, job.batch_size)
     annotations = read_annotations(job.annotations)
     store = FeatureStore(job.features, options=job.storage_options or None)
     try:
@@ -111,47 +174,41 @@ def plan(job: TrainJob) -> dict[str, Any]:
         raise UsageError(f"none of the {len(val_set)} {val_subset!r} videos of {job.annotations} has features in {job.features}")
     ids = annotations.label_map.ids
     model_class = {cid: i for i, cid in enumerate(ids)}  # annotation label id -> model class 0..K-1
-    timing = provenance.timing
 
-    def video(vid: str) -> dict[str, Any]:
+    def targets(vid: str) -> VideoTargets:
         v = annotations[vid]
         seconds = np.asarray(v.segments.data, dtype=np.float64).reshape(-1, 2)
-        return {
-            "segments_s": seconds.tolist(),
-            "segments": timing.seconds_to_step(seconds).tolist(),
-            "labels": [model_class[int(k)] for k in v.labels],
-            "duration": v.duration,
-        }
+        return VideoTargets(
+            segments_s=seconds,
+            segments=np.asarray(provenance.timing.seconds_to_step(seconds), np.float64),
+            labels=np.array([model_class[int(k)] for k in v.labels], np.int64),
+            duration=v.duration,
+        )
 
-    epochs = job.epochs or preset.optim.epochs
-    optim = replace(preset.optim, epochs=epochs, warmup_epochs=min(preset.optim.warmup_epochs, max(epochs - 1, 0)))
-    return {
-        "preset": preset.name,
-        "detector": config_to_dict(detector),
-        "optim": config_to_dict(optim),
-        "batch_size": job.batch_size or preset.batch_size,
-        "labels": annotations.label_map.names,
-        "provenance": provenance.to_dict(),
-        "features": store.uri,  # absolute for a local store: workers run elsewhere
-        "storage_options": job.storage_options,
-        "train": {vid: video(vid) for vid in train_ids},
-        "val": {vid: video(vid) for vid in val_ids},
-        "train_subset": train_subset,
-        "val_subset": val_subset,
-        "missing_videos": missing,
-        "val_every": job.val_every,
-        "seed": job.seed,
-        "amp": job.amp,
-        "validation_key": _validation_key(val_ids, annotations),
-        "stop_after": job.stop_after,
-    }
+    return TrainPlan(
+        preset=preset.name,
+        detector=detector,
+        optim=preset.optim,
+        batch_size=preset.batch_size,
+        labels=tuple(annotations.label_map.names),
+        provenance=provenance,
+        features=store.uri,
+        storage_options=job.storage_options,
+        train={vid: targets(vid) for vid in train_ids},
+        val={vid: targets(vid) for vid in val_ids},
+        train_subset=train_subset,
+        val_subset=val_subset,
+        missing_videos=tuple(missing),
+        validation_key=_validation_key(val_ids, annotations),
+        val_every=job.val_every,
+        seed=job.seed,
+        amp=job.amp,
+        stop_after=job.stop_after,
+    )
 
 
 def _apply_overrides(preset, overrides):
     """``preset`` with ``--set key=value`` applied (values parsed as YAML), revalidated."""
-    from tal_models.config import apply_overrides, config_from_dict, config_to_dict
-    from tal_models.presets import Preset
-
     if not overrides:
         return preset
     data = config_to_dict(preset)
@@ -182,8 +239,6 @@ def _subsets(annotations, train: str | None, val: str | None) -> tuple[str, str]
 def _validation_key(val_ids: list[str], annotations) -> str:
     """Identifies the validation set (videos and their ground truth): a champion is only replaced
     by a model scored on the same set."""
-    import hashlib
-
     h = hashlib.sha256()
     for vid in val_ids:
         v = annotations[vid]
@@ -195,19 +250,14 @@ def _validation_key(val_ids: list[str], annotations) -> str:
 
 def train(job: TrainJob) -> dict[str, Any]:
     """Run ``job``; returns a summary (run name, MLflow run id, best score, registration)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from jobs import tracking
-
     given = {k for k in _RAY_TRAIN_ENV if k in os.environ}  # e.g. by a Ray job's runtime_env: left as they are
     for key, value in _RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     started = time.perf_counter()
-    spec = plan(job)
+    planned = plan(job)
+    epochs = planned.optim.epochs
     out = _storage_path(job.out)
-    run_name = job.resume or job.run_name or f"{spec['preset']}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+    run_name = job.resume or job.run_name or f"{planned.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     state_file = Path(out) / run_name / "tal_run.json" if "://" not in out else None
     uri = tracking.tracking_uri(job.mlflow_uri)
     mlflow_run_id = None
@@ -218,32 +268,32 @@ def train(job: TrainJob) -> dict[str, Any]:
     elif (Path(out) / run_name).exists():
         raise UsageError(f"a run named {run_name!r} already exists under {out}: choose another --run-name, or --resume it")
     print(
-        f"tal train: {spec['preset']} on {len(spec['train'])} {spec['train_subset']} videos, validating on {len(spec['val'])} "
-        f"{spec['val_subset']} videos; {job.workers} worker(s); run {run_name!r}"
-        + (f"; {len(spec['missing_videos'])} annotated videos have no features (skipped)" if spec["missing_videos"] else "")
+        f"tal train: {planned.preset} on {len(planned.train)} {planned.train_subset} videos, validating on {len(planned.val)} "
+        f"{planned.val_subset} videos; {job.workers} worker(s); run {run_name!r}"
+        + (f"; {len(planned.missing_videos)} annotated videos have no features (skipped)" if planned.missing_videos else "")
     )
     tags = {
         "git_commit": tracking.git_commit() or "unknown",
-        "preset": spec["preset"],
-        **{f"features.{k}": str(v) for k, v in spec["provenance"].items() if k != "extract_config"},
+        "preset": planned.preset,
+        **{f"features.{k}": str(v) for k, v in planned.provenance.to_dict().items() if k != "extract_config"},
         "features.uri": job.features,
-        "validation_key": spec["validation_key"],
+        "validation_key": planned.validation_key,
     }
     with tracking.TrainingRun(uri, job.experiment, run_name, tags=tags, run_id=mlflow_run_id) as run:
         if state_file is not None:
             state_file.parent.mkdir(parents=True, exist_ok=True)
             state_file.write_text(json.dumps({"mlflow_run_id": run.run_id, "job": asdict(job)}, indent=1))
-        run.log_params({"preset": spec["preset"], "detector": spec["detector"], "optim": spec["optim"], "batch_size": spec["batch_size"],
-                        "workers": job.workers, "seed": job.seed})  # fmt: skip
+        run.log_params({"preset": planned.preset, "detector": config_to_dict(planned.detector), "optim": config_to_dict(planned.optim),
+                        "batch_size": planned.batch_size, "workers": job.workers, "seed": job.seed})  # fmt: skip
         if job.stop_after:
             run.set_tags({"tal.stopped_after_epoch": str(job.stop_after)})
-        if not ray.is_initialized():
-            # keys the environment (e.g. a Ray job's runtime_env) already sets are left to it: Ray refuses to merge conflicting ones
-            env = {k: v for k, v in _RAY_TRAIN_ENV.items() if k not in given}
-            ray.init(runtime_env={"env_vars": env} if env else None)
+        # keys the environment (e.g. a Ray job's runtime_env) already sets are left to it: Ray refuses to merge conflicting ones
+        env = {k: v for k, v in _RAY_TRAIN_ENV.items() if k not in given}
+        init_ray(runtime_env={"env_vars": env} if env else None)
+        console = DriverConsole()  # the workers' output stays in Ray's logs: rank 0 sends its progress lines here
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={**spec, "mlflow_uri": uri, "mlflow_run_id": run.run_id},
+            train_loop_config={"plan": planned, "mlflow_uri": uri, "mlflow_run_id": run.run_id, "console": console},
             scaling_config=ScalingConfig(
                 num_workers=job.workers,
                 use_gpu=job.gpus_per_worker > 0,
@@ -256,10 +306,12 @@ def train(job: TrainJob) -> dict[str, Any]:
                     num_to_keep=max(job.keep_best, 1), checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
                 ),  # fmt: skip
                 failure_config=FailureConfig(max_failures=job.max_failures),
+                logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines only in its log files
             ),
         )
         fit_started = time.time()
-        result = trainer.fit()
+        with console.printing():
+            result = trainer.fit()
         best = _best_checkpoint(result)
         summary: dict[str, Any] = {
             "run_name": run_name,
@@ -273,15 +325,15 @@ def train(job: TrainJob) -> dict[str, Any]:
         checkpoint, score = best
         with checkpoint.as_directory() as directory:
             run.log_artifact(str(Path(directory) / "model.pt"), "checkpoint")
-            _log_validation_artifacts(run, Path(directory) / "val_predictions.json", job, spec)
+            _log_validation_artifacts(run, Path(directory) / "val_predictions.json", job, planned)
         run.log_text(_preset_yaml(job), "config/preset.yaml")
         summary["best_score"] = score
         run.log_metrics({f"best_{SCORE}": score}, step=0)
-        stopped = job.stop_after is not None and job.stop_after < spec["optim"]["epochs"]
+        stopped = job.stop_after is not None and job.stop_after < epochs
         if stopped:
-            print(f"stopped after epoch {job.stop_after} of {spec['optim']['epochs']}: continue with --resume {run_name}")
+            print(f"stopped after epoch {job.stop_after} of {epochs}: continue with --resume {run_name}")
         elif job.register:
-            registration = tracking.register_checkpoint(uri, run.run_id, "checkpoint/model.pt", score, spec["validation_key"])
+            registration = tracking.register_checkpoint(uri, run.run_id, "checkpoint/model.pt", score, planned.validation_key)
             summary["registration"] = asdict(registration)
             print(f"registered tal-detector version {registration.version}: {registration.reason}")
     print(f"done in {summary['wall_s']:.0f} s: best {SCORE} {score:.4f}; MLflow run {summary['mlflow_run_id']} ({uri})")
@@ -289,23 +341,16 @@ def train(job: TrainJob) -> dict[str, Any]:
 
 
 def _preset_yaml(job: TrainJob) -> str:
-    """The preset as trained (overrides applied), for the run's artifacts."""
-    from tal_models.config import dump_yaml
-    from tal_models.presets import load_preset
-
-    return dump_yaml(_apply_overrides(load_preset(job.config), job.overrides))
+    """The preset as trained (overrides, epochs and batch size applied), for the run's artifacts."""
+    return dump_yaml(effective_preset(job.config, job.overrides, job.epochs, job.batch_size))
 
 
-def _log_validation_artifacts(run, predictions_file: Path, job: TrainJob, spec: dict[str, Any]) -> None:
+def _log_validation_artifacts(run, predictions_file: Path, job: TrainJob, planned: TrainPlan) -> None:
     """The best checkpoint's validation predictions, its metrics JSON and precision/recall + per-class AP plots."""
     if not predictions_file.exists():
         return
-    from jobs.plots import plot_detection_metrics
-    from pipelines.annotations import read_activitynet_results, read_annotations
-    from tal_models.evaluation.detection import THUMOS14_TIOU, evaluate_detection
-
-    truth = read_annotations(job.annotations).subset(spec["val_subset"])
-    truth = type(truth)({v: truth[v] for v in spec["val"]}, truth.label_map, truth.source, truth.format)
+    truth = read_annotations(job.annotations).subset(planned.val_subset)
+    truth = type(truth)({v: truth[v] for v in planned.val}, truth.label_map, truth.source, truth.format)
     predictions = read_activitynet_results(predictions_file, truth.label_map)
     metrics = evaluate_detection(truth, predictions.detections, THUMOS14_TIOU, keep_curves=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,182 +373,196 @@ def _best_checkpoint(result) -> tuple[Any, float] | None:
 
 
 # --- the worker ------------------------------------------------------------------------------
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP worker: its shard, the epoch loop, validation, checkpoints (rank 0 reports them)."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
-
-    from jobs import tracking
-    from pipelines.store import FeatureStore
-    from tal_models.batch import collate, random_crop
-    from tal_models.checkpoint import Checkpoint, save_checkpoint
-    from tal_models.config import config_from_dict
-    from tal_models.detectors import DetectorConfig, build_detector
-    from tal_models.losses import LossNormalizer
-    from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
-    from tal_models.training import EpochTiming, train_one_epoch
-
+    plan: TrainPlan = config["plan"]
+    console: DriverConsole = config["console"]
     loop_started = time.time()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    detector_config = config_from_dict(DetectorConfig, cfg["detector"])
-    optim = config_from_dict(OptimConfig, cfg["optim"])
-    batch_size = int(cfg["batch_size"])
+    shard = _read_shard(plan, rank, world)
+    iterations = math.ceil(len(plan.train) / (world * plan.batch_size))  # the same on every rank: DDP needs it
 
-    # this worker's shard: every world-th video, read from the parts that hold them
-    train_ids = sorted(cfg["train"])[rank::world]
-    val_ids = sorted(cfg["val"])[rank::world]
-    store = FeatureStore(cfg["features"], options=cfg["storage_options"] or None)
-    sequences = store.read_videos(train_ids + val_ids)
-    iterations = math.ceil(len(cfg["train"]) / (world * batch_size))  # the same on every rank: DDP needs it
-
-    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-    model = build_detector(detector_config).to(device)
-    optimizer = build_optimizer(model, optim)
-    scheduler = build_scheduler(optimizer, optim, iterations)
-    ema = ModelEMA(model, optim.ema_decay) if optim.ema_decay else None
-    start_epoch = 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        normalizers = state["loss_normalizers"]  # one per rank: each counts its own positives
-        model.loss_normalizer.load_state_dict(normalizers[rank] if len(normalizers) == world else normalizers[0])
-        start_epoch = int(state["epoch"]) + 1
-        if rank == 0:
-            print(f"resuming from the checkpoint of epoch {start_epoch} (of {optim.epochs})")
-    normalizer: LossNormalizer = model.loss_normalizer
+    torch.manual_seed(plan.seed)  # the same initial weights on every rank
+    model = build_detector(plan.detector).to(device)
+    optimizer = build_optimizer(model, plan.optim)
+    scheduler = build_scheduler(optimizer, plan.optim, iterations)
+    ema = ModelEMA(model, plan.optim.ema_decay) if plan.optim.ema_decay else None
+    state = _TrainingState(model, optimizer, scheduler, ema)
+    start_epoch = _restore_state(state, ray.train.get_checkpoint(), rank, world, device)
+    if start_epoch and rank == 0:
+        console.print(f"resuming from the checkpoint of epoch {start_epoch} (of {plan.optim.epochs})")
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-    logger = tracking.RunLogger(cfg["mlflow_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
-    use_amp = bool(cfg["amp"]) and device.type == "cuda"
+    logger = tracking.RunLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    autocast = torch.bfloat16 if plan.amp and device.type == "cuda" else None
 
-    for epoch in range(start_epoch, optim.epochs):
-        torch.manual_seed(hash((cfg["seed"], rank, epoch)) % 2**31)  # drop-path: the same path after a resume
-        rng = np.random.default_rng([cfg["seed"], rank, epoch])
-        order = np.concatenate(
-            [rng.permutation(len(train_ids)) for _ in range(math.ceil(iterations * batch_size / max(len(train_ids), 1)) + 1)]
-        )
-
-        def batches(rng=rng, order=order):  # crops are drawn as the loop asks for each batch
-            for it in range(iterations):
-                samples = []
-                for j in order[it * batch_size : (it + 1) * batch_size]:
-                    vid = train_ids[j]
-                    ann = cfg["train"][vid]
-                    feats, segs, labels, _ = random_crop(
-                        sequences[vid].features,
-                        np.asarray(ann["segments"], np.float32).reshape(-1, 2),
-                        np.asarray(ann["labels"], np.int64),
-                        detector_config.max_seq_len,
-                        rng,
-                    )
-                    samples.append({"features": feats, "segments": segs, "labels": labels, "video_id": vid})
-                yield collate(samples, model.pad_multiple)
-
+    for epoch in range(start_epoch, plan.optim.epochs):
+        torch.manual_seed(hash((plan.seed, rank, epoch)) % 2**31)  # drop-path: the same path after a resume
+        rng = np.random.default_rng([plan.seed, rank, epoch])
         epoch_started, timing = time.time(), EpochTiming()
         stats = train_one_epoch(
-            ddp_model, batches(), optimizer, scheduler, ema=ema, clip_grad_norm=optim.clip_grad_norm or None, device=device,
-            autocast_dtype=torch.bfloat16 if use_amp else None, timing=timing,
+            ddp_model, _epoch_batches(plan, shard, rng, iterations, model.pad_multiple), optimizer, scheduler, ema=ema,
+            clip_grad_norm=plan.optim.clip_grad_norm or None, device=device, autocast_dtype=autocast, timing=timing,
         )  # fmt: skip
-        metrics = {f"train_{k}": stats[k] for k in stats if k.endswith("loss")}
-        metrics["lr"] = scheduler.get_last_lr()[0]
-        metrics["samples_per_second"] = stats["samples_per_second"] * world
-        metrics["epoch"] = epoch
-        metrics["epoch_seconds"] = timing.epoch_seconds  # data preparation + steps
-        metrics["step_seconds"] = timing.step_seconds  # forward + backward + optimiser only
+        metrics = _train_metrics(stats, scheduler.get_last_lr()[0], world, epoch, timing)
         if epoch == start_epoch:
             metrics.update(first_step_unix=epoch_started + timing.first_step_seconds, worker_start_unix=loop_started)
-
-        last = epoch == optim.epochs - 1
-        if (epoch + 1) % cfg["val_every"] == 0 or last:
-            evaluated = ema.module if ema is not None else model
+        predictions = None
+        if (epoch + 1) % plan.val_every == 0 or epoch == plan.optim.epochs - 1:
             val_started = time.perf_counter()
-            metrics.update(_validate(evaluated, sequences, val_ids, cfg, rank, world, dist, device))
-            metrics["val_seconds"] = time.perf_counter() - val_started
-
-        checkpoint_dir = tempfile.mkdtemp(prefix="tal-ckpt-")
-        shared = [None] * world  # every rank's loss normaliser (for an exact resume) and peak memory
-        mine = (normalizer.state_dict(), _peak_rss_mb())
-        if world > 1:
-            dist.all_gather_object(shared, mine)
-        else:
-            shared = [mine]
-        normalizers = [n for n, _ in shared]
-        metrics["worker_peak_rss_mb"] = max(p for _, p in shared)
-        predictions = metrics.pop("_predictions", None)
+            scores, predictions = _validate(state.weights, shard, plan, rank, world, device)
+            metrics.update(scores, val_seconds=time.perf_counter() - val_started)
+        shared = _gather((model.loss_normalizer.state_dict(), _peak_rss_mb()), world)  # every rank's normaliser: an exact resume
+        metrics["worker_peak_rss_mb"] = max(peak for _, peak in shared)
+        checkpoint = None
         if rank == 0:
-            if predictions is not None:
-                from pipelines.annotations import write_activitynet_results
-                from tal_models.structures import LabelMap
-
-                write_activitynet_results(
-                    Path(checkpoint_dir) / "val_predictions.json", predictions.values(), LabelMap.from_names(cfg["labels"])
-                )
-            weights = ema.module if ema is not None else model
-            meta = {"epoch": epoch, "preset": cfg["preset"], **_scalars(metrics)}
-            save_checkpoint(Checkpoint.from_model(weights, cfg["labels"], cfg["provenance"], meta), Path(checkpoint_dir) / "model.pt")
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else {},
-                    "loss_normalizers": normalizers,
-                    "epoch": epoch,
-                },
-                Path(checkpoint_dir) / "state.pt",
-            )
+            checkpoint = _save_state(state, [normalizer for normalizer, _ in shared], epoch, metrics, predictions, plan)
             _log_epoch(logger, metrics, epoch)
-            print(_progress_line(epoch, optim.epochs, metrics))
-        ray.train.report(_scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None)
-        if cfg["stop_after"] is not None and epoch + 1 >= cfg["stop_after"]:
+            console.print(_progress_line(epoch, plan.optim.epochs, metrics))
+        ray.train.report(_scalars(metrics), checkpoint=checkpoint)
+        if plan.stop_after is not None and epoch + 1 >= plan.stop_after:
             break
 
 
-def _validate(model, sequences, val_ids, cfg, rank, world, dist, device) -> dict[str, float]:
-    """Detections of this rank's validation videos, gathered on rank 0 and evaluated once."""
-    import torch
+@dataclass(frozen=True)
+class _Shard:
+    """One worker's videos (every world-th of the sorted ids) with their features, read once: a detector needs whole
+    sequences, cropped anew every epoch."""
 
-    from tal_models.evaluation.detection import THUMOS14_TIOU, evaluate_detection
-    from tal_models.structures import AnnotationSet, LabelMap, Segments, VideoAnnotation
+    train_ids: list[str]
+    val_ids: list[str]
+    sequences: dict[str, FeatureSequence]
 
+
+def _read_shard(plan: TrainPlan, rank: int, world: int) -> _Shard:
+    train_ids = sorted(plan.train)[rank::world]
+    val_ids = sorted(plan.val)[rank::world]
+    store = FeatureStore(plan.features, options=plan.storage_options or None)
+    return _Shard(train_ids, val_ids, store.read_videos(train_ids + val_ids))
+
+
+@dataclass(frozen=True)
+class _TrainingState:
+    """What a checkpoint restores: weights, optimiser, schedule and EMA (the loss normaliser lives in the model)."""
+
+    model: Detector
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: ModelEMA | None
+
+    @property
+    def weights(self) -> Detector:
+        """The weights that are validated and shipped: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def _restore_state(state: _TrainingState, checkpoint: ray.train.Checkpoint | None, rank: int, world: int, device) -> int:
+    """Load ``checkpoint`` (Ray Train's latest, after a failure or a --resume) into ``state``; returns the first epoch to run."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        saved = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=True)
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.ema is not None:
+        state.ema.load_state_dict(saved["ema"])
+    normalizers = saved["loss_normalizers"]  # one per rank: each counts its own positives
+    state.model.loss_normalizer.load_state_dict(normalizers[rank] if len(normalizers) == world else normalizers[0])
+    return int(saved["epoch"]) + 1
+
+
+def _epoch_batches(plan: TrainPlan, shard: _Shard, rng: np.random.Generator, iterations: int, pad_multiple: int) -> Iterator[Batch]:
+    """This epoch's ``iterations`` batches of random crops, in a shuffled order of the shard (as many passes as it takes);
+    the crops are drawn from ``rng`` as the loop asks for each batch."""
+    n, size = len(shard.train_ids), plan.batch_size
+    order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(iterations * size / max(n, 1)) + 1)])
+    for it in range(iterations):
+        samples = []
+        for j in order[it * size : (it + 1) * size]:
+            vid = shard.train_ids[j]
+            targets = plan.train[vid]
+            features, segments, labels, _ = random_crop(
+                shard.sequences[vid].features,
+                np.asarray(targets.segments, np.float32).reshape(-1, 2),
+                np.asarray(targets.labels, np.int64),
+                plan.detector.max_seq_len,
+                rng,
+            )
+            samples.append({"features": features, "segments": segments, "labels": labels, "video_id": vid})
+        yield collate(samples, pad_multiple, num_classes=plan.detector.num_classes)  # labels checked here, on the host
+
+
+def _train_metrics(stats: dict[str, float], lr: float, world: int, epoch: int, timing: EpochTiming) -> dict[str, float]:
+    metrics = {f"train_{k}": stats[k] for k in stats if k.endswith("loss")}
+    metrics["lr"] = lr
+    metrics["samples_per_second"] = stats["samples_per_second"] * world
+    metrics["epoch"] = epoch
+    metrics["epoch_seconds"] = timing.epoch_seconds  # data preparation + steps
+    metrics["step_seconds"] = timing.step_seconds  # forward + backward + optimiser only
+    return metrics
+
+
+def _validate(
+    model: Detector, shard: _Shard, plan: TrainPlan, rank: int, world: int, device
+) -> tuple[dict[str, float], dict[str, Detections] | None]:
+    """Detections of this rank's validation videos, gathered on rank 0 and evaluated once: rank 0 gets
+    ``(metrics, {video_id: Detections})``, the other ranks ``({}, None)``."""
     model.eval()
     local = []
     with torch.inference_mode():
-        for vid in val_ids:
-            seq = sequences[vid]
-            det = model.detect(seq.features, seq.timing, cfg["val"][vid]["duration"] or seq.duration, vid)
+        for vid in shard.val_ids:
+            seq = shard.sequences[vid]
+            det = model.detect(seq.features, seq.timing, plan.val[vid].duration or seq.duration, vid)
             local.append((vid, det.segments.data.cpu().numpy(), det.scores.cpu().numpy(), det.labels.cpu().numpy()))
-    gathered = [None] * world
-    if world > 1:
-        dist.all_gather_object(gathered, local)
-    else:
-        gathered = [local]
+    gathered = _gather(local, world)
     if rank != 0:
-        return {}
-    from tal_models.structures import Detections
-
+        return {}, None
     predictions = {vid: Detections(vid, Segments(s), sc, lab) for part in gathered for vid, s, sc, lab in part}
-    label_map = LabelMap.from_names(cfg["labels"])
-    truth = {
-        vid: VideoAnnotation(
-            vid, Segments(np.asarray(a["segments_s"], np.float64).reshape(-1, 2)), np.asarray(a["labels"], np.int64), a["duration"]
-        )
-        for vid, a in cfg["val"].items()
-    }
-    metrics = evaluate_detection(AnnotationSet(truth, label_map), predictions, THUMOS14_TIOU)
-    out = {f"val_mAP_{t:.2f}": float(m) for t, m in zip(metrics.tiou, metrics.mAP)}  # MLflow refuses "@" in names
-    out[SCORE] = float(metrics.mAP.mean())
-    out["_predictions"] = predictions  # rank 0 writes them beside the checkpoint
-    return out
+    truth = {vid: VideoAnnotation(vid, Segments(t.segments_s), t.labels, t.duration) for vid, t in plan.val.items()}
+    result = evaluate_detection(AnnotationSet(truth, LabelMap.from_names(plan.labels)), predictions, THUMOS14_TIOU)
+    metrics = {f"val_mAP_{t:.2f}": float(m) for t, m in zip(result.tiou, result.mAP)}  # MLflow refuses "@" in names
+    metrics[SCORE] = float(result.mAP.mean())
+    return metrics, predictions
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    """``obj`` from every rank, in rank order, on every rank (one ``all_gather_object`` over the DDP group)."""
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _save_state(
+    state: _TrainingState,
+    normalizers: list[dict],
+    epoch: int,
+    metrics: dict[str, Any],
+    predictions: dict[str, Detections] | None,
+    plan: TrainPlan,
+) -> ray.train.Checkpoint:
+    """This epoch's checkpoint folder: ``model.pt`` (the shipped weights), ``state.pt`` (what ``_restore_state`` loads,
+    every rank's loss normaliser included) and, when validated, ``val_predictions.json``."""
+    directory = Path(tempfile.mkdtemp(prefix="tal-ckpt-"))
+    if predictions is not None:
+        write_activitynet_results(directory / "val_predictions.json", predictions.values(), LabelMap.from_names(plan.labels))
+    meta = {"epoch": epoch, "preset": plan.preset, **_scalars(metrics)}
+    save_checkpoint(Checkpoint.from_model(state.weights, plan.labels, plan.provenance.to_dict(), meta), directory / "model.pt")
+    torch.save(
+        {
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "ema": state.ema.state_dict() if state.ema is not None else {},
+            "loss_normalizers": normalizers,
+            "epoch": epoch,
+        },
+        directory / "state.pt",
+    )
+    return ray.train.Checkpoint.from_directory(str(directory))
 
 
 def _peak_rss_mb() -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import os
 import time
 import warnings
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.backbones import Backbone, BackboneConfig, build_backbone
+from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, FeatureStore, PartWriter, Provenance, filesystem_for
 from pipelines.video import VideoDecodeError, iter_frames, sample_times
 from tal_models.timing import FeatureTiming
@@ -427,9 +427,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         summary.seconds = time.perf_counter() - t0
         return summary
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # our summary and progress bar say what matters
+    init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours is per video; Ray's per operator would repeat it
     items = [{"video_id": v.video_id, "uri": v.uri} for v in todo]

@@ -68,6 +68,7 @@ def handle(args: argparse.Namespace) -> int:
     from ray import serve
 
     from jobs.serve import describe_model, resolve_args, run_app
+    from pipelines.ray_runtime import owns_ray
 
     given = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items()}
     given_as = {field: "--" + dest.replace("_", "-") for dest, field in _FLAG_FIELDS.items()}
@@ -84,7 +85,8 @@ def handle(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C while the replicas start: stop what started, no traceback
         print("interrupted while starting; stopping ...", file=sys.stderr)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
-        serve.shutdown()
+        if not owns_ray():  # a local Ray this process started ends with it, Serve included
+            serve.shutdown()
         return 130
     print(f"serving {serve_args.model} at {url}  (OpenAPI: {url}/docs)")
     print(f"  curl {url}/v1/model")
@@ -95,5 +97,8 @@ def handle(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     print("stopping ...")
-    serve.shutdown()
+    # serve.shutdown() makes Ray print "Task ServeController.graceful_shutdown failed ... will be retried": a local Ray
+    # this process started ends with it (Serve included) at exit; only a cluster's Serve is shut down here
+    if not owns_ray():
+        serve.shutdown()
     return 0

@@ -15,8 +15,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "registered as tal-detector and becomes the champion when it beats the current one on the same validation set.",
     )
     p.add_argument("--config", required=True, help="preset name (e.g. thumos14-actionformer, demo-actionformer) or a preset YAML")
-    p.add_argument("--features", required=True, help="feature store (local folder or s3://...)")
-    p.add_argument("--annotations", required=True, help="ground truth (ActivityNet / THUMOS14 / MultiTHUMOS / EPIC formats)")
+    p.add_argument("--features", help="feature store (local folder or s3://...); required unless --print-config")
+    p.add_argument("--annotations", help="ground truth (ActivityNet / THUMOS14 / MultiTHUMOS / EPIC formats); required unless --print-config")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the full effective preset (--set, --epochs, --batch-size applied) as YAML and exit; a file to edit or pass to --config",
+    )
     p.add_argument("--out", default="out/train", help="Ray Train run folders (default out/train; s3:// on a cluster)")
     p.add_argument("--workers", type=int, default=1, help="DDP workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (default 0: CPU, gloo; >0: NCCL, bf16)")
@@ -44,7 +49,17 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError("--workers, --val-every and --keep-best must be >= 1")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
-    from jobs.train import TrainJob, train
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from jobs.train import TrainJob, effective_preset, train
+    from tal_models.config import dump_yaml
+
+    if args.print_config:
+        print(dump_yaml(effective_preset(args.config, args.set, args.epochs, args.batch_size)), end="")
+        return 0
+    missing = [flag for flag, value in (("--features", args.features), ("--annotations", args.annotations)) if value is None]
+    if missing:
+        raise UsageError(f"the following arguments are required: {', '.join(missing)} (or --print-config)")
     from pipelines.store import storage_options
 
     job = TrainJob(

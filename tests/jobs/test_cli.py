@@ -82,3 +82,22 @@ def test_defaults_written_into_the_help_are_the_jobs():
         synth.SUBSETS,
         synth.MAX_CLASSES,
     )
+
+
+def test_train_print_config_writes_the_full_effective_preset_that_loads_back(tmp_path, capsys):
+    from tal_models.presets import load_preset
+
+    assert main(["train", "--config", "demo-tridet", "--set", "optim.lr=0.002", "--epochs", "5", "--batch-size", "3", "--print-config"]) == 0
+    path = tmp_path / "effective.yaml"
+    path.write_text(capsys.readouterr().out)
+    printed = load_preset(path)
+    shipped = load_preset("demo-tridet")
+    assert printed.detector == shipped.detector
+    assert (printed.optim.lr, printed.optim.epochs, printed.optim.warmup_epochs, printed.batch_size) == (0.002, 5, 2, 3)
+    assert printed.optim.weight_decay == shipped.optim.weight_decay  # everything else as shipped
+    assert "base" not in path.read_text() and "regression_ranges" in path.read_text()  # full, not sparse
+
+
+def test_train_needs_a_store_and_annotations_unless_printing(capsys):
+    assert main(["train", "--config", "demo-tridet"]) == 2
+    assert "--features, --annotations (or --print-config)" in capsys.readouterr().err

@@ -1,7 +1,11 @@
 """``tal synth``, ``tal extract``, ``tal import-features``, ``tal export-features`` and ``tal demo``
-through the real entry point (in-process, sharing the session's Ray)."""
+through the real entry point (in-process, sharing the session's Ray; the first demo in a process of its own)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,19 +68,51 @@ def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     assert len(err) == 1 and needle in err[0], err
 
 
+# What Ray and its libraries print by themselves; none of it is the user's business (each has its cause in jobs/ or
+# pipelines/ray_runtime.py): Ray Data's per-run INFO lines, the C++ core worker's ERROR copy on the driver's stderr,
+# Serve's shutdown notice, Ray Train's per-report INFO line, forwarded worker output, a warning from our own code.
+RAY_NOISE = ("streaming_executor", "core_worker.cc", "graceful_shutdown", "Reporting training result", "UserWarning",
+             "(RayTrainWorker", "(TrainController", "(raylet)", "(ServeController", "(ProxyActor", "Progress bars disabled")  # fmt: skip
+DEMO = ["demo", "--videos", "3", "--duration-range", "4", "6", "--workers", "2"]
+
+
+def _assert_quiet(printed: str) -> list[str]:
+    noisy = [line for line in printed.splitlines() if any(n in line for n in RAY_NOISE)]
+    assert not noisy, noisy
+    lines = printed.splitlines()
+    progress = [line for line in lines if line.startswith("epoch ")]
+    assert len(progress) == len(set(progress)), progress  # each progress line once
+    return lines
+
+
 def test_demo_end_to_end(tmp_path, ray_session, capsys):
+    """The short demo as a user runs it: a process of its own with its own Ray (so that what Ray writes to the
+    terminal from C++ and from its workers would show), then again in this process on the session's Ray."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--videos", "3", "--duration-range", "4", "6", "--workers", "2", "--epochs", "4"]) == 0
-    printed = capsys.readouterr().out
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}  # its own Ray, not the test session's
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", *DEMO, "--out", str(out), "--epochs", "4"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=280)  # fmt: skip
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed[-4000:]
+    lines = _assert_quiet(printed)
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+        assert sum(line.startswith(stage) for line in lines) == 1, stage
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/4", "2/4", "3/4", "4/4"]
+    ray_logs = [line.removeprefix("Ray logs: ") for line in lines if line.startswith("Ray logs: ")]
+    assert len(ray_logs) == 1 and Path(ray_logs[0]).is_dir(), ray_logs
+    assert any(line.startswith("extract:") for line in lines) and any("tal synth:" in line for line in lines)  # our progress bars
     assert "3 videos" in printed and "1280 dims" in printed
     assert len(FeatureStore(str(out / "features")).read_all()) == 3
     # trained, registered as the champion, evaluated on the test video
-    assert "registered tal-detector version 1" in printed and "average mAP" in printed
+    assert "registered tal-detector version 1" in printed and "average mAP (tIoU 0.3:0.7) on the 1 test videos" in printed
     assert (out / "eval" / "predictions.json").exists() and (out / "eval" / "metrics.json").exists()
     # served: one test video through /v1/detect/video, its detections printed beside the ground truth
     assert "POST synth_" in printed and "feature steps; decode" in printed and "best detection of the same class" in printed
-    assert ray_session.is_initialized()  # the demo leaves a Ray it did not start running
-    # Running it again reuses the archive and skips finished videos.
-    assert main(["demo", "--out", str(out), "--videos", "3", "--duration-range", "4", "6", "--workers", "2", "--epochs", "2"]) == 0
+
+    # Running it again reuses the archive and skips finished videos; on a Ray it did not start, it leaves it running.
+    capsys.readouterr()
+    assert main([*DEMO, "--out", str(out), "--epochs", "2", "--no-serve"]) == 0
     again = capsys.readouterr().out
     assert "reusing it" in again and "3 already done, 0 extracted" in again
+    assert [line.split()[1] for line in _assert_quiet(again) if line.startswith("epoch ")] == ["1/2", "2/2"]
+    assert ray_session.is_initialized()

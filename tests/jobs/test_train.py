@@ -14,7 +14,7 @@ import pytest
 
 from jobs.errors import UsageError
 from jobs.tracking import resolve_model
-from jobs.train import TrainJob, plan, train
+from jobs.train import TrainJob, TrainPlan, VideoTargets, plan, train
 from pipelines.store import FeatureSequence, FeatureStore, Provenance
 from tal_models.checkpoint import load_checkpoint
 from tal_models.config import dump_yaml
@@ -123,9 +123,57 @@ def test_plan_names_unknown_subsets_and_bad_overrides(tmp_path):
         plan(TrainJob(**{**base.__dict__, "train_subset": "train", "val_subset": "nope"}))
     with pytest.raises(UsageError, match="no such key"):
         plan(TrainJob(**{**base.__dict__, "overrides": ("optim.learning_rate=1",)}))
-    spec = plan(TrainJob(**{**base.__dict__, "overrides": ("optim.lr=0.01", "detector.loss.label_smoothing=0.1")}))
-    assert spec["optim"]["lr"] == 0.01 and spec["detector"]["loss"]["label_smoothing"] == 0.1
-    assert spec["labels"] == CLASSES and spec["train_subset"] == "training"
+    planned = plan(TrainJob(**{**base.__dict__, "overrides": ("optim.lr=0.01", "detector.loss.label_smoothing=0.1")}))
+    assert planned.optim.lr == 0.01 and planned.detector.loss.label_smoothing == 0.1
+    assert list(planned.labels) == CLASSES and planned.train_subset == "training"
+
+
+def test_plan_is_a_typed_train_plan_of_the_job(tmp_path):
+    """What the driver hands every worker: typed configs, the store's provenance, per-video targets in seconds and steps."""
+    import pickle
+
+    from tal_models.config import config_from_dict, config_to_dict
+    from tal_models.detectors import DetectorConfig
+
+    store, gt = _dataset(tmp_path, videos=6)
+    job = TrainJob(config=str(_preset(tmp_path, epochs=3)), features=store, annotations=str(gt), batch_size=2, seed=7, val_every=2)
+    planned = plan(job)
+    assert isinstance(planned, TrainPlan)
+    assert isinstance(planned.detector, DetectorConfig) and planned.detector.num_classes == K and planned.detector.input_dim == C
+    # the workers used to rebuild the config from its dict form: the typed one is the same config
+    assert config_from_dict(DetectorConfig, config_to_dict(planned.detector)) == planned.detector
+    assert isinstance(planned.optim, OptimConfig) and planned.optim.epochs == 3 and planned.optim.warmup_epochs == 1
+    assert (planned.preset, planned.batch_size, planned.seed, planned.val_every) == ("tiny-temporalmaxer", 2, 7, 2)
+    assert planned.stop_after is None and planned.amp
+    assert planned.labels == tuple(CLASSES) and planned.provenance == FeatureStore(store).provenance
+    assert planned.features == FeatureStore(store).uri and planned.storage_options == {}
+    assert (planned.train_subset, planned.val_subset, planned.missing_videos) == ("training", "validation", ())
+    assert sorted(planned.train) == [f"vid{i:02d}" for i in range(4)] and sorted(planned.val) == ["vid04", "vid05"]
+    assert len(planned.validation_key) == 16
+    truth = json.loads(gt.read_text())["database"]
+    for vid, targets in {**planned.train, **planned.val}.items():
+        assert isinstance(targets, VideoTargets)
+        annotated = truth[vid]["annotations"]
+        np.testing.assert_allclose(targets.segments_s, [a["segment"] for a in annotated])
+        np.testing.assert_allclose(TIMING.step_to_seconds(targets.segments), targets.segments_s)  # steps of the store's timing
+        assert targets.segments.shape == (len(annotated), 2) and targets.segments.dtype == np.float64
+        assert targets.labels.tolist() == [CLASSES.index(a["label"]) for a in annotated] and targets.labels.dtype == np.int64
+        assert targets.duration == truth[vid]["duration"]
+    again = pickle.loads(pickle.dumps(planned))  # Ray pickles it into the workers
+    assert again.detector == planned.detector and sorted(again.train) == sorted(planned.train)
+
+
+def test_a_failing_worker_s_traceback_reaches_the_driver(tmp_path, ray_session):
+    """Workers' own output stays in Ray's log files: what went wrong in one must still be readable where train() was called."""
+    store, gt = _dataset(tmp_path, videos=6)
+    for part in Path(store).glob("*.parquet"):  # the manifests (what plan() reads) stay; the features cannot be read
+        part.write_bytes(b"not parquet")
+    job = TrainJob(config=str(_preset(tmp_path)), features=store, annotations=str(gt), out=str(tmp_path / "runs"), max_failures=0,
+                   mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", run_name="broken", register=False)  # fmt: skip
+    with pytest.raises(Exception, match="Training failed") as failed:
+        train(job)
+    message = str(failed.value)
+    assert "Traceback" in message and "_read_shard" in message and "Parquet magic bytes not found" in message, message
 
 
 def _train_worker_pids() -> list[int]:
