@@ -30,6 +30,7 @@ from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, FeatureStore, filesystem_for, from_table
 from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, load_checkpoint
+from tal_models.config import require_positive_int
 from tal_models.detectors import Detector
 from tal_models.structures import Detections, Segments, Unit
 
@@ -72,8 +73,7 @@ def detect_sequences(
     when available. Returns ``{video_id: Detections}`` (NumPy, seconds, labels indexing
     ``checkpoint.labels``) in input order.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    require_positive_int(batch_size, "batch_size")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = checkpoint.build(device)
@@ -195,10 +195,8 @@ def detect_store_on_ray(
     node (shared storage or ``s3://``). Returns ``{video_id: Detections}`` (NumPy, seconds,
     labels indexing the checkpoint's labels) in the order of ``video_ids``.
     """
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    require_positive_int(num_workers, "num_workers")
+    require_positive_int(batch_size, "batch_size")
     wanted = list(dict.fromkeys(video_ids))
     if not wanted:
         return {}

@@ -59,12 +59,14 @@ def detect_sequence(
     """``model.forward_inference`` on one feature sequence ``[T, input_dim]``: the shared body of
     every detector's ``detect``. The sequence is checked here (the edge where a user's array
     enters); the model's training/eval mode is kept."""
-    features = torch.as_tensor(features, dtype=torch.float32)
+    # NumPy stays NumPy (the store's arrays are read-only views of Arrow memory; ``collate`` copies them once)
+    features = features.detach().to(torch.float32) if isinstance(features, Tensor) else np.asarray(features, dtype=np.float32)
     if features.ndim != 2 or features.shape[1] != input_dim:
         raise ValueError(f"features must be [T, {input_dim}], got {tuple(features.shape)}")
     if features.shape[0] == 0:
         raise ValueError("features must have at least one step")
-    if not torch.isfinite(features).all():
+    finite = torch.isfinite(features).all() if isinstance(features, Tensor) else np.isfinite(features).all()
+    if not finite:
         raise ValueError("features contain NaN or infinite values")
     device = next(model.parameters()).device
     batch = collate([{"features": features, "video_id": video_id, "timing": timing, "duration": duration}], model.pad_multiple)

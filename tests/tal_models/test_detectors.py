@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,17 @@ def test_a_training_step_never_reads_a_value_back_to_the_host(arch):
         losses["final_loss"].backward()
     assert reads.count == 0
     assert float(model.loss_normalizer.state_dict()["value"]) != 100.0  # the normaliser did move (read here, outside the step)
+
+
+def test_read_only_arrays_are_batched_and_detected_without_a_warning():
+    """The feature store hands out read-only views of Arrow memory: no tensor may alias them (PyTorch warns that
+    writing to such a tensor is undefined); ``collate`` copies them once, into the padded batch."""
+    features = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    features.setflags(write=False)
+    model = build_detector(_tiny("actionformer"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = collate([{"features": features[5:], "segments": [[1.0, 20.0]], "labels": [2], "video_id": "a"}], model.pad_multiple)
+        detections = model.detect(features)
+    np.testing.assert_array_equal(batch.features[0, :, :35].numpy(), features[5:].T)
+    assert len(detections) > 0
