@@ -36,6 +36,9 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
+# A checkpoint is one file: a progress bar per download is noise in every command that resolves a model (a user's setting wins).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 log = logging.getLogger(__name__)
 
 TRUNCATED = "...[truncated]"  # ends a param value cut at MLflow's length limit (6000 characters in MLflow 3.17)

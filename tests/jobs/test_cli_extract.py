@@ -70,9 +70,11 @@ def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
 
 # What Ray and its libraries print by themselves; none of it is the user's business (each has its cause in jobs/ or
 # pipelines/ray_runtime.py): Ray Data's per-run INFO lines, the C++ core worker's ERROR copy on the driver's stderr,
-# Serve's shutdown notice, Ray Train's per-report INFO line, forwarded worker output, a warning from our own code.
+# Serve's shutdown notice, Ray Train's per-report INFO line, forwarded worker output, a warning from our own code,
+# MLflow's progress bar for downloading a one-file checkpoint.
 RAY_NOISE = ("streaming_executor", "core_worker.cc", "graceful_shutdown", "Reporting training result", "UserWarning",
-             "(RayTrainWorker", "(TrainController", "(raylet)", "(ServeController", "(ProxyActor", "Progress bars disabled")  # fmt: skip
+             "(RayTrainWorker", "(TrainController", "(raylet)", "(ServeController", "(ProxyActor", "Progress bars disabled",
+             "Downloading artifacts")  # fmt: skip
 DEMO = ["demo", "--videos", "3", "--duration-range", "4", "6", "--workers", "2"]
 
 
