@@ -237,9 +237,9 @@ class OneStageDetector(nn.Module):
         """The losses of a batch (labels were checked by ``collate``: nothing here waits for the device)."""
         cfg = self.config
         features = batch.features
-        if cfg.loss.input_noise > 0:
-            features = features + cfg.loss.input_noise * torch.randn_like(features)  # noise at padded steps: zero_padded=False below
-        out = self.dense(features, batch.mask, zero_padded=cfg.loss.input_noise == 0)
+        if cfg.loss.input_noise > 0:  # TriDet's; none at padded steps, so the batch stays zero-padded
+            features = features + cfg.loss.input_noise * torch.randn_like(features).masked_fill_(~batch.mask, 0.0)
+        out = self.dense(features, batch.mask, zero_padded=True)
         targets = self.assigner(out.points, batch.segments, batch.labels)
         return detection_losses(
             out.cls_logits,
