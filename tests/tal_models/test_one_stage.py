@@ -1,4 +1,4 @@
-"""The assembled detectors: shapes, masking, empty ground truth, overfitting, presets, checkpoints."""
+"""The one-stage detectors (tal_models.detectors.one_stage): shapes, masking, empty ground truth, overfitting, presets, checkpoints."""
 
 from __future__ import annotations
 
