@@ -136,6 +136,13 @@ def _features(x: Any) -> np.ndarray | Tensor:
     return np.asarray(x, dtype=np.float32)
 
 
+def _host_tensor(x: Any, dtype: torch.dtype) -> Tensor:
+    """Ground truth on the host, in its own memory (never a view of a read-only array)."""
+    if isinstance(x, Tensor):
+        return x.detach().to("cpu", dtype)
+    return torch.tensor(np.asarray(x), dtype=dtype)
+
+
 def collate(samples: Sequence[Any], pad_to_multiple: int = 1, num_classes: int | None = None) -> Batch:
     """Stack samples into a ``Batch``, padding ``T`` to the longest sequence rounded up to a
     multiple of ``pad_to_multiple`` (a pyramid of ``L`` levels needs ``2**(L - 1)``).
@@ -169,8 +176,8 @@ def collate(samples: Sequence[Any], pad_to_multiple: int = 1, num_classes: int |
         else:
             out[i, :, :n] = f.T
         mask[i, 0, :n] = True
-    segments = [torch.tensor(np.asarray(_field(s, "segments", ())), dtype=torch.float32).reshape(-1, 2) for s in samples]
-    labels = [torch.tensor(np.asarray(_field(s, "labels", ())), dtype=torch.int64).reshape(-1) for s in samples]
+    segments = [_host_tensor(_field(s, "segments", ()), torch.float32).reshape(-1, 2) for s in samples]
+    labels = [_host_tensor(_field(s, "labels", ()), torch.int64).reshape(-1) for s in samples]
     video_ids = [str(_field(s, "video_id")) for s in samples]
     for vid, segs, labs in zip(video_ids, segments, labels):
         if segs.shape[0] != labs.shape[0]:
