@@ -29,10 +29,7 @@ class ChannelLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x_hat, rstd, weight = ctx.saved_tensors
-        g = grad_out * weight[:, None]
-        # d/dx of (x - mean) / std for each step: rstd * (g - mean(g) - x_hat * mean(g * x_hat))
-        grad_x = (g - g.mean(dim=1, keepdim=True) - x_hat * (g * x_hat).mean(dim=1, keepdim=True)).mul_(rstd)
-        return grad_x, (grad_out * x_hat).sum(dim=(0, 2)), grad_out.sum(dim=(0, 2)), None
+        return *_layer_norm_backward(grad_out, x_hat, rstd, weight), None
 
 
 def _pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -46,7 +43,9 @@ def _pointwise_grads(grad_out: Tensor, x: Tensor, weight: Tensor, needs: tuple[b
 
 
 def _layer_norm_backward(grad_n: Tensor, x_hat: Tensor, rstd: Tensor, weight: Tensor):
+    """Gradients of ``x_hat * weight + bias`` w.r.t. (x, weight, bias), ``x_hat`` the normalised ``x``."""
     g = grad_n * weight[:, None]
+    # d/dx of (x - mean) / std for each step: rstd * (g - mean(g) - x_hat * mean(g * x_hat))
     grad_x = (g - g.mean(dim=1, keepdim=True) - x_hat * (g * x_hat).mean(dim=1, keepdim=True)).mul_(rstd)
     return grad_x, (grad_n * x_hat).sum(dim=(0, 2)), grad_n.sum(dim=(0, 2))
 
