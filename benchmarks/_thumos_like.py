@@ -7,10 +7,20 @@ keeps its real duration and its real annotated segments, and gets a feature sequ
 float32 whose step ``i`` covers the frames ``[i * stride, i * stride + window)`` (centre
 ``(i * stride + window / 2) / fps`` seconds), as ActionFormer's THUMOS loader assumes.
 
-Features are deliberately simple: Gaussian noise everywhere, a slow per-video background drift along a
-random direction, and, on the steps whose centres fall inside an annotated segment, the segment's class
-prototype (a fixed random unit direction per class, scaled by ``signal``); overlapping segments add.
-There is no boundary cue beyond the change of content itself.
+How the features carry the actions is the *signal model* (``profile``), so that a result can be
+checked on data generated differently from the data it was tuned on:
+
+- ``prototype`` (the only one before December 2026): Gaussian noise, a slow per-video background
+  drift along a random direction, and, on the steps whose centres fall inside an annotated segment,
+  the segment's class prototype (a fixed random unit direction per class, scaled by ``signal``);
+  overlapping segments add. No boundary cue beyond the change of content itself.
+- ``confusable``: classes in groups of 4 with correlated directions, amplitudes varying per instance,
+  soft (ramped) boundaries, and unannotated hard negatives carrying a group's shared component.
+- ``cuts``: scene cuts (the background jumps at random shot boundaries unrelated to the actions),
+  dropouts inside actions, amplitude flicker.
+- ``phases``: content that changes within an action (a start phase that resembles another class),
+  heavy-tailed and low-rank correlated noise, unannotated false starts. Meant to be held out: a
+  recipe tuned on the other three is checked on it.
 
 Output layout (what ActionFormer's THUMOS dataset class reads, plus a summary):
     out_dir/features/{video_id}.npy   [T, C] float32
@@ -20,6 +30,7 @@ Output layout (what ActionFormer's THUMOS dataset class reads, plus a summary):
 Usage:
     python benchmarks/_thumos_like.py OUT_DIR [--input-dim 2048] [--max-videos-per-split N] [--seed 0]
         [--signal 3.0] [--noise 1.0] [--drift 0.5] [--fps 30 | --fps video] [--stride 4] [--window 16]
+        [--profile prototype|confusable|cuts|phases]
 """
 
 from __future__ import annotations
@@ -47,11 +58,168 @@ def step_centres(num_steps: int, fps: float, stride: int, window: int) -> np.nda
     return (np.arange(num_steps, dtype=np.float64) * stride + 0.5 * window) / fps
 
 
-def class_directions(num_classes: int, input_dim: int, seed: int) -> np.ndarray:
-    """A fixed random unit direction per class, ``[num_classes, input_dim]`` float64."""
+def class_directions(num_classes: int, input_dim: int, seed: int, grouped: bool = False) -> np.ndarray:
+    """A fixed random unit direction per class, ``[num_classes, input_dim]`` float64.
+
+    ``grouped``: classes come in groups of ``GROUP_SIZE`` (by label id) whose directions share a
+    common component (cosine ~0.5 within a group, ~0 across groups): confusable classes."""
     rng = np.random.default_rng([seed, 0x7C1A55])
     directions = rng.standard_normal((num_classes, input_dim))
-    return directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    if grouped:
+        shared = group_directions(num_classes, input_dim, seed)[np.arange(num_classes) // GROUP_SIZE]
+        directions = GROUP_SHARE * shared + np.sqrt(1 - GROUP_SHARE**2) * directions
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    return directions
+
+
+def group_directions(num_classes: int, input_dim: int, seed: int) -> np.ndarray:
+    """The shared component of each group of ``GROUP_SIZE`` classes, ``[ceil(K / GROUP_SIZE), input_dim]`` unit rows."""
+    rng = np.random.default_rng([seed, 0x6209])
+    shared = rng.standard_normal((-(-num_classes // GROUP_SIZE), input_dim))
+    return shared / np.linalg.norm(shared, axis=1, keepdims=True)
+
+
+GROUP_SIZE, GROUP_SHARE = 4, 0.7
+
+
+# --- signal models ----------------------------------------------------------------------------
+# Each fills the [T, C] features of one video from its own generator, the step centres (s), the
+# annotated (start, end, label_id) segments and the class directions. Only ``prototype`` was used
+# before December 2026 (its output is unchanged); the others stress what it leaves out.
+
+
+def _sine_drift(rng, centres: np.ndarray, dim: int, amplitude: float) -> np.ndarray:
+    """A slow background oscillation along one random direction (period 30-120 s): ``[T, C]``."""
+    background = rng.standard_normal(dim)
+    background /= np.linalg.norm(background)
+    period = rng.uniform(30.0, 120.0)  # seconds
+    phase = rng.uniform(0.0, 2 * np.pi)
+    return amplitude * np.sin(2 * np.pi * centres / period + phase)[:, None] * background[None, :]
+
+
+def _inside(centres: np.ndarray, start: float, end: float) -> np.ndarray:
+    return (centres >= start) & (centres <= end)
+
+
+def _free_spans(segments, duration: float, rng, count: int, length: tuple[float, float]) -> list[tuple[float, float]]:
+    """Up to ``count`` random spans of ``length`` seconds overlapping no annotated segment (1 s margin)."""
+    spans = []
+    for _ in range(count * 4):
+        if len(spans) == count:
+            break
+        span = rng.uniform(*length)
+        start = rng.uniform(0.0, max(duration - span, 0.0))
+        if all(start + span < s - 1.0 or start > e + 1.0 for s, e, _ in segments) and all(start + span < a or start > b for a, b in spans):
+            spans.append((start, start + span))
+    return spans
+
+
+def profile_prototype(rng, centres, segments, directions, *, signal, noise, drift):
+    """Gaussian noise, a slow drift, and each segment's class direction (``signal``) at every step
+    inside it: sharp boundaries, constant amplitude, well-separated classes."""
+    feats = noise * rng.standard_normal((len(centres), directions.shape[1]))
+    if drift:
+        feats += _sine_drift(rng, centres, directions.shape[1], drift)
+    for start, end, label in segments:
+        feats[_inside(centres, start, end)] += signal * directions[label]
+    return feats
+
+
+def profile_confusable(rng, centres, segments, directions, *, signal, noise, drift):
+    """Confusable classes (grouped directions), amplitudes varying per instance (0.5-1.5x), soft
+    boundaries (the signal ramps up and down over 0.5-3 s inside each segment), and hard
+    negatives: unannotated spans (2-10 s, about one per minute) carrying a group's shared
+    component, i.e. what every class of that group has in common and no class on its own."""
+    T, C = len(centres), directions.shape[1]
+    feats = noise * rng.standard_normal((T, C))
+    if drift:
+        feats += _sine_drift(rng, centres, C, drift)
+    for start, end, label in segments:
+        inside = _inside(centres, start, end)
+        ramp = min(rng.uniform(0.5, 3.0), max((end - start) / 2, 1e-3))
+        envelope = np.clip(np.minimum(centres[inside] - start, end - centres[inside]) / ramp, 0.0, 1.0)
+        feats[inside] += rng.uniform(0.5, 1.5) * signal * envelope[:, None] * directions[label]
+    duration = float(centres[-1]) + 1.0 if T else 0.0
+    shared = _group_components(directions)
+    for start, end in _free_spans(segments, duration, rng, max(1, round(duration / 60)), (2.0, 10.0)):
+        feats[_inside(centres, start, end)] += rng.uniform(0.6, 1.0) * signal * shared[rng.integers(len(shared))]
+    return feats
+
+
+def _group_components(directions: np.ndarray) -> np.ndarray:
+    """The mean direction of each group of ``GROUP_SIZE`` classes (unit rows): their shared component."""
+    K, C = directions.shape
+    groups = [directions[i : i + GROUP_SIZE].mean(axis=0) for i in range(0, K, GROUP_SIZE)]
+    return np.stack([g / np.linalg.norm(g) for g in groups])
+
+
+def profile_cuts(rng, centres, segments, directions, *, signal, noise, drift):
+    """Scene cuts and dropouts: the background is constant within shots (4-20 s on average, a new
+    random vector of norm ~0.6 ``signal`` at every cut, unrelated to the actions) on top of the
+    slow drift; half of the instances lose their signal for 1-3 gaps of 0.5-2 s (at most 30 % of
+    the instance); the signal's amplitude flickers from step to step (0.7-1.3x)."""
+    T, C = len(centres), directions.shape[1]
+    feats = noise * rng.standard_normal((T, C))
+    if drift:
+        feats += _sine_drift(rng, centres, C, drift)
+    mean_shot = rng.uniform(4.0, 20.0)
+    t, shot_start = 0.0, 0
+    end_time = float(centres[-1]) if T else 0.0
+    while shot_start < T:
+        t += rng.exponential(mean_shot)
+        shot_end = int(np.searchsorted(centres, t)) if t < end_time else T
+        scene = rng.standard_normal(C)
+        feats[shot_start : max(shot_end, shot_start + 1)] += 0.6 * signal * scene / np.linalg.norm(scene)
+        shot_start = max(shot_end, shot_start + 1)
+    for start, end, label in segments:
+        inside = _inside(centres, start, end)
+        amplitude = signal * rng.uniform(0.7, 1.3, size=int(inside.sum()))
+        if rng.random() < 0.5 and end - start > 1.0:
+            budget = 0.3 * (end - start)
+            for _ in range(rng.integers(1, 4)):
+                gap = min(rng.uniform(0.5, 2.0), budget)
+                if gap <= 0:
+                    break
+                budget -= gap
+                g0 = rng.uniform(start, end - gap)
+                amplitude[_inside(centres[inside], g0, g0 + gap)] = 0.0
+        feats[inside] += amplitude[:, None] * directions[label]
+    return feats
+
+
+def profile_phases(rng, centres, segments, directions, *, signal, noise, drift):
+    """Held out from tuning: each class moves from a start-phase direction to its own (the
+    content changes within an action), heavy-tailed noise (Student t, 3 degrees of freedom,
+    unit variance) plus a low-rank background (4 factors following slow random walks), amplitudes
+    0.7-1.3x per instance, and short false starts (1-3 s of a random class's start phase, about
+    one per 40 s, unannotated)."""
+    T, C = len(centres), directions.shape[1]
+    feats = noise * rng.standard_t(3, size=(T, C)) / np.sqrt(3.0)
+    factors = rng.standard_normal((4, C)) / np.sqrt(C)
+    walk = np.cumsum(rng.standard_normal((T, 4)) * 0.05, axis=0)
+    walk -= walk.mean(axis=0) if T else 0.0
+    feats += drift * 2.0 * walk @ factors * np.sqrt(C) / 2.0
+    start_phase = np.roll(directions, 1, axis=0)  # class k starts like class k-1 ends: confusable openings
+    for start, end, label in segments:
+        inside = _inside(centres, start, end)
+        progress = np.clip((centres[inside] - start) / max(end - start, 1e-3), 0.0, 1.0)[:, None]
+        direction = (1 - progress) * start_phase[label] + progress * directions[label]
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+        feats[inside] += rng.uniform(0.7, 1.3) * signal * direction
+    duration = float(centres[-1]) + 1.0 if T else 0.0
+    for start, end in _free_spans(segments, duration, rng, max(1, round(duration / 40)), (1.0, 3.0)):
+        feats[_inside(centres, start, end)] += 0.8 * signal * start_phase[rng.integers(len(start_phase))]
+    return feats
+
+
+GROUPED_PROFILES = ("confusable", "phases")  # class directions in confusable groups
+PROFILES = {
+    "prototype": profile_prototype,
+    "confusable": profile_confusable,
+    "cuts": profile_cuts,
+    "phases": profile_phases,
+}
 
 
 def _select(ids: list[str], limit: int | None) -> list[str]:
@@ -78,6 +246,7 @@ def make_thumos_like(
     drift: float = 0.5,
     seed: int = 0,
     max_videos_per_split: int | None = None,
+    profile: str = "prototype",
 ) -> dict[str, Any]:
     """Write the data set to ``out_dir`` and return a summary.
 
@@ -106,7 +275,9 @@ def make_thumos_like(
     if sorted(classes_by_id) != list(range(len(classes_by_id))):
         raise ValueError(f"label ids are not 0..K-1: {sorted(classes_by_id)}")
     classes = [classes_by_id[i] for i in range(len(classes_by_id))]
-    directions = class_directions(len(classes), input_dim, seed)
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    directions = class_directions(len(classes), input_dim, seed, grouped=profile in GROUPED_PROFILES)
 
     splits: dict[str, list[str]] = {}
     for split, subset in SPLITS.items():
@@ -126,17 +297,8 @@ def make_thumos_like(
 
             # one generator per video, keyed by the seed and the video id: same features whatever else is written
             rng = np.random.default_rng([seed, *vid.encode()])
-            feats = noise * rng.standard_normal((num_steps, input_dim))
-            if drift:
-                background = rng.standard_normal(input_dim)
-                background /= np.linalg.norm(background)
-                period = rng.uniform(30.0, 120.0)  # seconds
-                phase = rng.uniform(0.0, 2 * np.pi)
-                feats += drift * np.sin(2 * np.pi * centres / period + phase)[:, None] * background[None, :]
-            for ann in video["annotations"]:
-                start, end = (float(x) for x in ann["segment"])
-                inside = (centres >= start) & (centres <= end)
-                feats[inside] += signal * directions[int(ann["label_id"])]
+            segments = [(float(a["segment"][0]), float(a["segment"][1]), int(a["label_id"])) for a in video["annotations"]]
+            feats = PROFILES[profile](rng, centres, segments, directions, signal=signal, noise=noise, drift=drift)
             np.save(feat_dir / f"{vid}.npy", feats.astype(np.float32))
             total_steps += num_steps
             num_instances[split] += len(video["annotations"])
@@ -168,6 +330,7 @@ def make_thumos_like(
         "drift": drift,
         "seed": seed,
         "max_videos_per_split": max_videos_per_split,
+        "profile": profile,
     }
     with open(out / "meta.json", "w") as f:
         json.dump(meta, f, indent=1)
@@ -195,6 +358,7 @@ def main() -> None:
     parser.add_argument("--drift", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-videos-per-split", type=int, default=None)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="prototype", help="the signal model (see the profile_* functions)")
     args = parser.parse_args()
     summary = make_thumos_like(
         args.out_dir,
@@ -208,6 +372,7 @@ def main() -> None:
         drift=args.drift,
         seed=args.seed,
         max_videos_per_split=args.max_videos_per_split,
+        profile=args.profile,
     )
     print(json.dumps(summary))
 

@@ -19,6 +19,7 @@ reference always alongside one of ours. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 REFERENCE_PYTHON = ROOT / ".venv-reference" / "bin" / "python"
 THUMOS_TIOU = [0.3, 0.4, 0.5, 0.6, 0.7]
-PRESETS = ("thumos14-actionformer", "thumos14-tridet", "thumos14-temporalmaxer")
+DEFAULT_VARIANTS = ("thumos14-actionformer",)
+TUNING_PROFILES = ("prototype", "confusable", "cuts")  # "phases" is held out: check a tuned recipe on it
 
 
 # --- our side ------------------------------------------------------------------------------
@@ -65,7 +67,18 @@ def load_split(data_dir: Path, split: str):
 
 
 def train_ours(
-    preset_name: str, data_dir: Path, steps: int, batch_size: int, embed_dim: int, max_seq_len: int, seed: int, threads: int, ema_decay: float
+    preset_name: str,
+    data_dir: Path,
+    steps: int,
+    batch_size: int,
+    embed_dim: int,
+    max_seq_len: int,
+    seed: int,
+    threads: int,
+    ema_decay: float | None,
+    overrides: list[str] = (),
+    inference_variants: list[str] = (),
+    lr: float | None = None,
 ):
     import torch
 
@@ -79,16 +92,22 @@ def train_ours(
     torch.manual_seed(seed)
     train, meta, _ = load_split(data_dir, "train")
     test, _, _ = load_split(data_dir, "test")
-    preset = load_preset(preset_name)
+    preset = _with_overrides(load_preset(preset_name), overrides)
     d = preset.detector
     # the preset's architecture at the benchmark's widths: rebuilt by make_config, keeping the preset's loss and inference
-    scaled = make_config(d.arch, num_classes=len(meta["classes"]), input_dim=meta["input_dim"], max_seq_len=max_seq_len, embed_dim=embed_dim)
+    scaled = make_config(
+        d.arch, num_classes=len(meta["classes"]), input_dim=meta["input_dim"], max_seq_len=max_seq_len, embed_dim=embed_dim
+    )
     config = replace(scaled, loss=d.loss, inference=d.inference, encoder=replace(scaled.encoder, **_encoder_extras(d.encoder)))
     model = build_detector(config)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     epochs = max(1, round(steps / steps_per_epoch))
     warmup = min(epochs - 1, round(epochs * preset.optim.warmup_epochs / preset.optim.epochs))
-    optim = replace(preset.optim, epochs=epochs, warmup_epochs=warmup, ema_decay=ema_decay)
+    optim = replace(preset.optim, epochs=epochs, warmup_epochs=warmup)
+    if lr is not None and not any(o.startswith("optim.lr=") for o in overrides):
+        optim = replace(optim, lr=lr)  # the benchmark's common learning rate, unless the variant sets its own
+    if ema_decay is not None and not any(o.startswith("optim.ema_decay=") for o in overrides):
+        optim = replace(optim, ema_decay=ema_decay)  # the benchmark's common EMA, unless the variant sets its own
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
     ema = ModelEMA(model, optim.ema_decay) if optim.ema_decay else None
@@ -116,19 +135,46 @@ def train_ours(
     evaluated = ema.module if ema is not None else model
     evaluated.eval()
     started = time.perf_counter()
-    predictions = {}
-    with torch.inference_mode():
-        for s in test:
-            predictions[s["video_id"]] = evaluated.detect(s["features"], s["timing"], s["duration"], s["video_id"])
+    predictions = _detect_all(evaluated, test)
     infer_seconds = time.perf_counter() - started
-    return predictions, {
-        "impl": preset_name,
-        "steps": steps,
-        "train_seconds": round(train_seconds, 1),
-        "infer_seconds": round(infer_seconds, 1),
-        "mean_loss": stats["final_loss"],  # over all steps
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    # the same trained weights decoded with other inference settings (post-processing variants cost no training)
+    alternatives = {}
+    for spec in inference_variants:
+        label, _, rest = spec.partition("=")
+        evaluated.config = replace(config, inference=_with_overrides(preset, rest.split(";")).detector.inference)
+        alternatives[label] = _detect_all(evaluated, test)
+    evaluated.config = config
+    return (
+        predictions,
+        alternatives,
+        {
+            "impl": preset_name,
+            "steps": steps,
+            "train_seconds": round(train_seconds, 1),
+            "infer_seconds": round(infer_seconds, 1),
+            "mean_loss": stats["final_loss"],  # over all steps
+            "params": sum(p.numel() for p in model.parameters()),
+        },
+    )
+
+
+def _detect_all(model, samples) -> dict:
+    import torch
+
+    with torch.inference_mode():
+        return {s["video_id"]: model.detect(s["features"], s["timing"], s["duration"], s["video_id"]) for s in samples}
+
+
+def _with_overrides(preset, overrides):
+    """``preset`` with ``key=value`` overrides (as ``tal train --set``) applied and revalidated."""
+    if not overrides:
+        return preset
+    from tal_models.config import apply_overrides, config_from_dict, config_to_dict
+    from tal_models.presets import Preset
+
+    data = config_to_dict(preset)
+    apply_overrides(data, list(overrides))
+    return config_from_dict(Preset, data, where="variant")
 
 
 def _encoder_extras(encoder) -> dict:
@@ -157,44 +203,97 @@ def evaluate(pred_path: Path, data_dir: Path) -> dict:
 
 
 # --- the driver ----------------------------------------------------------------------------
-def _worker_cmd(impl: str, args, data_dir: Path, out: Path) -> list[str]:
-    common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--threads", "1", "--seed", str(args.seed)]
-    common += ["--ema-decay", str(args.ema_decay)]
-    if impl == "reference":
+class Variant:
+    """One of our models as the benchmark trains it: ``LABEL=PRESET[,key=value,...]`` (overrides as ``tal train --set``)."""
+
+    def __init__(self, spec: str):
+        label, _, rest = spec.partition("=")
+        preset, *overrides = rest.split(",") if rest else (label,)
+        self.label, self.preset, self.overrides = label, preset, [o for o in overrides if o]
+
+    def key(self, inference_variants: list[str] = ()) -> str:
+        return ";".join([",".join([self.preset, *self.overrides]), *inference_variants])
+
+
+def _worker_cmd(impl: str, variant: Variant | None, args, data_dir: Path, out: Path) -> list[str]:
+    common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--threads", "1", "--seed", str(args.seed_of[data_dir])]
+    common += ["--ema-decay", str(args.ema_decay)] + (["--lr", str(args.lr)] if args.lr is not None else [])
+    if variant is None:
         widths = ["--embed-dim", str(args.embed_dim), "--fpn-dim", str(args.embed_dim), "--head-dim", str(args.embed_dim)]
         return [
             str(REFERENCE_PYTHON), str(ROOT / "benchmarks" / "_actionformer_reference.py"), "train-eval", "--data", str(data_dir),
             "--out", str(out), "--max-seq-len", str(args.max_seq_len), *widths, *common,
         ]  # fmt: skip
+    sets = [x for o in variant.overrides for x in ("--set", o)] + ["--inference-variants", *args.inference_variant]
     return [
-        sys.executable, __file__, "--worker", impl, "--data", str(data_dir), "--out", str(out),
-        "--embed-dim", str(args.embed_dim), "--max-seq-len", str(args.max_seq_len), *common,
+        sys.executable, __file__, "--worker", variant.preset, "--data", str(data_dir), "--out", str(out),
+        "--embed-dim", str(args.embed_dim), "--max-seq-len", str(args.max_seq_len), *common, *sets,
     ]  # fmt: skip
+
+
+def _alternative_path(out: Path, label: str) -> Path:
+    return out.with_name(f"{out.stem}.{label}.json")
+
+
+def _settings(args) -> dict:
+    return {
+        "steps": args.steps, "batch_size": args.batch_size, "input_dim": args.input_dim, "embed_dim": args.embed_dim,
+        "max_seq_len": args.max_seq_len, "ema_decay": args.ema_decay, "lr": args.lr, "max_videos_per_split": args.max_videos_per_split,
+        "threads_per_model": 1,
+    }  # fmt: skip
+
+
+def _summary(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
+            "min": round(float(a.min()), 4), "max": round(float(a.max()), 4), "n": len(a)}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--input-dim", type=int, default=128)
-    parser.add_argument("--embed-dim", type=int, default=128)
-    parser.add_argument("--max-seq-len", type=int, default=2304)
+    parser.add_argument("--input-dim", type=int, default=64)
+    parser.add_argument("--embed-dim", type=int, default=64)
+    parser.add_argument("--max-seq-len", type=int, default=1152)
     parser.add_argument("--max-videos-per-split", type=int, default=None)
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the evaluated weights, for every model (0.999 suits 3,500 steps)")
-    parser.add_argument("--data", type=Path, help="reuse a data set made by _thumos_like.py")
+    parser.add_argument("--profiles", nargs="+", default=list(TUNING_PROFILES), help="signal models of benchmarks/_thumos_like.py")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one data set and one training seed each")
+    parser.add_argument(
+        "--variants", nargs="+", default=[f"{p}={p}" for p in DEFAULT_VARIANTS],
+        help="our models: LABEL=PRESET[,key=value,...] (overrides as tal train --set), e.g. r2=thumos14-actionformer,detector.loss.center_radius=2.0",
+    )  # fmt: skip
+    parser.add_argument("--no-reference", action="store_true", help="ours only")
+    parser.add_argument(
+        "--ema-decay", type=float, default=0.99, help="EMA of the evaluated weights, for every model (0.999 suits 3,500 steps)"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of every model (default: each its own, 1e-4)")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at a time, one thread each")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep data sets and per-run results here and reuse them (default: a new temporary folder)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--inference-variants", nargs="*", default=[], dest="inference_variant",
+        help="also decode each of our trained models with other inference settings, LABEL=key=value;key=value "
+        "(e.g. s07=detector.inference.nms.sigma=0.7): reported as VARIANT|LABEL",
+    )  # fmt: skip
     args = parser.parse_args()
 
     if args.worker:
-        predictions, info = train_ours(
-            args.worker, args.data, args.steps, args.batch_size, args.embed_dim, args.max_seq_len, args.seed, args.threads, args.ema_decay
-        )
+        predictions, alternatives, info = train_ours(
+            args.worker, args.data, args.steps, args.batch_size, args.embed_dim, args.max_seq_len, args.seed, args.threads,
+            args.ema_decay, args.set, args.inference_variant, args.lr,
+        )  # fmt: skip
         classes = json.loads((args.data / "meta.json").read_text())["classes"]
         write_results(predictions, classes, args.out)
+        for label, alternative in alternatives.items():
+            write_results(alternative, classes, _alternative_path(args.out, label))
         print(json.dumps(info))
         return
 
@@ -202,53 +301,115 @@ def main() -> None:
 
     started = time.perf_counter()
     load_before = os.getloadavg()
-    workdir = Path(tempfile.mkdtemp(prefix="tal-accuracy-"))
-    data_dir = args.data
-    if data_dir is None:
-        data_dir = workdir / "data"
-        make_thumos_like(data_dir, input_dim=args.input_dim, seed=args.seed, max_videos_per_split=args.max_videos_per_split)
-    impls = (["reference"] if REFERENCE_PYTHON.exists() else []) + list(args.presets)
-    results: dict[str, dict] = {}
-    pending = list(impls)
-    running: list[tuple[str, subprocess.Popen, Path]] = []
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tal-accuracy-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    variants = [Variant(v) for v in args.variants]
+    use_reference = REFERENCE_PYTHON.exists() and not args.no_reference
+    settings = _settings(args)
+    settings_key = json.dumps(settings, sort_keys=True)
+
+    # one data set per (profile, seed); one run per (data set, model), reference and ours side by side
+    args.seed_of, jobs = {}, []
+    for profile in args.profiles:
+        for seed in args.seeds:
+            data_dir = workdir / f"data-{profile}-{seed}-d{args.input_dim}-v{args.max_videos_per_split}"
+            if not (data_dir / "meta.json").exists():
+                make_thumos_like(
+                    data_dir, input_dim=args.input_dim, seed=seed, max_videos_per_split=args.max_videos_per_split, profile=profile
+                )
+            args.seed_of[data_dir] = seed
+            for label, variant in ([("reference", None)] if use_reference else []) + [(v.label, v) for v in variants]:
+                run_key = json.dumps([settings_key, "reference" if variant is None else variant.key(args.inference_variant)])
+                name = f"{profile}-{seed}-{hashlib.sha1(run_key.encode()).hexdigest()[:12]}"
+                jobs.append({"profile": profile, "seed": seed, "label": label, "variant": variant, "data": data_dir,
+                             "out": workdir / f"{name}.pred.json", "info": workdir / f"{name}.info.json", "key": run_key})  # fmt: skip
+
+    runs: list[dict] = []
+    pending = list(jobs)
+    running: list[tuple[dict, subprocess.Popen]] = []
     while pending or running:
-        while pending and len(running) < 2:  # two single-threaded trainings on two cores
-            impl = pending.pop(0)
-            out = workdir / f"{impl}.json"
-            proc = subprocess.Popen(_worker_cmd(impl, args, data_dir, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            running.append((impl, proc, out))
+        while pending and len(running) < args.jobs:
+            job = pending.pop(0)
+            cached = json.loads(job["info"].read_text()) if job["info"].exists() else None
+            if cached and cached.get("key") == job["key"] and job["out"].exists():
+                runs.append(job | {"result": cached["result"], "cached": True})
+                runs.extend(
+                    job | {"label": f"{job['label']}|{k}", "result": r, "cached": True} for k, r in cached.get("alternatives", {}).items()
+                )
+                continue
+            cmd = _worker_cmd(job["label"], job["variant"], args, job["data"], job["out"])
+            running.append((job, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         time.sleep(1.0)
         for item in list(running):
-            impl, proc, out = item
+            job, proc = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             stdout, stderr = proc.communicate()
             if proc.returncode != 0:
-                results[impl] = {"error": stderr[-1500:]}
-                print(f"{impl} failed:\n{stderr[-1500:]}", file=sys.stderr)
+                print(f"{job['label']} on {job['profile']}/{job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
+                runs.append(job | {"result": {"error": stderr[-1500:]}})
                 continue
             info = json.loads(stdout.strip().splitlines()[-1])
-            results[impl] = info | evaluate(out, data_dir)
-            print(f"{impl}: {json.dumps(results[impl])}", file=sys.stderr)
+            result = info | evaluate(job["out"], job["data"])
+            alternatives = {}
+            if job["variant"] is not None:
+                for spec in args.inference_variant:
+                    label = spec.partition("=")[0]
+                    alternatives[label] = info | evaluate(_alternative_path(job["out"], label), job["data"])
+            job["info"].write_text(json.dumps({"key": job["key"], "result": result, "alternatives": alternatives}))
+            runs.append(job | {"result": result})
+            runs.extend(job | {"label": f"{job['label']}|{k}", "result": r} for k, r in alternatives.items())
+            print(f"{job['profile']}/{job['seed']} {job['label']}: {json.dumps(result)}", file=sys.stderr)
 
-    ref = results.get("reference", {}).get("average_mAP")
-    ours = {k: v.get("average_mAP") for k, v in results.items() if k != "reference" and v.get("average_mAP") is not None}
-    best = max(ours, key=ours.get) if ours else None
+    # per profile: each model's average mAP over seeds, and ours minus the reference, seed by seed
+    table: dict[str, dict] = {}
+    for profile in args.profiles:
+        by_label: dict[str, dict[int, dict]] = {}
+        for run in runs:
+            if run["profile"] == profile and "average_mAP" in run["result"]:
+                by_label.setdefault(run["label"], {})[run["seed"]] = run["result"]
+        entry: dict[str, dict] = {}
+        ref = by_label.get("reference", {})
+        for label, per_seed in by_label.items():
+            seeds = sorted(per_seed)
+            entry[label] = {
+                "average_mAP": _summary([per_seed[s]["average_mAP"] for s in seeds]),
+                "per_seed": {s: per_seed[s]["average_mAP"] for s in seeds},
+                "train_seconds": _summary([per_seed[s]["train_seconds"] for s in seeds]),
+            }
+            common = [s for s in seeds if s in ref]
+            if label != "reference" and common:
+                entry[label]["minus_reference"] = _summary([per_seed[s]["average_mAP"] - ref[s]["average_mAP"] for s in common])
+                entry[label]["train_time_vs_reference"] = round(
+                    float(np.mean([per_seed[s]["train_seconds"] / ref[s]["train_seconds"] for s in common])), 3
+                )
+        table[profile] = entry
+    labels = sorted({r["label"] for r in runs} - {"reference"})
+    margins = {
+        label: min((table[p].get(label, {}).get("minus_reference", {}).get("mean", -math.inf) for p in args.profiles), default=None)
+        for label in labels
+    }
     print(
-        json.dumps({
-            "benchmark": "accuracy_vs_actionformer",
-            "setting": {
-                "steps": args.steps, "batch_size": args.batch_size, "input_dim": args.input_dim, "embed_dim": args.embed_dim,
-                "max_seq_len": args.max_seq_len, "seed": args.seed, "ema_decay": args.ema_decay, "threads_per_model": 1, "data": str(data_dir),
-            },
-            "results": results,
-            "best_ours": best,
-            "best_ours_minus_reference_average_mAP": None if best is None or ref is None else round(ours[best] - ref, 4),
-            "load_before": [round(x, 2) for x in load_before],
-            "load_after": [round(x, 2) for x in os.getloadavg()],
-            "wall_s": round(time.perf_counter() - started, 1),
-        })  # fmt: skip
+        json.dumps(
+            {
+                "benchmark": "accuracy_vs_actionformer",
+                "setting": settings
+                | {
+                    "profiles": args.profiles,
+                    "seeds": args.seeds,
+                    "variants": {v.label: v.key() for v in variants},
+                    "workdir": str(workdir),
+                    "cached_runs": sum(1 for r in runs if r.get("cached")),
+                },
+                "table": table,
+                "worst_profile_margin_over_reference": margins if use_reference else None,
+                "failures": [f"{r['profile']}/{r['seed']} {r['label']}" for r in runs if "error" in r["result"]],
+                "load_before": [round(x, 2) for x in load_before],
+                "load_after": [round(x, 2) for x in os.getloadavg()],
+                "wall_s": round(time.perf_counter() - started, 1),
+            }
+        )  # fmt: skip
     )
 
 

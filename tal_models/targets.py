@@ -163,8 +163,8 @@ class CenterSamplingAssigner:
     """ActionFormer's label assignment as a part of a detector: ``assigner(points, segments, labels)``
     -> ``PointTargets(cls_targets [B, P, K], reg_targets [B, P, 2])`` (rules in the module docstring).
 
-    A detector takes its assigner built (``tal_models.detectors.build``); another rule (e.g. a
-    SimOTA-style dynamic assignment) is another class with the same call.
+    A detector takes its assigner built (``tal_models.detectors.build``); another rule is another
+    class with the same call (``DynamicAssigner``, which also reads the predictions).
     """
 
     def __init__(self, num_classes: int, center_sample: bool = True, center_radius: float = 1.5):
@@ -174,7 +174,15 @@ class CenterSamplingAssigner:
             raise ValueError(f"center_radius must be > 0 (in strides), got {center_radius} (ActionFormer: 1.5)")
         self.num_classes, self.center_sample, self.center_radius = num_classes, center_sample, center_radius
 
-    def __call__(self, points: Points, segments: Sequence[Segments | Tensor], labels: Sequence[Tensor | Sequence[int]]) -> PointTargets:
+    def __call__(
+        self,
+        points: Points,
+        segments: Sequence[Segments | Tensor],
+        labels: Sequence[Tensor | Sequence[int]],
+        cls_logits: Tensor | None = None,
+        reg_offsets: Tensor | None = None,
+    ) -> PointTargets:
+        """``cls_logits``/``reg_offsets`` (the predictions, which a dynamic assigner reads) are ignored here."""
         return assign_targets(
             points, segments, labels, self.num_classes, center_sample=self.center_sample, center_radius=self.center_radius
         )
@@ -198,3 +206,110 @@ def _steps_tensor(segments: Segments | Tensor | np.ndarray, device: torch.device
     if segs.ndim != 2 or segs.shape[1] != 2:
         raise ValueError(f"segments must be [N, 2] (start, end), got {tuple(segs.shape)}")
     return segs
+
+
+# --- dynamic assignment (SimOTA-style) -------------------------------------------------------
+class DynamicAssigner:
+    """Cost-based dynamic label assignment (YOLOX's SimOTA, as TemporalMaxer uses it in TAL), from
+    the current predictions: ``assigner(points, segments, labels, cls_logits [B, P, K],
+    reg_offsets [B, P, 2])`` -> ``PointTargets``.
+
+    Per video, a point is a **candidate** for a segment by the centre-sampling rules above (centre
+    region of ``center_radius`` strides, regression range). Each (candidate, segment) pair costs
+
+        cost = BCE(logits, one-hot(class)) + iou_weight * -log(IoU(predicted segment, segment))
+
+    (the BCE summed over classes is ``sum_k softplus(l_k) - l_class``). Each segment takes its
+    ``k`` cheapest candidates, ``k = max(min_k, floor(sum of its topq best IoUs))``: segments
+    that the model already localises well get more positives. A point taken by several segments
+    keeps the cheapest; its class target also holds the labels of segments with the same
+    boundaries (within ``EQUAL_LENGTH_TOLERANCE``) that took it too (THUMOS14's duplicate
+    CliffDiving/Diving instances). The assignment reads the predictions without gradient.
+    Without predictions (``cls_logits is None``) it falls back to centre sampling.
+    """
+
+    def __init__(self, num_classes: int, center_radius: float = 2.5, iou_weight: float = 3.0, topq: int = 10, min_k: int = 1):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not center_radius > 0:
+            raise ValueError(f"center_radius must be > 0 (in strides), got {center_radius}")
+        if not iou_weight >= 0 or topq < 1 or min_k < 1:
+            raise ValueError(f"need iou_weight >= 0, topq >= 1, min_k >= 1; got {iou_weight}, {topq}, {min_k}")
+        self.num_classes, self.center_radius = num_classes, center_radius
+        self.iou_weight, self.topq, self.min_k = iou_weight, topq, min_k
+
+    def __call__(
+        self,
+        points: Points,
+        segments: Sequence[Segments | Tensor],
+        labels: Sequence[Tensor | Sequence[int]],
+        cls_logits: Tensor | None = None,
+        reg_offsets: Tensor | None = None,
+    ) -> PointTargets:
+        if cls_logits is None or reg_offsets is None:
+            return assign_targets(points, segments, labels, self.num_classes, center_sample=True, center_radius=self.center_radius)
+        if len(segments) != len(labels) or len(segments) != cls_logits.shape[0]:
+            raise ValueError(f"{len(segments)} segment sets, {len(labels)} label sets, {cls_logits.shape[0]} predictions")
+        with torch.no_grad():
+            per_video = [
+                self._single_video(points, s, lab, logits, offsets)
+                for s, lab, logits, offsets in zip(segments, labels, cls_logits.detach(), reg_offsets.detach())
+            ]
+        return PointTargets(torch.stack([t.cls_targets for t in per_video]), torch.stack([t.reg_targets for t in per_video]))
+
+    def _single_video(self, points: Points, segments, labels, logits: Tensor, offsets: Tensor) -> PointTargets:
+        """``logits [P, K]``, ``offsets [P, 2]`` (strides) -> targets ``[P, K]``, ``[P, 2]``."""
+        segs = _steps_tensor(segments, points.device)  # [N, 2]
+        labels = torch.as_tensor(labels, device=points.device).long().reshape(-1)  # [N]
+        if labels.shape[0] != segs.shape[0]:
+            raise ValueError(f"{segs.shape[0]} segments but {labels.shape[0]} labels")
+        dtype = torch.promote_types(points.position.dtype, segs.dtype)
+        P, N = len(points), segs.shape[0]
+        cls_targets = torch.zeros(P, self.num_classes, dtype=dtype, device=points.device)
+        reg_targets = torch.zeros(P, 2, dtype=dtype, device=points.device)
+        if N == 0 or P == 0:
+            return PointTargets(cls_targets, reg_targets)
+
+        pos, stride = points.position.to(dtype)[:, None], points.stride.to(dtype)[:, None]  # [P, 1]
+        reg_range = points.reg_range.to(dtype)  # [P, 2]
+        segs = segs.to(dtype)
+        start, end = segs[:, 0][None, :], segs[:, 1][None, :]  # [1, N]
+        left, right = pos - start, end - pos  # [P, N]
+        centre = (start + end) / 2
+        inside = (pos > torch.maximum(centre - self.center_radius * stride, start)) & (
+            pos < torch.minimum(centre + self.center_radius * stride, end)
+        )  # [P, N]
+        reach = torch.maximum(left, right)
+        candidate = inside & (reach >= reg_range[:, 0:1]) & (reach <= reg_range[:, 1:2])  # [P, N]
+
+        predicted = offsets_to_segments(points, offsets.to(dtype))  # [P, 2] in input steps
+        overlap = (torch.minimum(predicted[:, 1:2], end) - torch.maximum(predicted[:, 0:1], start)).clamp(min=0)  # [P, N]
+        union = (predicted[:, 1:2] - predicted[:, 0:1]).clamp(min=0) + (end - start) - overlap
+        iou = torch.where(candidate, overlap / union.clamp(min=1e-6), 0.0)  # [P, N]
+        logits = logits.to(dtype)
+        cls_cost = torch.nn.functional.softplus(logits).sum(dim=1, keepdim=True) - logits[:, labels]  # [P, N]
+        cost = torch.where(candidate, cls_cost - self.iou_weight * torch.log(iou + 1e-8), torch.inf)  # [P, N]
+
+        num_candidates = candidate.sum(dim=0)  # [N]
+        q = min(self.topq, P)
+        k = iou.topk(q, dim=0).values.sum(dim=0).floor().long().clamp(min=self.min_k)  # [N]
+        k = torch.minimum(k, num_candidates)
+        order = cost.argsort(dim=0)  # [P, N]: cheapest first (non-candidates, at inf, last)
+        rank = torch.empty_like(order)
+        rank.scatter_(0, order, torch.arange(P, device=points.device)[:, None].expand(P, N))
+        chosen = candidate & (rank < k[None, :])  # [P, N]
+
+        best_cost, which = torch.where(chosen, cost, torch.inf).min(dim=1)  # [P]
+        positive = torch.isfinite(best_cost)
+        chosen_seg = segs[which]  # [P, 2]
+        same = chosen & ((segs[None, :, :] - chosen_seg[:, None, :]).abs().amax(dim=-1) <= EQUAL_LENGTH_TOLERANCE)  # [P, N]
+        cls_targets.scatter_reduce_(1, labels[None, :].expand(P, N), same.to(dtype), reduce="amax")
+        chosen_reg = torch.stack((left, right), dim=-1)[torch.arange(P, device=points.device), which]  # [P, 2]
+        reg_targets = torch.where(positive[:, None], chosen_reg / stride, reg_targets)
+        return PointTargets(cls_targets, reg_targets)
+
+    def __repr__(self) -> str:
+        return (
+            f"DynamicAssigner(num_classes={self.num_classes}, center_radius={self.center_radius}, "
+            f"iou_weight={self.iou_weight}, topq={self.topq}, min_k={self.min_k})"
+        )

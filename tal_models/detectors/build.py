@@ -15,7 +15,7 @@ from tal_models.encoders import BlockFactory, EncoderConfig, PyramidEncoder
 from tal_models.heads import ClassificationHead, OffsetRegressionHead
 from tal_models.layers import DilatedTCNBlock, MaxPoolBlock, SGPBlock, TransformerBlock
 from tal_models.necks import FPNConfig, FPNNeck
-from tal_models.targets import CenterSamplingAssigner
+from tal_models.targets import CenterSamplingAssigner, DynamicAssigner
 from tal_models.trident import TridentHead, TridentHeadConfig
 
 # The config type of every detector family; a checkpoint names its family, and old checkpoints
@@ -47,7 +47,11 @@ def _one_stage(config: OneStageConfig) -> OneStageDetector:
                     levels=config.encoder.levels,
                 )
             )  # fmt: skip
-    assigner = CenterSamplingAssigner(config.num_classes, config.loss.center_sample, config.loss.center_radius)
+    match config.loss.assigner:
+        case "dynamic":
+            assigner = DynamicAssigner(config.num_classes, config.loss.center_radius, min_k=config.loss.dynamic_min_k)
+        case _:
+            assigner = CenterSamplingAssigner(config.num_classes, config.loss.center_sample, config.loss.center_radius)
     return OneStageDetector(config, encoder=encoder, neck=neck, cls_head=cls_head, reg_head=reg_head, assigner=assigner)
 
 

@@ -43,10 +43,11 @@ from tal_models.necks import FPNConfig
 from tal_models.points import DEFAULT_REGRESSION_RANGES, Points, make_points
 from tal_models.postprocess import NMSConfig
 from tal_models.structures import Detections
-from tal_models.targets import CenterSamplingAssigner
+from tal_models.targets import CenterSamplingAssigner, DynamicAssigner
 from tal_models.timing import STEP_TIMING, FeatureTiming
 
 Arch = Literal["actionformer", "tridet", "temporalmaxer"]
+AssignerKind = Literal["center", "dynamic"]
 
 
 class ArchParts(NamedTuple):
@@ -68,8 +69,10 @@ ARCHS: tuple[str, ...] = tuple(ARCH_PARTS)
 class LossConfig:
     """Label assignment and losses (ActionFormer's THUMOS14 values)."""
 
+    assigner: AssignerKind = "center"  # "dynamic": SimOTA-style, from the predictions (tal_models.targets.DynamicAssigner)
     center_sample: bool = True
-    center_radius: float = 1.5
+    center_radius: float = 1.5  # dynamic: the candidates' centre region (TemporalMaxer / YOLOX: 2.5)
+    dynamic_min_k: int = 1  # dynamic: positives per segment at least
     loss_weight: float = 1.0  # weight of the regression loss
     label_smoothing: float = 0.0
     reg_loss: RegLoss = "diou"
@@ -79,6 +82,9 @@ class LossConfig:
     input_noise: float = 0.0  # TriDet: Gaussian noise of this std added to the features in training
 
     def __post_init__(self) -> None:
+        if self.assigner not in ("center", "dynamic"):
+            raise ValueError(f"LossConfig.assigner must be 'center' (ActionFormer) or 'dynamic' (SimOTA-style), got {self.assigner!r}")
+        require_positive_int(self.dynamic_min_k, "LossConfig.dynamic_min_k")
         if not self.center_radius > 0:
             raise ValueError(f"LossConfig.center_radius must be > 0 strides, got {self.center_radius} (ActionFormer: 1.5)")
         for name in ("loss_weight", "iou_weight_power", "input_noise"):
@@ -196,7 +202,7 @@ class OneStageDetector(nn.Module):
         neck: nn.Module,
         cls_head: nn.Module,
         reg_head: nn.Module,
-        assigner: CenterSamplingAssigner,
+        assigner: CenterSamplingAssigner | DynamicAssigner,
     ):
         super().__init__()
         self.config = config
@@ -240,7 +246,7 @@ class OneStageDetector(nn.Module):
         if cfg.loss.input_noise > 0:  # TriDet's; none at padded steps, so the batch stays zero-padded
             features = features + cfg.loss.input_noise * torch.randn_like(features).masked_fill_(~batch.mask, 0.0)
         out = self.dense(features, batch.mask, zero_padded=True)
-        targets = self.assigner(out.points, batch.segments, batch.labels)
+        targets = self.assigner(out.points, batch.segments, batch.labels, out.cls_logits, out.reg_offsets)
         return detection_losses(
             out.cls_logits,
             out.reg_offsets,
