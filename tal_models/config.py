@@ -9,6 +9,7 @@ the path and the keys it knows, so a typo in a preset is an error, not a silentl
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -108,6 +109,18 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     return config_from_dict(cls, data or {}, where=path.name)
 
 
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value parsed as YAML, except that numbers in exponent notation without a dot
+    (``3e-4``, ``1E5``), which YAML 1.1 reads as strings, are numbers."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...], example: str = "section.key=value") -> list[str]:
     """Apply ``key=value`` strings to the nested dict ``data`` in place (dotted keys; values parsed as YAML, so
     ``3e-4``, ``[7, 7]`` and ``null`` mean what they say); returns the keys set, in order.
@@ -130,6 +143,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise ValueError(f"--set {key}: no such key; {'.'.join(parts[:-1]) or 'the top level'} has {sorted(node)}")
         if isinstance(node[parts[-1]], dict):
             raise ValueError(f"--set {key}: a section, not a value; set one of its keys {sorted(node[parts[-1]])}")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_value(raw)
         done.append(key)
     return done

@@ -87,7 +87,9 @@ def test_defaults_written_into_the_help_are_the_jobs():
 def test_train_print_config_writes_the_full_effective_preset_that_loads_back(tmp_path, capsys):
     from tal_models.presets import load_preset
 
-    assert main(["train", "--config", "demo-tridet", "--set", "optim.lr=0.002", "--epochs", "5", "--batch-size", "3", "--print-config"]) == 0
+    assert (
+        main(["train", "--config", "demo-tridet", "--set", "optim.lr=0.002", "--epochs", "5", "--batch-size", "3", "--print-config"]) == 0
+    )
     path = tmp_path / "effective.yaml"
     path.write_text(capsys.readouterr().out)
     printed = load_preset(path)
@@ -101,3 +103,17 @@ def test_train_print_config_writes_the_full_effective_preset_that_loads_back(tmp
 def test_train_needs_a_store_and_annotations_unless_printing(capsys):
     assert main(["train", "--config", "demo-tridet"]) == 2
     assert "--features, --annotations (or --print-config)" in capsys.readouterr().err
+
+
+def test_train_set_takes_exponent_notation_as_a_number(tmp_path, capsys):
+    """YAML 1.1 reads ``3e-4`` as a string; ``--set optim.lr=3e-4`` must still mean the number."""
+    from tal_models.presets import load_preset
+
+    assert (
+        main(["train", "--config", "demo-tridet", "--set", "optim.lr=3e-4", "--set", "detector.loss.loss_weight=2E0", "--print-config"])
+        == 0
+    )
+    path = tmp_path / "effective.yaml"
+    path.write_text(capsys.readouterr().out)
+    printed = load_preset(path)
+    assert printed.optim.lr == 3e-4 and printed.detector.loss.loss_weight == 2.0

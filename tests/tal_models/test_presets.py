@@ -94,3 +94,19 @@ def test_arch_must_agree_with_its_parts(arch):
     with pytest.raises(ValueError, match="arch 'actionformer' is encoder.kind='transformer'"):
         replace(config, arch="actionformer", encoder=EncoderConfig(kind="conv", input_dim=8, embed_dim=16, levels=3))
     assert config_to_dict(config)["arch"] == arch
+
+
+def test_override_values_parse_as_yaml_with_exponent_numbers():
+    from tal_models.config import parse_value
+
+    assert [parse_value(x) for x in ("3e-4", "1E5", "-2.5e+3", "0.5", "7", "[7, 7]", "null", "true")] == [
+        3e-4,
+        1e5,
+        -2500.0,
+        0.5,
+        7,
+        [7, 7],
+        None,
+        True,
+    ]
+    assert [parse_value(x) for x in ("e5", "abc", "nan", "1e")] == ["e5", "abc", "nan", "1e"]  # not numbers: left as YAML reads them
