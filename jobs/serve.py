@@ -123,14 +123,16 @@ def _device(use_gpu: bool) -> str:
 
 
 class TorchThread:
-    """One thread for every torch call of a process: load, warm-up, forward.
+    """One thread for every torch call of a replica (loading the model, every forward), ``num_threads`` set on it.
 
-    ATen's CPU kernels use OpenMP, and OpenMP keeps a team of worker threads per thread that calls into
-    it. With one team its workers spin between parallel regions (fast on idle cores); once a second
-    thread has called torch there are two teams, more threads than cores, and OpenMP throttles its
-    spinning (libgomp), so each region pays a wake-up. Measured here on 2 cores, idle, 256 steps:
-    117 ms with one team, 160-195 ms with two (issue 6). ``torch.set_num_threads`` is per thread for
-    OpenMP, so it is set on this thread.
+    ATen's CPU kernels run on OpenMP, which keeps a team of worker threads per thread that calls into it,
+    and ``torch.set_num_threads`` applies to the calling thread's team. Measured with the 256-step forward
+    of ``thumos14-actionformer`` on this 2-core machine, 2 torch threads (``docs/serving_overhead.md``):
+    idle, 117 ms when one thread did all the torch work and 160-195 ms once a second thread had called
+    torch (issue 6: the old Detector loaded on one thread and ran forwards on asyncio's pool); with other
+    processes keeping the cores busy (load 5-9) the order reverses, 1.2-1.8 s against 0.2-0.45 s: one team's
+    workers spin for cores they do not get. A replica owns its CPUs (``num_cpus``), so it is built for the
+    first case; the benchmark's in-process forward is measured the same way (one thread does it all).
     """
 
     def __init__(self, num_threads: int):
@@ -367,7 +369,10 @@ class DetectorIngress:
             return checkpoint.build(_device(use_gpu))
 
         self.model = self.torch.run(load_model)
-        self.batcher = DynamicBatcher(self._detect_batch, limits.max_batch_size, batch_wait_timeout_s, executor=self.torch.executor)
+        self.arriving = 0  # feature requests being received or parsed: a batch may wait for them, never for nobody
+        self.batcher = DynamicBatcher(
+            self._detect_batch, limits.max_batch_size, batch_wait_timeout_s, executor=self.torch.executor, arriving=lambda: self.arriving
+        )
 
     async def _detect(self, seq: FeatureSequence, score_threshold: float | None, top_k: int | None) -> dict[str, Any]:
         return await self.batcher.submit((seq, score_threshold, top_k))
@@ -403,6 +408,22 @@ class DetectorIngress:
     )
     async def detect(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
+        self.arriving += 1
+        try:
+            seq, req, received, parsed = await self._read_features(request)
+        finally:
+            self.arriving -= 1
+        result = await self._detect(seq, req.score_threshold, req.top_k)
+        timing = {
+            "receive_s": received - start,  # the body, from the client (direct ingress) or from Serve's proxy
+            "parse_s": parsed - received,  # JSON / .npy -> checked FeatureSequence
+            "detect_s": result["detect_s"],  # the model's forward + post-processing for the whole batch
+            "total_s": time.perf_counter() - start,  # the rest: batching wait, the hop to the torch thread
+        }
+        return self._response(seq, result, timing)
+
+    async def _read_features(self, request: Request) -> tuple[FeatureSequence, DetectFeaturesRequest, float, float]:
+        """The checked sequence and options of a ``/v1/detect`` request, with the times its body was in and parsed."""
         kind = _content_type(request)
         if kind == "application/json":
             if request.query_params:
@@ -420,15 +441,7 @@ class DetectorIngress:
                 415, "unsupported_media_type", f"content type {kind or 'none'!r}: send application/json or application/x-npy"
             )
         seq = to_sequence(req, self.info, self.limits)
-        parsed = time.perf_counter()
-        result = await self._detect(seq, req.score_threshold, req.top_k)
-        timing = {
-            "receive_s": received - start,  # the body, from the client (direct ingress) or from Serve's proxy
-            "parse_s": parsed - received,  # JSON / .npy -> checked FeatureSequence
-            "detect_s": result["detect_s"],  # the model's forward + post-processing for the whole batch
-            "total_s": time.perf_counter() - start,  # the rest: batching wait, the hop to the torch thread
-        }
-        return self._response(seq, result, timing)
+        return seq, req, received, time.perf_counter()
 
     @api.post(
         "/v1/detect/video",
@@ -586,14 +599,22 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
     )
 
 
-def direct_ingress_env(port: int | None = None) -> dict[str, str]:
-    """The environment of a Ray whose Serve ingress replicas listen for HTTP themselves (Serve's direct ingress,
-    experimental in Ray 2.60; Ray's processes read it when they start). Serve's proxy still runs, on the
-    head node, but requests sent to the replica's port skip it. ``port``: the one port the replicas may take
-    (one replica per node then); default Serve's range, 30000-30999. A replica's port is free again as soon
-    as it stops (no quarantine, 1 s of draining: nothing but clients is in front of it here)."""
+def serve_env(port: int | None = None) -> dict[str, str]:
+    """The environment of a Ray whose Serve ingress replicas listen for HTTP themselves (Ray's processes read it
+    when they start; Ray 2.60, experimental there):
+
+    - ``RAY_SERVE_ENABLE_DIRECT_INGRESS``: the Detector replica runs its own HTTP server; Serve's proxy still
+      runs, on the head node, but requests sent to the replica's port skip it (an 18 MB body: 44 ms less);
+    - ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``: the app's handlers run on the replica's own event loop,
+      where that server is, so the body's chunks do not cross to a second loop (18 MB: ~8 ms less). A handler
+      that blocks then blocks the replica's health checks too: the model runs on its ``TorchThread``;
+    - a replica's port is free again as soon as it stops (no quarantine, 1 s of draining: nothing but clients
+      is in front of it here). ``port``: the one port the replicas may take (one replica per node then);
+      default Serve's range, 30000-30999.
+    """
     env = {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
@@ -617,7 +638,7 @@ def run_app(
     the whole checkpoint).
 
     ``direct_ingress`` and a local Ray that this call starts, with one Detector replica: the replica itself
-    listens on ``port`` (``direct_ingress_env``) and Serve's proxy on a spare port. Otherwise Serve's proxy
+    listens on ``port`` (``serve_env``) and Serve's proxy on a spare port. Otherwise Serve's proxy
     listens on ``port`` unless Serve runs already; where the cluster has direct ingress on, the URL returned
     is the replica's own."""
     import ray
@@ -625,7 +646,7 @@ def run_app(
     from pipelines.ray_runtime import owns_ray
 
     if direct_ingress and args.detector_replicas == 1 and not ray.is_initialized():
-        for key, value in direct_ingress_env(port).items():
+        for key, value in serve_env(port).items():
             os.environ.setdefault(key, value)  # read by the processes of a Ray started now; a cluster joined keeps its own
     init_ray()
     direct = owns_ray() and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"

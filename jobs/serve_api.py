@@ -427,14 +427,21 @@ class DynamicBatcher:
 
     ``executor``: where ``fn`` runs (default: asyncio's default thread pool, any of its threads). The
     Detector passes its single torch thread, so that every forward runs on the thread that built the model.
+    ``arriving``: how many requests are on their way to ``submit`` (being received or parsed); when given,
+    a call that finds ``fn`` idle waits for company only if some are, so a lone request never waits.
     """
 
     def __init__(
-        self, fn: Callable[[list[Any]], list[Any]], max_batch_size: int, wait_s: float, executor: concurrent.futures.Executor | None = None
+        self,
+        fn: Callable[[list[Any]], list[Any]],
+        max_batch_size: int,
+        wait_s: float,
+        executor: concurrent.futures.Executor | None = None,
+        arriving: Callable[[], int] | None = None,
     ):
         if max_batch_size < 1 or wait_s < 0:
             raise ValueError(f"max_batch_size must be >= 1 and wait_s >= 0, got {max_batch_size}, {wait_s}")
-        self.fn, self.max_batch_size, self.wait_s, self.executor = fn, max_batch_size, wait_s, executor
+        self.fn, self.max_batch_size, self.wait_s, self.executor, self.arriving = fn, max_batch_size, wait_s, executor, arriving
         self._pending: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -453,7 +460,7 @@ class DynamicBatcher:
     async def _run(self) -> None:
         while True:
             await self._arrived.wait()
-            if len(self._pending) < self.max_batch_size and self.wait_s > 0:
+            if len(self._pending) < self.max_batch_size and self.wait_s > 0 and (self.arriving is None or self.arriving() > 0):
                 await asyncio.sleep(self.wait_s)
             batch = []
             while self._pending and len(batch) < self.max_batch_size:

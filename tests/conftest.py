@@ -106,9 +106,9 @@ def ray_session():
     os.environ["AWS_ACCESS_KEY_ID"] = "testing"
     os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
     # Serve apps answer HTTP on their ingress replica's own port, as `tal serve` runs them (jobs.serve.run_app)
-    from jobs.serve import direct_ingress_env
+    from jobs.serve import serve_env
 
-    for key, value in direct_ingress_env().items():
+    for key, value in serve_env().items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
