@@ -14,7 +14,7 @@ config bounds the detections kept, as for a trained one). Measured in one script
    (HTTP - in-process) over the pairs, both p50s, and p50 of (HTTP - the replica's own ``detect_s``),
    which is what HTTP and Serve add whatever the model's speed under the machine's load;
 2. HTTP p50/p99 and requests/s at concurrency 1, 4 and 16 with batching (max batch 8), each with the
-   median time per stage (receive, parse, detect, the rest inside the app, outside the app);
+   median time per stage (receive, parse, detect, rest_in_app, outside_app: see ``_stage_medians``);
 3. the same at concurrency 16 without batching (max batch 1);
 4. the video endpoint: a synthetic video through decode + MobileNetV2 (ImageNet weights, 15 fps,
    4-frame clips, the demo's sampling) + a demo-sized detector, as seconds per minute of video.
@@ -110,8 +110,8 @@ def _stage_medians(stages: list[dict]) -> dict[str, float]:
     if not ok:
         return {}
     med = {k: float(np.median([s[k] for s in ok])) for k in ("receive_s", "parse_s", "detect_s", "total_s", "wall_s")}
-    med["handoff_s"] = float(np.median([s["total_s"] - s["receive_s"] - s["parse_s"] - s["detect_s"] for s in ok]))
-    med["proxy_s"] = float(np.median([s["wall_s"] - s["total_s"] for s in ok]))
+    med["rest_in_app_s"] = float(np.median([s["total_s"] - s["receive_s"] - s["parse_s"] - s["detect_s"] for s in ok]))
+    med["outside_app_s"] = float(np.median([s["wall_s"] - s["total_s"] for s in ok]))
     return {k.removesuffix("_s"): round(1000 * v, 1) for k, v in med.items()}
 
 
