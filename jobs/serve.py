@@ -639,8 +639,8 @@ def run_app(
 
     ``direct_ingress`` and a local Ray that this call starts, with one Detector replica: the replica itself
     listens on ``port`` (``serve_env``) and Serve's proxy on a spare port. Otherwise Serve's proxy
-    listens on ``port`` unless Serve runs already; where the cluster has direct ingress on, the URL returned
-    is the replica's own."""
+    listens on ``port`` unless Serve runs already. The URL returned is the replica's own where the cluster
+    has direct ingress on, else the proxy's."""
     import ray
 
     from pipelines.ray_runtime import owns_ray
@@ -656,7 +656,7 @@ def run_app(
     logging_config = LoggingConfig(log_level="WARNING", enable_access_log=False) if quiet else None
     app = _application(args, info if info is not None else describe_model(args))
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging_config)
-    return f"http://{host}:{_http_port(APP_NAME, port)}"
+    return f"http://{host}:{_http_port(APP_NAME, direct)}"
 
 
 def _free_port(host: str) -> int:
@@ -665,15 +665,20 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _http_port(app_name: str, default: int) -> int:
-    """The port that serves ``app_name`` over HTTP: its ingress replica's, where Serve's direct ingress is on, else
-    ``default``. Ray 2.60 says it only in the controller's target groups (``ServeInstanceDetails.target_groups``)."""
+def _http_port(app_name: str, direct: bool) -> int:
+    """The port that serves ``app_name`` over HTTP: its ingress replica's where Serve's direct ingress is on (waited
+    for up to 10 s if ``direct``), else Serve's proxy's. Ray 2.60 says the replica's only in the controller's target
+    groups (``ServeInstanceDetails.target_groups``)."""
     from ray.serve.context import _get_global_client
 
-    details = _get_global_client().get_serve_details()
-    for group in details.get("target_groups") or []:
-        if group.get("app_name") == app_name and group.get("protocol") == "HTTP":
-            replicas = [t["port"] for t in group.get("targets", []) if str(t.get("name", "")).startswith("SERVE_REPLICA")]
-            if replicas:
-                return int(replicas[0])
-    return default
+    deadline = time.monotonic() + (10.0 if direct else 0.0)
+    while True:
+        details = _get_global_client().get_serve_details()
+        for group in details.get("target_groups") or []:
+            if group.get("app_name") == app_name and group.get("protocol") == "HTTP":
+                replicas = [t["port"] for t in group.get("targets", []) if str(t.get("name", "")).startswith("SERVE_REPLICA")]
+                if replicas:
+                    return int(replicas[0])
+        if time.monotonic() >= deadline:
+            return int(details["http_options"]["port"])
+        time.sleep(0.2)
