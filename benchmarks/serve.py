@@ -1,24 +1,32 @@
 """The Serve app under load, on loopback: what HTTP and Ray Serve add to the model, and what batching buys.
 
+    .venv/bin/python benchmarks/serve.py --overhead-only [--baseline-tree ../wt-base] [--requests 8]
     .venv/bin/python benchmarks/serve.py [--preset thumos14-actionformer] [--requests 24] [--threads 2]
 
 Feature requests: a THUMOS14-sized sequence (2304 steps x 2048 channels, an ``.npy`` body of 18.9 MB)
-against the preset's detector with random weights (its inference config bounds the detections kept,
-as for a trained one). Measured in one script, in this order:
+and a small one (its first 256 steps) against the preset's detector with random weights (its inference
+config bounds the detections kept, as for a trained one). Measured in one script, in this order:
 
-1. in-process: ``detect_batch`` on one sequence, ``--threads`` torch threads (the replica's count);
+1. overhead at concurrency 1, per design (this tree's code; ``--baseline-tree``: another checkout's, e.g.
+   a worktree of main, the design before): a process of its own starts Ray and the app, then alternates
+   one in-process ``detect_batch`` (its main thread, ``--threads`` torch threads, the replica's count)
+   with one HTTP request of the same sequence, ``--requests`` pairs per size. Reported: p50 of
+   (HTTP - in-process) over the pairs, both p50s, and p50 of (HTTP - the replica's own ``detect_s``),
+   which is what HTTP and Serve add whatever the model's speed under the machine's load;
 2. HTTP p50/p99 and requests/s at concurrency 1, 4 and 16 with batching (max batch 8), each with the
-   median time per stage (receive, parse, detect, hand-off to the Detector, proxy); and a small request
-   (256 steps) at concurrency 1 for the fixed cost;
+   median time per stage (receive, parse, detect, rest_in_app, outside_app: see ``_stage_medians``);
 3. the same at concurrency 16 without batching (max batch 1);
 4. the video endpoint: a synthetic video through decode + MobileNetV2 (ImageNet weights, 15 fps,
    4-frame clips, the demo's sampling) + a demo-sized detector, as seconds per minute of video.
 
-Prints one JSON line with the load average before and after. Loopback only, bounded in requests.
+``--overhead-only`` stops after 1. Prints one JSON line with the load average before and after.
+Loopback only, bounded in requests.
 
 Ray starts its workers at nice 15 (``RAY_worker_niceness``), so on a machine with other load a replica
 gets less CPU than this script's own process: the comparison would charge that to Serve. The script
 starts Ray with worker niceness 0 unless ``RAY_worker_niceness`` is already set (``--ray-niceness``).
+Each Ray the script starts has Serve's direct ingress on when the code measured has it
+(``jobs.serve.serve_env``), as ``tal serve`` runs it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import io
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -94,15 +103,111 @@ def load_http(url: str, body: bytes, requests_: int, concurrency: int) -> dict:
 
 
 def _stage_medians(stages: list[dict]) -> dict[str, float]:
-    """Median ms per stage of the app's own timing, and what lies outside it: the hand-off from the ingress to
-    the Detector and back (total - receive - parse - detect) and the HTTP proxy (wall - total)."""
+    """Median ms per stage of the app's own timing, and what lies outside it: inside the app (total - receive -
+    parse - detect: before the design of this tree, the hand-off from the ingress to the Detector and back) and
+    outside the app (wall - total: Serve's proxy, or with direct ingress the replica's HTTP server, and the client)."""
     ok = [s for s in stages if "total_s" in s]
     if not ok:
         return {}
     med = {k: float(np.median([s[k] for s in ok])) for k in ("receive_s", "parse_s", "detect_s", "total_s", "wall_s")}
-    med["handoff_s"] = float(np.median([s["total_s"] - s["receive_s"] - s["parse_s"] - s["detect_s"] for s in ok]))
-    med["proxy_s"] = float(np.median([s["wall_s"] - s["total_s"] for s in ok]))
+    med["rest_in_app_s"] = float(np.median([s["total_s"] - s["receive_s"] - s["parse_s"] - s["detect_s"] for s in ok]))
+    med["outside_app_s"] = float(np.median([s["wall_s"] - s["total_s"] for s in ok]))
     return {k.removesuffix("_s"): round(1000 * v, 1) for k, v in med.items()}
+
+
+# --- 1. overhead at concurrency 1, one process per design ----------------------------------------------
+
+
+def overhead_child(args: argparse.Namespace) -> dict:
+    """In a process whose ``jobs`` package is ``args.tree``'s: Ray, the app, then in-process/HTTP pairs per size."""
+    import ray
+    import requests
+    import torch
+    from ray import serve
+
+    import jobs.serve as served
+    from jobs.inference import detect_batch
+    from jobs.serve_config import ServeArgs
+    from pipelines.store import FeatureSequence
+    from tal_models.presets import load_preset
+    from tal_models.timing import FeatureTiming
+
+    work = Path(tempfile.mkdtemp(prefix="tal-bench-serve-"))
+    dim = load_preset(args.preset).detector.input_dim
+    provenance = {"backbone": "synthetic", "feature_dim": dim, "fps": 10.0, "stride": 4, "window": 16}
+    checkpoint = make_checkpoint(work / "model.pt", args.preset, provenance)
+    features = np.random.default_rng(0).standard_normal((args.steps, dim)).astype(np.float32)
+    torch.set_num_threads(args.threads)
+    model = checkpoint.build("cpu")
+    timing = FeatureTiming(10.0, 4, 16)
+
+    os.environ.setdefault(RAY_NICENESS, str(args.ray_niceness))  # read when Ray starts
+    if hasattr(served, "serve_env"):  # as run_app sets it for a local Ray it starts
+        os.environ.update(served.serve_env())
+    ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    out: dict = {"tree": str(args.tree), "direct_ingress": os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"}
+    try:
+        common = dict(
+            model=str(work / "model.pt"), cpus_per_replica=float(args.threads), max_body_mb=64.0, max_steps=max(16384, args.steps)
+        )
+        url = served.run_app(ServeArgs(**common, max_batch_size=8), "127.0.0.1", _free_port())
+        out["deployments"] = sorted(serve.status().applications["tal"].deployments)  # which design's code the replicas run
+        session = requests.Session()
+        for steps in (256, args.steps):
+            x = features[:steps]
+            seq = FeatureSequence("v", x, timing, timing.centers(steps), float(timing.step_to_seconds(steps)))
+            body = _npy(x)
+            pairs = []
+            for i in range(args.requests + 2):  # the first two warm both sides
+                start = time.perf_counter()
+                detect_batch(model, [seq])
+                local = time.perf_counter() - start
+                start = time.perf_counter()
+                r = session.post(url + "/v1/detect", data=body, headers={"content-type": "application/x-npy"}, timeout=600)
+                wall = time.perf_counter() - start
+                if r.status_code != 200:
+                    raise RuntimeError(f"{steps} steps: HTTP {r.status_code}: {r.text[:300]}")
+                if i >= 2:
+                    pairs.append({"local_s": local, "wall_s": wall, **r.json()["timing"]})
+            out[f"steps_{steps}"] = _overhead_figures(pairs, len(body))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return out
+
+
+def _overhead_figures(pairs: list[dict], body_bytes: int) -> dict:
+    ms = lambda values: round(1000 * float(np.median(values)), 1)  # noqa: E731
+    return {
+        "npy_mb": round(body_bytes / 2**20, 1),
+        "pairs": len(pairs),
+        "in_process_p50_ms": ms([p["local_s"] for p in pairs]),
+        "http_p50_ms": ms([p["wall_s"] for p in pairs]),
+        "replica_detect_p50_ms": ms([p["detect_s"] for p in pairs]),
+        "overhead_vs_in_process_p50_ms": ms([p["wall_s"] - p["local_s"] for p in pairs]),
+        "overhead_vs_replica_detect_p50_ms": ms([p["wall_s"] - p["detect_s"] for p in pairs]),
+        "stage_p50_ms": _stage_medians(pairs),
+    }
+
+
+def bench_overhead(args: argparse.Namespace) -> dict:
+    """``overhead_child`` for this tree and ``--baseline-tree`` (alternately, ``--rounds`` times), each in its own process."""
+    trees = [("new", ROOT)] + ([("baseline", Path(args.baseline_tree).resolve())] if args.baseline_tree else [])
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in trees}
+    for _ in range(args.rounds):
+        for name, tree in reversed(trees):  # the baseline first: a load that grows during the run favours it
+            argv = [sys.executable, str(Path(__file__).resolve()), "--overhead-child", "--tree", str(tree)]
+            argv += ["--preset", args.preset, "--steps", str(args.steps), "--requests", str(args.requests)]
+            argv += ["--threads", str(args.threads), "--ray-niceness", str(args.ray_niceness)]
+            env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0"}
+            load = os.getloadavg()
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} ({tree}) failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result["load_before"] = [round(x, 2) for x in load]
+            rounds[name].append(result)
+    return rounds
 
 
 def make_checkpoint(path: Path, preset: str, provenance: dict):
@@ -130,19 +235,36 @@ def main() -> None:
     parser.add_argument("--video-seconds", type=float, default=30.0)
     parser.add_argument("--skip-video", action="store_true")
     parser.add_argument("--ray-niceness", type=int, default=0, help="niceness of Ray's workers (Ray's default: 15)")
+    parser.add_argument("--baseline-tree", help="a checkout of the design to compare with (e.g. a worktree of main)")
+    parser.add_argument("--rounds", type=int, default=1, help="overhead runs per design, alternating")
+    parser.add_argument("--overhead-only", action="store_true", help="only the overhead at concurrency 1 (step 1)")
+    parser.add_argument("--overhead-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.overhead_child:  # the measured tree's code, not this file's tree (Ray's workers get this sys.path too)
+        sys.path[:] = [str(args.tree)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+        print(json.dumps(overhead_child(args)))
+        return
+    load_before = os.getloadavg()
+    overhead = bench_overhead(args)
+    if args.overhead_only:
+        print(
+            json.dumps(
+                {"machine": _machine(args, load_before), "overhead_c1": overhead, "targets": _overhead_targets(overhead, args.steps)}
+            )
+        )
+        return
 
     import ray
     import torch
     from ray import serve
 
     from jobs.inference import detect_batch
-    from jobs.serve import run_app
+    from jobs.serve import run_app, serve_env
     from jobs.serve_config import ServeArgs
     from pipelines.store import FeatureSequence
     from tal_models.presets import load_preset
 
-    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="tal-bench-serve-"))
     preset = load_preset(args.preset)
     dim = preset.detector.input_dim
@@ -178,15 +300,12 @@ def main() -> None:
     del model
 
     os.environ.setdefault(RAY_NICENESS, str(args.ray_niceness))  # read when Ray starts
+    os.environ.update(serve_env())  # as run_app sets it for a local Ray it starts
     ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = _free_port()
     results: dict = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_before": [round(x, 2) for x in load_before],
-            "ray_worker_niceness": int(os.environ[RAY_NICENESS]),
-            "script_niceness": os.nice(0),
-        },
+        "machine": _machine(args, load_before),
+        "overhead_c1": overhead,
         "request": {"steps": args.steps, "channels": dim, "npy_mb": round(len(body) / 2**20, 1), "preset": args.preset},
         "in_process": {**_percentiles(in_process), "batch_of_8_per_request_ms": round(1000 * min(batch8) / 8, 1)},
     }
@@ -215,11 +334,29 @@ def main() -> None:
         ray.shutdown()
     results["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = {
-        "serve_overhead_p50_ms_c1<=15": results["serve_overhead_p50_ms_c1"] <= 15,
+        **_overhead_targets(overhead, args.steps),
         "batching_ratio_c16>=1.5": results["batching_throughput_ratio_c16"] >= 1.5,
         "zero_errors": results["errors"] == 0,
     }
     print(json.dumps(results))
+
+
+def _overhead_targets(overhead: dict, steps: int) -> dict:
+    """The issue's targets on this tree's overhead (median over rounds of each round's p50 of HTTP - in-process)."""
+    runs = overhead["new"]
+    at = lambda key: float(np.median([r[key]["overhead_vs_in_process_p50_ms"] for r in runs]))  # noqa: E731
+    return {"overhead_256_steps_p50_ms<=15": at("steps_256") <= 15, f"overhead_{steps}_steps_p50_ms<=30": at(f"steps_{steps}") <= 30}
+
+
+def _machine(args: argparse.Namespace, load_before: tuple[float, ...]) -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "ray_worker_niceness": int(os.environ.get(RAY_NICENESS, args.ray_niceness)),
+        "script_niceness": os.nice(0),
+        "torch_threads": args.threads,
+    }
 
 
 def bench_video(work: Path, seconds: float, port: int) -> dict:

@@ -1,10 +1,17 @@
 """Ray Serve application: a trained detector over HTTP, for feature sequences and for raw videos.
 
-    HTTP ─► Ingress (FastAPI: limits, parsing, validation, JSON errors; no model)
-              ├─ POST /v1/detect        ─────────────────────────────────────────────► Detector (batches)
-              └─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► Detector
+    HTTP ─► Detector (FastAPI ingress: limits, parsing, validation, JSON errors; holds the model, batches)
+              ├─ POST /v1/detect        ─► parse the body in place ─► the model (this replica's torch thread)
+              └─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► the model, here
                                            backbone, as its provenance records)
             GET /healthz, GET /v1/model, OpenAPI at /docs
+
+One replica both answers HTTP and runs the model: a feature request's body is parsed where the model is
+(``np.frombuffer`` on the ``.npy`` bytes, no copy) and crosses no other actor, so an 18 MB request costs
+no pickling and no hand-off (``docs/serving_overhead.md``). With Serve's direct ingress on
+(``RAY_SERVE_ENABLE_DIRECT_INGRESS``, which ``run_app`` turns on for a local Ray it starts) the replica
+itself listens for HTTP and the body does not pass through Serve's proxy either. Every torch call of a
+replica runs on one thread of its own (``TorchThread``).
 
 ``build_app(ServeArgs)`` is the import path for ``serve run`` / ``serve deploy`` / a RayService
 (``jobs.serve:build_app``); ``tal serve`` calls it and runs the app on local Ray or ``RAY_ADDRESS``.
@@ -18,9 +25,11 @@ no weights travel through the deployment's config.
 """
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -113,38 +122,26 @@ def _device(use_gpu: bool) -> str:
 # --- deployments -------------------------------------------------------------------------------
 
 
-@serve.deployment(name="Detector", max_ongoing_requests=64)
-class DetectorDeployment:
-    """Holds the checkpoint; detects feature sequences in batches (``DynamicBatcher``: whatever waits
-    when the model becomes free, up to ``max_batch_size``)."""
+class TorchThread:
+    """One thread for every torch call of a replica (loading the model, every forward), ``num_threads`` set on it.
 
-    def __init__(
-        self,
-        info: ModelInfo,
-        mlflow_uri: str | None,
-        storage_options: dict[str, Any],
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
-        num_threads: int,
-        use_gpu: bool,
-    ):
-        torch.set_num_threads(max(1, num_threads))
-        self.info = info
-        checkpoint = load_served_checkpoint(info.pinned, mlflow_uri, storage_options)
-        self.model = checkpoint.build(_device(use_gpu))
-        self.batcher = DynamicBatcher(self._detect, max_batch_size, batch_wait_timeout_s)
+    ATen's CPU kernels run on OpenMP, which keeps a team of worker threads per thread that calls into it,
+    and ``torch.set_num_threads`` applies to the calling thread's team. Measured with the 256-step forward
+    of ``thumos14-actionformer`` on this 2-core machine, 2 torch threads (``docs/serving_overhead.md``):
+    idle, 117 ms when one thread did all the torch work and 160-195 ms once a second thread had called
+    torch (issue 6: the old Detector loaded on one thread and ran forwards on asyncio's pool); with other
+    processes keeping the cores busy (load 5-9) the order reverses, 1.2-1.8 s against 0.2-0.45 s: one team's
+    workers spin for cores they do not get. A replica owns its CPUs (``num_cpus``), so it is built for the
+    first case; the benchmark's in-process forward is measured the same way (one thread does it all).
+    """
 
-    async def detect(self, item: tuple[FeatureSequence, float | None, int | None]) -> dict[str, Any]:
-        return await self.batcher.submit(item)
+    def __init__(self, num_threads: int):
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tal-torch")
+        self.executor.submit(torch.set_num_threads, max(1, num_threads)).result()
 
-    def _detect(self, items: list[tuple[FeatureSequence, float | None, int | None]]) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        detections = detect_batch(self.model, [seq for seq, _, _ in items])
-        seconds = time.perf_counter() - start
-        return [
-            {"detections": detections_payload(d, self.info.labels, threshold, top_k), "detect_s": seconds, "batch_size": len(items)}
-            for d, (_, threshold, top_k) in zip(detections, items)
-        ]
+    def run(self, fn, *args):
+        """``fn(*args)`` on the torch thread, waited for (for ``__init__``)."""
+        return self.executor.submit(fn, *args).result()
 
 
 class _TimedBackbone:
@@ -189,7 +186,7 @@ class VideoFeaturizer:
         use_gpu: bool,
     ):
         # Here and in _featurize, not at the top: the backbones (torchvision, OpenCV: ~2 s and ~190 MB to import)
-        # are this deployment's alone, and the Ingress and Detector replicas import this module too.
+        # are this deployment's alone, and the Detector replicas import this module too.
         from pipelines.extract import build_featurizer
 
         self.storage_options = storage_options
@@ -342,17 +339,52 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str | None]
 
 # Everything the ingress's methods call must be defined above it: serve.ingress pickles the FastAPI app
 # (and with it the endpoints and the globals they name) when the class is decorated.
-@serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="Detector", max_ongoing_requests=64)
 @serve.ingress(api)
-class Ingress:
-    """Parses and checks every request before any model sees it; answers errors as ``{"error", "message"}``."""
+class DetectorIngress:
+    """The HTTP ingress and the model: parses and checks every request before the model sees it (errors as
+    ``{"error", "message"}``), detects feature sequences in batches (``DynamicBatcher``: whatever waits when
+    the model becomes free, up to ``max_batch_size``), sends videos to the ``VideoFeaturizer`` first."""
 
-    def __init__(self, detector: DeploymentHandle, featurizer: DeploymentHandle, info: ModelInfo, limits: Limits, video_roots: list[str]):
-        self.detector = detector
+    def __init__(
+        self,
+        featurizer: DeploymentHandle,
+        info: ModelInfo,
+        limits: Limits,
+        video_roots: list[str],
+        mlflow_uri: str | None,
+        storage_options: dict[str, Any],
+        batch_wait_timeout_s: float,
+        num_threads: int,
+        use_gpu: bool,
+    ):
         self.featurizer = featurizer
         self.info = info
         self.limits = limits
         self.video_roots = list(video_roots)
+        self.torch = TorchThread(num_threads)
+
+        def load_model():
+            checkpoint = load_served_checkpoint(info.pinned, mlflow_uri, storage_options)
+            return checkpoint.build(_device(use_gpu))
+
+        self.model = self.torch.run(load_model)
+        self.arriving = 0  # feature requests being received or parsed: a batch may wait for them, never for nobody
+        self.batcher = DynamicBatcher(
+            self._detect_batch, limits.max_batch_size, batch_wait_timeout_s, executor=self.torch.executor, arriving=lambda: self.arriving
+        )
+
+    async def _detect(self, seq: FeatureSequence, score_threshold: float | None, top_k: int | None) -> dict[str, Any]:
+        return await self.batcher.submit((seq, score_threshold, top_k))
+
+    def _detect_batch(self, items: list[tuple[FeatureSequence, float | None, int | None]]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        detections = detect_batch(self.model, [seq for seq, _, _ in items])
+        seconds = time.perf_counter() - start
+        return [
+            {"detections": detections_payload(d, self.info.labels, threshold, top_k), "detect_s": seconds, "batch_size": len(items)}
+            for d, (_, threshold, top_k) in zip(detections, items)
+        ]
 
     @api.get("/healthz", summary="liveness: the app is up and which model it serves")
     async def healthz(self) -> dict[str, Any]:
@@ -376,6 +408,22 @@ class Ingress:
     )
     async def detect(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
+        self.arriving += 1
+        try:
+            seq, req, received, parsed = await self._read_features(request)
+        finally:
+            self.arriving -= 1
+        result = await self._detect(seq, req.score_threshold, req.top_k)
+        timing = {
+            "receive_s": received - start,  # the body, from the client (direct ingress) or from Serve's proxy
+            "parse_s": parsed - received,  # JSON / .npy -> checked FeatureSequence
+            "detect_s": result["detect_s"],  # the model's forward + post-processing for the whole batch
+            "total_s": time.perf_counter() - start,  # the rest: batching wait, the hop to the torch thread
+        }
+        return self._response(seq, result, timing)
+
+    async def _read_features(self, request: Request) -> tuple[FeatureSequence, DetectFeaturesRequest, float, float]:
+        """The checked sequence and options of a ``/v1/detect`` request, with the times its body was in and parsed."""
         kind = _content_type(request)
         if kind == "application/json":
             if request.query_params:
@@ -393,15 +441,7 @@ class Ingress:
                 415, "unsupported_media_type", f"content type {kind or 'none'!r}: send application/json or application/x-npy"
             )
         seq = to_sequence(req, self.info, self.limits)
-        parsed = time.perf_counter()
-        result = await self.detector.detect.remote((seq, req.score_threshold, req.top_k))
-        timing = {
-            "receive_s": received - start,  # the body, from Serve's proxy
-            "parse_s": parsed - received,  # JSON / .npy -> checked FeatureSequence
-            "detect_s": result["detect_s"],  # the model's forward + post-processing for the whole batch
-            "total_s": time.perf_counter() - start,  # the rest: hand-off to the Detector, batching wait, response
-        }
-        return self._response(seq, result, timing)
+        return seq, req, received, time.perf_counter()
 
     @api.post(
         "/v1/detect/video",
@@ -459,7 +499,7 @@ class Ingress:
                 "sequence_too_long",
                 f"the video gives {seq.features.shape[0]} feature steps; this server accepts at most {self.limits.max_steps}",
             )
-        result = await self.detector.detect.remote((seq, options.score_threshold, options.top_k))
+        result = await self._detect(seq, options.score_threshold, options.top_k)
         timing = {
             "receive_s": received - start,
             **features["timing"],
@@ -543,34 +583,102 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
     threads = max(1, int(args.cpus_per_replica))
     resources = {"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica}
     use_gpu = args.gpus_per_replica > 0
-    detector_options: dict[str, Any] = {"ray_actor_options": resources}
+    # every HTTP request in flight counts (a video one while it is featurized); 4 x max_batch_size at least, so a batch can fill
+    detector_options: dict[str, Any] = {"ray_actor_options": resources, "max_ongoing_requests": max(64, 4 * args.max_batch_size)}
     featurizer_options: dict[str, Any] = {"ray_actor_options": resources}
     if args.detector_replicas != 1:  # left unset otherwise, so a config file's autoscaling_config can apply
         detector_options["num_replicas"] = args.detector_replicas
     if args.featurizer_replicas != 1:
         featurizer_options["num_replicas"] = args.featurizer_replicas
-    # enough requests in flight per replica for a batch to fill
-    detector_options["max_ongoing_requests"] = max(16, 4 * args.max_batch_size)
-    detector = DetectorDeployment.options(**detector_options).bind(
-        info, args.mlflow_uri, storage, args.max_batch_size, args.batch_wait_timeout_s, threads, use_gpu
-    )
     featurizer = VideoFeaturizer.options(**featurizer_options).bind(
         info.provenance, args.backbone_weights, storage, args.video_roots, threads, use_gpu
     )
     limits = Limits(int(args.max_body_mb * MB), int(args.max_upload_mb * MB), args.max_steps, args.max_batch_size, bool(args.video_roots))
-    return Ingress.bind(detector, featurizer, info, limits, args.video_roots)
+    return DetectorIngress.options(**detector_options).bind(
+        featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu
+    )
 
 
-def run_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = False, info: ModelInfo | None = None) -> str:
-    """Start Serve's HTTP proxy on ``host:port`` (on the Ray cluster this process is connected to, or a new local
-    one) and deploy the app; returns its base URL once every replica is up. ``quiet``: warnings only, from the
-    replicas (no access log) and from Serve in this process. ``info``: ``describe_model(args)`` if the caller
-    has it already (it reads the whole checkpoint)."""
+def serve_env(port: int | None = None) -> dict[str, str]:
+    """The environment of a Ray whose Serve ingress replicas listen for HTTP themselves (Ray's processes read it
+    when they start; Ray 2.60, experimental there):
+
+    - ``RAY_SERVE_ENABLE_DIRECT_INGRESS``: the Detector replica runs its own HTTP server; Serve's proxy still
+      runs, on the head node, but requests sent to the replica's port skip it (an 18 MB body: 44 ms less);
+    - ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``: the app's handlers run on the replica's own event loop,
+      where that server is, so the body's chunks do not cross to a second loop (18 MB: ~8 ms less). A handler
+      that blocks then blocks the replica's health checks too: the model runs on its ``TorchThread``;
+    - a replica's port is free again as soon as it stops (no quarantine, 1 s of draining: nothing but clients
+      is in front of it here). ``port``: the one port the replicas may take (one replica per node then);
+      default Serve's range, 30000-30999.
+    """
+    env = {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    }
+    if port is not None:
+        env |= {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port), "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
+    return env
+
+
+def run_app(
+    args: ServeArgs,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    quiet: bool = False,
+    info: ModelInfo | None = None,
+    direct_ingress: bool = True,
+) -> str:
+    """Deploy the app on the Ray cluster this process is connected to, or a new local one, with HTTP on ``host``;
+    returns its base URL once every replica is up. ``quiet``: warnings only, from the replicas (no access log)
+    and from Serve in this process. ``info``: ``describe_model(args)`` if the caller has it already (it reads
+    the whole checkpoint).
+
+    ``direct_ingress`` and a local Ray that this call starts, with one Detector replica: the replica itself
+    listens on ``port`` (``serve_env``) and Serve's proxy on a spare port. Otherwise Serve's proxy
+    listens on ``port`` unless Serve runs already. The URL returned is the replica's own where the cluster
+    has direct ingress on, else the proxy's."""
+    import ray
+
+    from pipelines.ray_runtime import owns_ray
+
+    if direct_ingress and args.detector_replicas == 1 and not ray.is_initialized():
+        for key, value in serve_env(port).items():
+            os.environ.setdefault(key, value)  # read by the processes of a Ray started now; a cluster joined keeps its own
     init_ray()
+    direct = owns_ray() and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": _free_port(host) if direct else port})
     logging_config = LoggingConfig(log_level="WARNING", enable_access_log=False) if quiet else None
     app = _application(args, info if info is not None else describe_model(args))
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging_config)
-    return f"http://{host}:{port}"
+    return f"http://{host}:{_http_port(APP_NAME, direct)}"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _http_port(app_name: str, direct: bool) -> int:
+    """The port that serves ``app_name`` over HTTP: its ingress replica's where Serve's direct ingress is on (waited
+    for up to 10 s if ``direct``), else Serve's proxy's. Ray 2.60 says the replica's only in the controller's target
+    groups (``ServeInstanceDetails.target_groups``)."""
+    from ray.serve.context import _get_global_client
+
+    deadline = time.monotonic() + (10.0 if direct else 0.0)
+    while True:
+        details = _get_global_client().get_serve_details()
+        for group in details.get("target_groups") or []:
+            if group.get("app_name") == app_name and group.get("protocol") == "HTTP":
+                replicas = [t["port"] for t in group.get("targets", []) if str(t.get("name", "")).startswith("SERVE_REPLICA")]
+                if replicas:
+                    return int(replicas[0])
+        if time.monotonic() >= deadline:
+            return int(details["http_options"]["port"])
+        time.sleep(0.2)

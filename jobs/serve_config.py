@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 APP_IMPORT_PATH = "jobs.serve:build_app"
 APP_NAME = "tal"
-DEPLOYMENTS = ("Ingress", "Detector", "VideoFeaturizer")
+DEPLOYMENTS = ("Detector", "VideoFeaturizer")  # the Detector is the HTTP ingress too
 
 
 class ServeArgs(BaseModel):

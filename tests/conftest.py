@@ -105,6 +105,11 @@ def ray_session():
     # so dummy credentials go in before Ray starts (and no test can reach a real AWS account).
     os.environ["AWS_ACCESS_KEY_ID"] = "testing"
     os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+    # Serve apps answer HTTP on their ingress replica's own port, as `tal serve` runs them (jobs.serve.run_app)
+    from jobs.serve import serve_env
+
+    for key, value in serve_env().items():
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray

@@ -141,6 +141,28 @@ def test_health_model_and_openapi(served):
     assert requests.get(url + "/docs", timeout=TIMEOUT).status_code == 200
 
 
+def test_the_detector_replica_answers_http_itself_without_serves_proxy(served):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    assert sorted(serve.status().applications["tal"].deployments) == ["Detector", "VideoFeaturizer"]  # no separate ingress
+    details = _get_global_client().get_serve_details()
+    (group,) = [g for g in details["target_groups"] if g["app_name"] == "tal" and g["protocol"] == "HTTP"]
+    (target,) = group["targets"]  # direct ingress: the target is the Detector replica, not a proxy
+    assert target["name"].startswith("SERVE_REPLICA::tal#Detector#")
+    assert served["url"].endswith(f":{target['port']}") and target["port"] != details["http_options"]["port"]
+
+
+def test_the_torch_thread_holds_its_thread_count():
+    import threading
+
+    from jobs.serve import TorchThread
+
+    worker = TorchThread(num_threads=3)
+    assert worker.run(torch.get_num_threads) == 3
+    assert worker.run(lambda: threading.current_thread().name).startswith("tal-torch")
+
+
 def test_features_as_json_and_as_npy_give_the_in_process_detections(served):
     url, checkpoint = served["url"], served["checkpoint"]
     features = np.random.default_rng(1).standard_normal((40, 1280)).astype(np.float32)
@@ -211,6 +233,20 @@ def _bad_requests(served) -> list[tuple[str, str, dict, int, str]]:
             {"data": _npy(np.zeros((301, 1280), np.float32)), "headers": {"content-type": "application/x-npy"}},
             422,
             "sequence_too_long",
+        ),
+        (
+            "wrong dimension in .npy",
+            "/v1/detect",
+            {"data": _npy(np.zeros((8, 7), np.float32)), "headers": {"content-type": "application/x-npy"}},
+            422,
+            "wrong_feature_dim",
+        ),
+        (
+            "truncated .npy",
+            "/v1/detect",
+            {"data": _npy(np.zeros((8, 1280), np.float32))[:-100], "headers": {"content-type": "application/octet-stream"}},
+            400,
+            "malformed_npy",
         ),
         ("NaN in .npy", "/v1/detect", {"data": _npy(nan), "headers": {"content-type": "application/x-npy"}}, 422, "non_finite_features"),
         (

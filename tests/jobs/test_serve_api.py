@@ -132,6 +132,24 @@ def test_npy_bodies_are_read_without_ever_unpickling(tmp_path):
     np.testing.assert_array_equal(parse_npy(_npy(np.eye(4, dtype=np.float64))), np.eye(4))
 
 
+def test_npy_bodies_are_viewed_in_place_and_must_match_their_header():
+    features = np.arange(24, dtype=np.float32).reshape(6, 4)
+    body = _npy(features)
+    view = parse_npy(body)
+    np.testing.assert_array_equal(view, features)
+    assert view.base is not None and not view.flags.writeable  # a view of the body's bytes, not a copy
+    fortran, big_endian = np.asfortranarray(features), features.astype(">f4")
+    np.testing.assert_array_equal(parse_npy(_npy(fortran)), features)
+    np.testing.assert_array_equal(parse_npy(_npy(big_endian)), features)
+    assert parse_npy(_npy(big_endian)).dtype == np.dtype(">f4")  # converted by to_sequence's astype
+    for bad in (body[:-3], body + b"\0\0\0\0"):  # truncated, or bytes beyond what the header describes
+        err = _error(parse_npy, bad)
+        assert (err.status, err.code) == (400, "malformed_npy") and "header describes 96 bytes" in err.message
+    archive = io.BytesIO()
+    np.savez(archive, features=features)
+    assert ".npz" in _error(parse_npy, archive.getvalue()).message
+
+
 def test_query_options_are_checked_by_name_and_type():
     assert options_from_query({"top_k": "3", "fps": "5"}) == {"top_k": "3", "fps": "5"}
     assert "colour" in _error(options_from_query, {"colour": "red"}).message
@@ -251,3 +269,35 @@ def test_tal_serve_settings_defaults_then_config_then_flags_then_set(tmp_path):
         resolve_args(None, {}, [])
     with pytest.raises(ValueError, match="max_batch_size"):
         resolve_args(None, {"model": "c.pt"}, ["max_batch_size=0"])
+
+
+def test_the_batcher_runs_every_batch_on_the_executor_it_is_given():
+    import asyncio
+    import concurrent.futures
+    import threading
+
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="only-model-thread")
+
+    def names(items: list[int]) -> list[str]:
+        return [threading.current_thread().name] * len(items)
+
+    async def scenario():
+        batcher = DynamicBatcher(names, max_batch_size=2, wait_s=0.0, executor=executor)
+        return await asyncio.gather(*(batcher.submit(i) for i in range(5)))
+
+    assert {name.split("_")[0] for name in asyncio.run(scenario())} == {"only-model-thread"}
+    executor.shutdown()
+
+
+def test_a_lone_request_does_not_wait_for_company_that_is_not_arriving():
+    import asyncio
+    import time
+
+    async def first_call_seconds(arriving: int) -> float:
+        batcher = DynamicBatcher(lambda items: items, max_batch_size=4, wait_s=0.5, arriving=lambda: arriving)
+        start = time.perf_counter()
+        await batcher.submit(1)
+        return time.perf_counter() - start
+
+    assert asyncio.run(first_call_seconds(arriving=0)) < 0.25  # nobody on the way: no wait
+    assert asyncio.run(first_call_seconds(arriving=1)) >= 0.5  # a request being parsed: wait_s for it
