@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from jobs.errors import UsageError
 from tal_models.checkpoint import Checkpoint
 from tal_models.config import config_from_dict, config_to_dict
 from tal_models.detectors import OneStageConfig, OneStageDetector, config_type
@@ -204,8 +206,17 @@ def _export_torchscript(graph: DenseGraph, inputs, info: ExportInfo) -> bytes:
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph, inputs, check_trace=False)
     buf = io.BytesIO()
-    torch.jit.save(traced, buf, _extra_files={EXTRA_FILE: info.to_json()})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.save. is deprecated", category=FutureWarning)
+        torch.jit.save(traced, buf, _extra_files={EXTRA_FILE: info.to_json()})
     return buf.getvalue()
+
+
+def _jit_load(data: bytes, extra_files: dict[str, str] | None = None):
+    """``torch.jit.load`` without its deprecation warning (TorchScript is deprecated in torch 2.14, and still works)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated", category=FutureWarning)
+        return torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra_files or {})
 
 
 _REGISTERED: set[int] = set()
@@ -252,6 +263,70 @@ def _register_symbolics() -> None:
     _REGISTERED.add(MIN_OPSET)
 
 
+# --- the job --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    model: str  # models:/name@alias, models:/name/version, runs:/<id>/path, a path or an s3:// URI
+    format: str  # onnx or torchscript
+    out: Path | None = None  # None: out/export/model.onnx or model.ts
+    opset: int = DEFAULT_OPSET
+    verify: bool = True
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    request: ExportRequest
+    out: Path
+    checkpoint: str  # where the checkpoint was read from
+    info: ExportInfo
+    bytes: int
+    max_diff: float | None  # against PyTorch at another length; None: not checked
+    seconds: float
+
+
+def run_export(request: ExportRequest) -> ExportReport:
+    """Export ``request.model`` (module docstring); ``UsageError`` for a bad format, opset, model or a missing package."""
+    # Here, not at the top: jobs.inference imports Ray, which an exported model's users (ORT in a notebook) need not load.
+    from jobs.evaluate import open_model
+
+    if request.format not in EXPORT_FORMATS:
+        raise UsageError(f"--format {request.format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    out = request.out if request.out is not None else Path("out/export") / f"model{SUFFIXES[request.format]}"
+    if out.suffix != SUFFIXES[request.format]:
+        raise UsageError(
+            f"--out {out}: a {request.format} export must end in {SUFFIXES[request.format]} (that is how --model tells it apart)"
+        )
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give the file to write")
+    started = time.perf_counter()
+    checkpoint, where = open_model(request.model, request.storage_options)
+    try:
+        diff = export_checkpoint(checkpoint, request.format, out, opset=request.opset, source=request.model, verify=request.verify)
+    except ExportError as e:
+        raise UsageError(f"--model {request.model}: {e}") from None
+    info = open_exported(out.read_bytes(), str(out))  # what a user of the file will read
+    return ExportReport(request, out, where, info, out.stat().st_size, diff, time.perf_counter() - started)
+
+
+def format_report(report: ExportReport) -> str:
+    info = report.info
+    checked = (
+        "not checked" if report.max_diff is None else f"max |diff| vs PyTorch {report.max_diff:.2g} on a padded batch at another length"
+    )
+    lines = [
+        f"model     {report.request.model}" + (f" ({report.checkpoint})" if report.checkpoint != report.request.model else ""),
+        f"graph     {info.format}" + (f" (opset {info.opset})" if info.opset else "") + f", {info.config.arch}, "
+        f"{len(info.labels)} classes, input [B, {info.config.input_dim}, T] with T a multiple of {info.config.encoder.total_stride}",
+        f"checked   {checked}",
+        f"wrote     {report.out} ({report.bytes / 2**20:.1f} MiB) in {report.seconds:.1f} s",
+        f"run it    tal detect VIDEOS --runtime onnx --model {report.out}" if info.format == "onnx" else "",
+    ]
+    return "\n".join(line for line in lines if line)
+
+
 # --- reading and running -----------------------------------------------------------------------
 
 
@@ -277,7 +352,7 @@ def open_exported(data: bytes, where: str) -> ExportInfo:
     if data[:2] == b"PK":  # a TorchScript archive is a zip
         extra = {EXTRA_FILE: ""}
         try:
-            torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
+            _jit_load(data, extra)
         except Exception as e:  # noqa: BLE001 - torch raises several types for a bad archive
             raise ExportError(f"{where}: cannot read as TorchScript ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         if not extra[EXTRA_FILE]:
@@ -312,7 +387,7 @@ def _onnx_runtime(data: bytes, num_threads: int):
 
 
 def _torchscript_runtime(data: bytes):
-    module = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+    module = _jit_load(data).eval()
 
     def run(features: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():

@@ -184,7 +184,7 @@ def load_runtime_model(
     local = _resolve(reference, mlflow_uri, download_to)
     if is_exported(local):
         return ExportedModel.from_bytes(read_checkpoint_bytes(local, storage_options), local), local
-    return load_model(local, storage_options), local
+    return load_model(local, storage_options)[0], local
 
 
 def _resolve(reference: str, mlflow_uri: str | None, download_to: str | os.PathLike | None) -> str:

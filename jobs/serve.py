@@ -39,7 +39,8 @@ from ray.serve.schema import LoggingConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from jobs.inference import detect_batch, load_model
+from jobs.export import ExportedModel, ExportError, build_for_runtime
+from jobs.inference import detect_batch, load_runtime_model
 from jobs.serve_api import (
     NPY_CONTENT_TYPES,
     DetectFeaturesRequest,
@@ -72,9 +73,10 @@ MB = 2**20
 
 
 def load_served_checkpoint(reference: str, mlflow_uri: str | None, storage_options: dict[str, Any]):
-    """``jobs.inference.load_model``, with a registry download removed once read (replicas restart; copies would pile up)."""
+    """``jobs.inference.load_runtime_model`` (a checkpoint, or a ``tal export`` file), with a registry download removed
+    once read (replicas restart; copies would pile up)."""
     with tempfile.TemporaryDirectory(prefix="tal-serve-model-") as folder:
-        return load_model(reference, storage_options, mlflow_uri, download_to=folder)[0]
+        return load_runtime_model(reference, storage_options, mlflow_uri, download_to=folder)[0]
 
 
 def describe_model(args: ServeArgs) -> ModelInfo:
@@ -89,6 +91,8 @@ def describe_model(args: ServeArgs) -> ModelInfo:
     else:  # a local path: absolute, since replicas run in another working directory
         pinned, registry = str(Path(args.model).expanduser().resolve()), {}
     checkpoint = load_served_checkpoint(pinned, args.mlflow_uri, _storage_options(args))
+    if args.runtime == "torch" and isinstance(checkpoint, ExportedModel):
+        raise ExportError(f"{args.model} is an exported {checkpoint.info.format} file: serve it with runtime onnx (--runtime onnx)")
     metadata = {k: v for k, v in checkpoint.metadata.items() if isinstance(v, str | int | float | bool | type(None) | dict | list)}
     return ModelInfo(
         reference=args.model,
@@ -127,11 +131,13 @@ class DetectorDeployment:
         batch_wait_timeout_s: float,
         num_threads: int,
         use_gpu: bool,
+        runtime: str = "torch",
     ):
         torch.set_num_threads(max(1, num_threads))
         self.info = info
         checkpoint = load_served_checkpoint(info.pinned, mlflow_uri, storage_options)
-        self.model = checkpoint.build(_device(use_gpu))
+        # onnx: ONNX Runtime with as many intra-op threads as torch has here (a checkpoint is exported in memory first)
+        self.model = build_for_runtime(checkpoint, runtime, _device(use_gpu), num_threads=max(1, num_threads))
         self.batcher = DynamicBatcher(self._detect, max_batch_size, batch_wait_timeout_s)
 
     async def detect(self, item: tuple[FeatureSequence, float | None, int | None]) -> dict[str, Any]:
@@ -552,7 +558,7 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
     # enough requests in flight per replica for a batch to fill
     detector_options["max_ongoing_requests"] = max(16, 4 * args.max_batch_size)
     detector = DetectorDeployment.options(**detector_options).bind(
-        info, args.mlflow_uri, storage, args.max_batch_size, args.batch_wait_timeout_s, threads, use_gpu
+        info, args.mlflow_uri, storage, args.max_batch_size, args.batch_wait_timeout_s, threads, use_gpu, args.runtime
     )
     featurizer = VideoFeaturizer.options(**featurizer_options).bind(
         info.provenance, args.backbone_weights, storage, args.video_roots, threads, use_gpu
