@@ -19,6 +19,7 @@ of its symbolics are corrected (``_register_symbolics``). Both layers stay as th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -147,6 +148,9 @@ def export_checkpoint(
         data = _export_onnx(graph, inputs, export_info(checkpoint, "onnx", source, opset), opset)
     else:
         data = _export_torchscript(graph, inputs, export_info(checkpoint, "torchscript", source))
+    diff = None
+    if verify:  # before writing: a graph that is wrong elsewhere than at the traced length is never written
+        diff = verify_graph(graph, _onnx_runtime(data, 1) if fmt == "onnx" else _torchscript_runtime(data), model.config)
     if isinstance(out, io.BytesIO):
         out.write(data)
     else:
@@ -154,10 +158,7 @@ def export_checkpoint(
         tmp = Path(f"{out}.tmp")
         tmp.write_bytes(data)
         tmp.replace(out)
-    if not verify:
-        return None
-    runtime = _onnx_runtime(data, 1) if fmt == "onnx" else _torchscript_runtime(data)
-    return verify_graph(graph, runtime, model.config)
+    return diff
 
 
 def verify_graph(graph: DenseGraph, runtime, config: OneStageConfig) -> float:
@@ -187,7 +188,7 @@ def _export_onnx(graph: DenseGraph, inputs, info: ExportInfo, opset: int) -> byt
     buf = io.BytesIO()
     dynamic = {"features": {0: "batch", 2: "steps"}, "mask": {0: "batch", 1: "steps"}}
     dynamic.update({name: {0: "batch", 1: "points"} for name in OUTPUT_NAMES})
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _export_errors("ONNX", opset):
         # the trace's warnings are about Python ints read off shapes; verify_graph checks the graph at another length
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -199,6 +200,18 @@ def _export_onnx(graph: DenseGraph, inputs, info: ExportInfo, opset: int) -> byt
     entry.key, entry.value = METADATA_KEY, info.to_json()
     model.producer_name = "tal export"
     return model.SerializeToString()
+
+
+@contextlib.contextmanager
+def _export_errors(what: str, opset: int | None = None):
+    """The exporter's own exceptions (an unsupported opset, an operator without a symbolic) as ``ExportError``."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.onnx raises many types; the message is what the user needs
+        where = f" at opset {opset}" if opset is not None else ""
+        raise ExportError(f"the {what} exporter failed{where}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
 
 
 def _export_torchscript(graph: DenseGraph, inputs, info: ExportInfo) -> bytes:

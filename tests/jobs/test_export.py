@@ -147,6 +147,7 @@ def test_tal_export_writes_files_that_load_and_run(exported, tmp_path, capsys):
         (["--format", "onnx", "--out", "{tmp}/model.ts"], "must end in .onnx"),
         (["--format", "onnx", "--out", "{tmp}/m.onnx", "--opset", "11"], "--opset must be an int >= 13"),
         (["--format", "torchscript", "--out", "{tmp}"], "must end in .ts"),
+        (["--format", "onnx", "--out", "{tmp}/m.onnx", "--opset", "99"], "the ONNX exporter failed at opset 99"),
     ],
 )
 def test_tal_export_refuses_bad_flags_with_one_line(exported, tmp_path, capsys, argv, needle):
