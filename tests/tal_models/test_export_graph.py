@@ -14,6 +14,8 @@ from tal_models.layers.kernels import ChannelLayerNorm, NormMLP, NormPointwise
 from tal_models.presets import make_config
 from tal_models.timing import FeatureTiming
 
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # Python ints read off shapes: checked at other lengths
+
 C, K = 24, 3
 ARCHS = ("actionformer", "tridet", "temporalmaxer")
 
