@@ -128,9 +128,7 @@ class TrainPlan:
 
 
 # --- the driver ------------------------------------------------------------------------------
-def effective_preset(
-    config: str, overrides: tuple[str, ...] | list[str] = (), epochs: int | None = None, batch_size: int | None = None
-) -> Preset:
+def effective_preset(config: str, overrides: tuple[str, ...] | list[str] = (), epochs: int | None = None, batch_size: int | None = None) -> Preset:
     """The preset as a job trains it: ``config`` (a name or a YAML path) with ``--set`` overrides, ``--epochs``
     (the warm-up shortened to fit) and ``--batch-size`` applied; ``UsageError`` naming what to fix.
     (``num_classes`` is the annotations' and is set by ``plan``.)"""

@@ -200,7 +200,9 @@ def evaluate_detection(
     tiou = np.asarray(tiou_thresholds, dtype=np.float64).reshape(-1)
     gt, pred, names, ignored, unknown = flatten(ground_truth, predictions)
     prepared = _prepare(gt, pred)
-    ap, curves = average_precision(gt, pred, tiou, ignore_ambiguous=ignore_ambiguous, keep_curves=keep_curves, _prepared=prepared)
+    ap, curves = average_precision(
+        gt, pred, tiou, ignore_ambiguous=ignore_ambiguous, keep_curves=keep_curves, _prepared=prepared
+    )
     recall = topk_recall(gt, pred, tiou, top_k, _prepared=prepared)
     return DetectionMetrics(
         tiou=tiou,
@@ -306,7 +308,9 @@ def _reference_order(pairs: _Pairs, floor: float) -> np.ndarray:
     return cand[np.lexsort((key[cand], pairs.pred[cand]))]
 
 
-def match(gt: FlatGroundTruth, pred: FlatPredictions, tiou: np.ndarray, rank: np.ndarray, pairs: _Pairs) -> np.ndarray:
+def match(
+    gt: FlatGroundTruth, pred: FlatPredictions, tiou: np.ndarray, rank: np.ndarray, pairs: _Pairs
+) -> np.ndarray:
     """Greedy matching of the reference -> ``tp [T, N]`` (bool)."""
     t, n = len(tiou), len(pred.score)
     tp = np.zeros((t, n), dtype=bool)

@@ -89,9 +89,7 @@ def test_defaults_written_into_the_help_are_the_jobs():
 def test_train_print_config_writes_the_full_effective_preset_that_loads_back(tmp_path, capsys):
     from tal_models.presets import load_preset
 
-    assert (
-        main(["train", "--config", "demo-tridet", "--set", "optim.lr=0.002", "--epochs", "5", "--batch-size", "3", "--print-config"]) == 0
-    )
+    assert main(["train", "--config", "demo-tridet", "--set", "optim.lr=0.002", "--epochs", "5", "--batch-size", "3", "--print-config"]) == 0
     path = tmp_path / "effective.yaml"
     path.write_text(capsys.readouterr().out)
     printed = load_preset(path)

@@ -24,17 +24,8 @@ def tal(*args, cwd=None):
 def test_evaluate_writes_metrics_json_and_plot(tmp_path):
     out, plot = tmp_path / "m" / "metrics.json", tmp_path / "pr.png"
     r = tal(
-        "evaluate",
-        "--ground-truth",
-        CASE / "ground_truth.json",
-        "--predictions",
-        CASE / "predictions.json",
-        "--tiou",
-        "0.5:0.95:0.05",
-        "--output",
-        out,
-        "--plot",
-        plot,
+        "evaluate", "--ground-truth", CASE / "ground_truth.json", "--predictions", CASE / "predictions.json",
+        "--tiou", "0.5:0.95:0.05", "--output", out, "--plot", plot,
     )
     assert r.returncode == 0, r.stderr
     expected = json.loads((CASE / "expected.json").read_text())

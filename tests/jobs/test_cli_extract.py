@@ -16,48 +16,8 @@ from pipelines.store import FeatureStore
 
 def test_synth_extract_export_import_round_trip(tmp_path, ray_session, capsys):
     archive, store, exported, reimported = (tmp_path / n for n in ("archive", "store", "npy", "store2"))
-    assert (
-        main(
-            [
-                "synth",
-                "--out",
-                str(archive),
-                "--videos",
-                "2",
-                "--seed",
-                "1",
-                "--duration-range",
-                "4",
-                "5",
-                "--size",
-                "160x120",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "extract",
-                "--videos",
-                str(archive / "videos"),
-                "--out",
-                str(store),
-                "--fps",
-                "5",
-                "--window",
-                "2",
-                "--stride",
-                "2",
-                "--num-workers",
-                "1",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(["synth", "--out", str(archive), "--videos", "2", "--seed", "1", "--duration-range", "4", "5", "--size", "160x120", "--workers", "1"]) == 0
+    assert main(["extract", "--videos", str(archive / "videos"), "--out", str(store), "--fps", "5", "--window", "2", "--stride", "2", "--num-workers", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "2 extracted, 0 failed" in out
     assert main(["export-features", "--features", str(store), "--out", str(exported)]) == 0
@@ -80,27 +40,7 @@ def test_synth_extract_export_import_round_trip(tmp_path, ray_session, capsys):
 
 def test_extract_s3_to_s3_with_endpoint_flag(tmp_path, ray_session, moto_s3, s3_bucket, capsys):
     archive = tmp_path / "archive"
-    assert (
-        main(
-            [
-                "synth",
-                "--out",
-                str(archive),
-                "--videos",
-                "1",
-                "--seed",
-                "2",
-                "--duration-range",
-                "3",
-                "3",
-                "--size",
-                "160x120",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert main(["synth", "--out", str(archive), "--videos", "1", "--seed", "2", "--duration-range", "3", "3", "--size", "160x120", "--workers", "1"]) == 0
     bucket = s3_bucket("cli")
     moto_s3.fs.put_file(str(archive / "videos" / "synth_00000.mp4"), f"{bucket}/in/synth_00000.mp4")
     argv = ["extract", "--videos", f"s3://{bucket}/in", "--out", f"s3://{bucket}/features", "--s3-endpoint", moto_s3.endpoint_url,
@@ -119,24 +59,7 @@ def test_extract_s3_to_s3_with_endpoint_flag(tmp_path, ray_session, moto_s3, s3_
         (["extract", "--videos", ".", "--out", "/tmp/x", "--window", "0"], "window"),
         (["extract", "--videos", ".", "--out", "/tmp/x", "--backbone", "alexnet"], "alexnet"),
         (["synth", "--out", "/tmp/x", "--videos", "0", "--seed", "1"], "--videos"),
-        (
-            [
-                "import-features",
-                "--features",
-                "/nonexistent",
-                "--annotations",
-                "/nonexistent.json",
-                "--out",
-                "/tmp/x",
-                "--fps",
-                "30",
-                "--stride",
-                "4",
-                "--window",
-                "16",
-            ],
-            "nonexistent",
-        ),
+        (["import-features", "--features", "/nonexistent", "--annotations", "/nonexistent.json", "--out", "/tmp/x", "--fps", "30", "--stride", "4", "--window", "16"], "nonexistent"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):

@@ -236,10 +236,7 @@ def test_usage_errors(world, tmp_path, capsys):
         ([*common, "--model", str(world["checkpoint"]), "--output", str(tmp_path)], "--features"),
         ([*common, "--model", str(world["checkpoint"]), "--features", str(world["store"])], "--output"),
         ([*common, "--predictions", "p.json", "--workers", "2"], "--workers"),
-        (
-            [*common, "--model", str(world["checkpoint"]), "--features", str(world["store"]), "--output", str(tmp_path), "--subset", "val"],
-            "'val'",
-        ),
+        ([*common, "--model", str(world["checkpoint"]), "--features", str(world["store"]), "--output", str(tmp_path), "--subset", "val"], "'val'"),
         ([*common, "--model", str(tmp_path / "nope.pt"), "--features", str(world["store"]), "--output", str(tmp_path)], "nope.pt"),
     ]
     for argv, needle in cases:

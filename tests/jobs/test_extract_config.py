@@ -133,35 +133,10 @@ def test_example_yaml_is_the_demo_extraction():
 
 def test_extract_with_a_config_yaml(tmp_path, ray_session, capsys):
     archive, store = tmp_path / "archive", tmp_path / "store"
-    assert (
-        main(
-            [
-                "synth",
-                "--out",
-                str(archive),
-                "--videos",
-                "1",
-                "--seed",
-                "3",
-                "--duration-range",
-                "3",
-                "3",
-                "--size",
-                "160x120",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    config = write_yaml(
-        tmp_path / "extract.yaml", {"sampling": {"fps": 6, "window": 3, "stride": 2}, "num_workers": 1, "backbone": {"batch_size": 8}}
-    )
+    assert main(["synth", "--out", str(archive), "--videos", "1", "--seed", "3", "--duration-range", "3", "3", "--size", "160x120", "--workers", "1"]) == 0
+    config = write_yaml(tmp_path / "extract.yaml", {"sampling": {"fps": 6, "window": 3, "stride": 2}, "num_workers": 1, "backbone": {"batch_size": 8}})
     capsys.readouterr()
-    assert (
-        main(["extract", "--videos", str(archive / "videos"), "--out", str(store), "--config", config, "--stride", "3", "--no-progress"])
-        == 0
-    )
+    assert main(["extract", "--videos", str(archive / "videos"), "--out", str(store), "--config", config, "--stride", "3", "--no-progress"]) == 0
     assert "1 extracted, 0 failed" in capsys.readouterr().out
     provenance = FeatureStore(str(store)).provenance
     assert (provenance.backbone, provenance.fps, provenance.window, provenance.stride) == ("mobilenet_v2", 6.0, 3, 3)

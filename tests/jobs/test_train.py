@@ -46,9 +46,7 @@ def _dataset(root: Path, videos: int = 24, steps: int = 96, seed: int = 0, dim: 
             annotations.append({"segment": [float(start), float(end)], "label": CLASSES[k]})
             t += n + int(g.integers(3, 12))
         duration = float(TIMING.step_to_seconds(steps))
-        sequences.append(
-            FeatureSequence(vid, feats, TIMING, TIMING.centers(steps), duration=duration, num_frames=steps * 4, native_fps=15.0)
-        )
+        sequences.append(FeatureSequence(vid, feats, TIMING, TIMING.centers(steps), duration=duration, num_frames=steps * 4, native_fps=15.0))
         database[vid] = {"subset": "training" if i < videos * 2 // 3 else "validation", "duration": duration, "annotations": annotations}
     store_uri = str(root / "store")
     store = FeatureStore(store_uri)
@@ -62,14 +60,7 @@ def _dataset(root: Path, videos: int = 24, steps: int = 96, seed: int = 0, dim: 
 
 def _preset(root: Path, epochs: int = 4) -> Path:
     detector = make_config("temporalmaxer", num_classes=K, input_dim=C, max_seq_len=64, embed_dim=32, levels=4)
-    preset = Preset(
-        "tiny-temporalmaxer",
-        "test",
-        "synthetic",
-        detector,
-        OptimConfig(lr=5e-3, weight_decay=0.0, warmup_epochs=1, epochs=epochs, ema_decay=0.7),
-        1,
-    )
+    preset = Preset("tiny-temporalmaxer", "test", "synthetic", detector, OptimConfig(lr=5e-3, weight_decay=0.0, warmup_epochs=1, epochs=epochs, ema_decay=0.7), 1)
     path = root / "tiny.yaml"
     path.write_text(dump_yaml(preset))
     return path
@@ -235,9 +226,7 @@ def test_a_stopped_run_resumes_to_the_same_final_state(job):
 
     def final_weights(run_name):
         folder = Path(job.out) / run_name
-        latest = max(
-            (p for p in folder.glob("checkpoint_*") if p.is_dir()), key=lambda p: load_checkpoint(p / "model.pt").metadata["epoch"]
-        )
+        latest = max((p for p in folder.glob("checkpoint_*") if p.is_dir()), key=lambda p: load_checkpoint(p / "model.pt").metadata["epoch"])
         return load_checkpoint(latest / "model.pt")
 
     straight = train(TrainJob(**{**job.__dict__, "run_name": "straight", "register": False}))

@@ -155,16 +155,13 @@ def test_sample_detection_prediction(anet):
 
 
 def test_results_unknown_labels_are_dropped_and_counted(tmp_path):
-    results = {
-        "v1": [
-            {"label": "A", "score": 0.9, "segment": [0, 1]},
-            {"label": "Z", "score": 0.8, "segment": [1, 2]},
-            {"label": "B", "score": 0.7, "segment": [2, 3]},
-            {"label": "Z", "score": 0.6, "segment": [3, 4]},
-            {"label": "Y", "score": 0.5, "segment": [4, 4]},
-        ],
-        "v0": [{"label": "Z", "score": 1.0, "segment": [0, 1]}],
-    }
+    results = {"v1": [
+        {"label": "A", "score": 0.9, "segment": [0, 1]},
+        {"label": "Z", "score": 0.8, "segment": [1, 2]},
+        {"label": "B", "score": 0.7, "segment": [2, 3]},
+        {"label": "Z", "score": 0.6, "segment": [3, 4]},
+        {"label": "Y", "score": 0.5, "segment": [4, 4]},
+    ], "v0": [{"label": "Z", "score": 1.0, "segment": [0, 1]}]}
     path = write(tmp_path / "r.json", json.dumps({"results": results}))
     preds = read_activitynet_results(path, LabelMap({"A": 0, "B": 1}))
     assert preds.unknown_labels == {"Z": 3, "Y": 1}
@@ -227,26 +224,9 @@ def test_read_video_classification(data):
 
 # --- THUMOS14 --------------------------------------------------------------------------------
 THUMOS_CLASSES = [
-    "BaseballPitch",
-    "BasketballDunk",
-    "Billiards",
-    "CleanAndJerk",
-    "CliffDiving",
-    "CricketBowling",
-    "CricketShot",
-    "Diving",
-    "FrisbeeCatch",
-    "GolfSwing",
-    "HammerThrow",
-    "HighJump",
-    "JavelinThrow",
-    "LongJump",
-    "PoleVault",
-    "Shotput",
-    "SoccerPenalty",
-    "TennisSwing",
-    "ThrowDiscus",
-    "VolleyballSpiking",
+    "BaseballPitch", "BasketballDunk", "Billiards", "CleanAndJerk", "CliffDiving", "CricketBowling", "CricketShot",
+    "Diving", "FrisbeeCatch", "GolfSwing", "HammerThrow", "HighJump", "JavelinThrow", "LongJump", "PoleVault",
+    "Shotput", "SoccerPenalty", "TennisSwing", "ThrowDiscus", "VolleyballSpiking",
 ]
 
 
@@ -344,11 +324,8 @@ def test_epic_kitchens_verbs_nouns_actions(data):
     first = verbs["P01_11"]
     assert first.segments.data[:2].tolist() == [[0.0, 1.89], [1.56, 2.45]] and first.labels[:2].tolist() == [0, 1]
 
-    kw = dict(
-        verb_classes=EPIC / "EPIC_100_verb_classes.csv",
-        noun_classes=EPIC / "EPIC_100_noun_classes.csv",
-        video_info=EPIC / "EPIC_100_video_info.csv",
-    )
+    kw = dict(verb_classes=EPIC / "EPIC_100_verb_classes.csv", noun_classes=EPIC / "EPIC_100_noun_classes.csv",
+              video_info=EPIC / "EPIC_100_video_info.csv")
     named = read_epic_kitchens(csv_path, "verb", **kw)
     assert len(named.label_map) == 97 and named.label_map.name(1) == "put"
     assert np.array_equal(named["P01_11"].labels, first.labels)
@@ -361,16 +338,9 @@ def test_epic_kitchens_verbs_nouns_actions(data):
     assert actions.label_map.names[:2] == ["take:tap", "take:spoon"]  # sorted (verb, noun) ids
 
 
-@pytest.mark.parametrize(
-    "text, seconds",
-    [
-        ("00:01:02.50", 62.5),
-        ("00:00:01.89", 1.89),
-        ("00:00:00.560", 0.56),
-        ("01:00:00", 3600.0),
-        ("10:59:59.999", 39599.999),
-    ],
-)
+@pytest.mark.parametrize("text, seconds", [
+    ("00:01:02.50", 62.5), ("00:00:01.89", 1.89), ("00:00:00.560", 0.56), ("01:00:00", 3600.0), ("10:59:59.999", 39599.999),
+])
 def test_parse_timestamp(text, seconds):
     assert parse_timestamp(text) == seconds
 
@@ -382,17 +352,14 @@ def test_parse_timestamp_rejects(text):
 
 
 # --- auto-detection --------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "relative, fmt, videos",
-    [
-        ("activitynet13/validation_ground_truth.json", "activitynet", 4926),
-        ("eval_cases/mmaction2_two_videos/ground_truth.json", "activitynet", 2),
-        ("thumos14/thumos14.json", "thumos14_json", 412),
-        ("thumos14/original_annotations", "thumos14_txt", 413),
-        ("multithumos/multithumos.json", "multithumos", 413),
-        ("epic_kitchens_100/EPIC_100_validation.csv", "epic_kitchens", 138),
-    ],
-)
+@pytest.mark.parametrize("relative, fmt, videos", [
+    ("activitynet13/validation_ground_truth.json", "activitynet", 4926),
+    ("eval_cases/mmaction2_two_videos/ground_truth.json", "activitynet", 2),
+    ("thumos14/thumos14.json", "thumos14_json", 412),
+    ("thumos14/original_annotations", "thumos14_txt", 413),
+    ("multithumos/multithumos.json", "multithumos", 413),
+    ("epic_kitchens_100/EPIC_100_validation.csv", "epic_kitchens", 138),
+])
 def test_read_annotations_detects_every_format(data, relative, fmt, videos):
     path = DATA / relative
     if path.suffix == ".json":
@@ -429,7 +396,8 @@ def test_error_message_names_file_video_and_field(tmp_path):
     with pytest.raises(AnnotationFormatError) as e:
         read_thumos14_json(path)
     assert str(e.value) == (
-        f"{path}: video 'video_test_0000004', field 'annotations[3].segment': expected [start, end] with start <= end, got [5.0, 2.0]"
+        f"{path}: video 'video_test_0000004', field 'annotations[3].segment': "
+        "expected [start, end] with start <= end, got [5.0, 2.0]"
     )
     assert (e.value.path, e.value.video_id, e.value.field) == (str(path), "video_test_0000004", "annotations[3].segment")
     assert isinstance(e.value, ValueError)
@@ -440,133 +408,33 @@ def test_error_message_names_file_video_and_field(tmp_path):
 # (format reader, file text, expected video, expected field, message fragment)
 MALFORMED = {
     "not json": (read_activitynet, "hello", None, None, r"line 1: not valid JSON at column 1"),
-    "truncated": (
-        read_activitynet,
-        '{\n "database": {\n  "a": {"annotations": [{"segment": [1,',
-        None,
-        None,
-        r"line 3: not valid JSON.*truncated",
-    ),
+    "truncated": (read_activitynet, '{\n "database": {\n  "a": {"annotations": [{"segment": [1,', None, None, r"line 3: not valid JSON.*truncated"),
     "empty": (read_activitynet, "", None, None, "empty"),
     "blank": (read_thumos14_json, " \n\n", None, None, "empty"),
     "missing annotations": (read_activitynet, '{"database": {"a": {"subset": "validation"}}}', "a", "annotations", "missing"),
-    "missing segment": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": [{"label": "x"}]}}}',
-        "a",
-        "annotations[0].segment",
-        "missing",
-    ),
-    "missing label": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": [{"segment": [1, 2]}]}}}',
-        "a",
-        "annotations[0].label",
-        "missing",
-    ),
-    "annotation not object": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": [[1, 2]]}}}',
-        "a",
-        "annotations[0]",
-        "expected an object",
-    ),
-    "string segment": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": [{"segment": ["1", 2], "label": "x"}]}}}',
-        "a",
-        "annotations[0].segment",
-        "numbers",
-    ),
-    "null segment value": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": [{"segment": [1, null], "label": "x"}]}}}',
-        "a",
-        "annotations[0].segment",
-        "numbers",
-    ),
-    "nan segment": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": [{"segment": [NaN, 2], "label": "x"}]}}}',
-        "a",
-        "annotations[0].segment",
-        "finite",
-    ),
-    "inf segment": (
-        read_thumos14_json,
-        _thumos([_ann([0, 1]), _ann([0, float("inf")])]),
-        "video_test_0000004",
-        "annotations[1].segment",
-        "finite",
-    ),
-    "inverted": (
-        read_activitynet,
-        '{"a": {"annotations": [{"segment": [3, 2.5], "label": "x"}]}}',
-        "a",
-        "annotations[0].segment",
-        r"start <= end, got \[3.0, 2.5\]",
-    ),
-    "three values": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": [{"segment": [1, 2, 3], "label": "x"}]}}}',
-        "a",
-        "annotations[0].segment",
-        r"\[start, end\], got \[1, 2, 3\]",
-    ),
+    "missing segment": (read_activitynet, '{"database": {"a": {"annotations": [{"label": "x"}]}}}', "a", "annotations[0].segment", "missing"),
+    "missing label": (read_activitynet, '{"database": {"a": {"annotations": [{"segment": [1, 2]}]}}}', "a", "annotations[0].label", "missing"),
+    "annotation not object": (read_activitynet, '{"database": {"a": {"annotations": [[1, 2]]}}}', "a", "annotations[0]", "expected an object"),
+    "string segment": (read_activitynet, '{"database": {"a": {"annotations": [{"segment": ["1", 2], "label": "x"}]}}}', "a", "annotations[0].segment", "numbers"),
+    "null segment value": (read_activitynet, '{"database": {"a": {"annotations": [{"segment": [1, null], "label": "x"}]}}}', "a", "annotations[0].segment", "numbers"),
+    "nan segment": (read_activitynet, '{"database": {"a": {"annotations": [{"segment": [NaN, 2], "label": "x"}]}}}', "a", "annotations[0].segment", "finite"),
+    "inf segment": (read_thumos14_json, _thumos([_ann([0, 1]), _ann([0, float("inf")])]), "video_test_0000004", "annotations[1].segment", "finite"),
+    "inverted": (read_activitynet, '{"a": {"annotations": [{"segment": [3, 2.5], "label": "x"}]}}', "a", "annotations[0].segment", r"start <= end, got \[3.0, 2.5\]"),
+    "three values": (read_activitynet, '{"database": {"a": {"annotations": [{"segment": [1, 2, 3], "label": "x"}]}}}', "a", "annotations[0].segment", r"\[start, end\], got \[1, 2, 3\]"),
     "one value": (read_thumos14_json, _thumos([_ann([0, 1]), _ann([4])]), "video_test_0000004", "annotations[1].segment", r"got \[4\]"),
-    "scalar segment": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": [{"segment": 5, "label": "x"}]}}}',
-        "a",
-        "annotations[0].segment",
-        "got 5",
-    ),
-    "empty label": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": [{"segment": [1, 2], "label": ""}]}}}',
-        "a",
-        "annotations[0].label",
-        "non-empty label",
-    ),
+    "scalar segment": (read_activitynet, '{"database": {"a": {"annotations": [{"segment": 5, "label": "x"}]}}}', "a", "annotations[0].segment", "got 5"),
+    "empty label": (read_activitynet, '{"database": {"a": {"annotations": [{"segment": [1, 2], "label": ""}]}}}', "a", "annotations[0].label", "non-empty label"),
     "negative duration": (read_activitynet, '{"database": {"a": {"duration": -1, "annotations": []}}}', "a", "duration", "non-negative"),
     "annotations not list": (read_activitynet, '{"database": {"a": {"annotations": {}}}}', "a", "annotations", "expected a list"),
     "database not object": (read_activitynet, '{"database": []}', None, "database", "expected an object"),
     "no database but metadata": (read_activitynet, '{"version": "1.3", "taxonomy": []}', None, "database", "missing 'database'"),
-    "duplicate video": (
-        read_activitynet,
-        '{"database": {"a": {"annotations": []}, "a": {"annotations": []}}}',
-        None,
-        None,
-        "'a' appears twice",
-    ),
-    "label_id conflict": (
-        read_thumos14_json,
-        _thumos([_ann([0, 1]), _ann([1, 2], label_id=8)]),
-        "video_test_0000004",
-        "annotations[1].label_id",
-        "'Diving' has label_id 8 here but 7 in video 'video_test_0000004'",
-    ),
-    "label_id shared": (
-        read_thumos14_json,
-        _thumos([_ann([0, 1]), _ann([1, 2], label="Shotput")]),
-        "video_test_0000004",
-        "annotations[1].label_id",
-        "label_id 7 is 'Shotput' here but 'Diving'",
-    ),
-    "fractional label_id": (
-        read_thumos14_json,
-        _thumos([_ann([0, 1], label_id=1.5)]),
-        "video_test_0000004",
-        "annotations[0].label_id",
-        "integer",
-    ),
-    "missing label_id": (
-        read_thumos14_json,
-        _thumos([{"label": "Diving", "segment": [0, 1]}]),
-        "video_test_0000004",
-        "annotations[0].label_id",
-        "missing",
-    ),
+    "duplicate video": (read_activitynet, '{"database": {"a": {"annotations": []}, "a": {"annotations": []}}}', None, None, "'a' appears twice"),
+    "label_id conflict": (read_thumos14_json, _thumos([_ann([0, 1]), _ann([1, 2], label_id=8)]), "video_test_0000004", "annotations[1].label_id",
+                          "'Diving' has label_id 8 here but 7 in video 'video_test_0000004'"),
+    "label_id shared": (read_thumos14_json, _thumos([_ann([0, 1]), _ann([1, 2], label="Shotput")]), "video_test_0000004", "annotations[1].label_id",
+                        "label_id 7 is 'Shotput' here but 'Diving'"),
+    "fractional label_id": (read_thumos14_json, _thumos([_ann([0, 1], label_id=1.5)]), "video_test_0000004", "annotations[0].label_id", "integer"),
+    "missing label_id": (read_thumos14_json, _thumos([{"label": "Diving", "segment": [0, 1]}]), "video_test_0000004", "annotations[0].label_id", "missing"),
     "multithumos class 0": (read_multithumos, '{"v": {"actions": [[1, 0, 1], [0, 1, 2]]}}', "v", "actions[1][0]", r"1\.\.65, got 0"),
     "multithumos class 66": (read_multithumos, '{"v": {"actions": [[66, 0, 1]]}}', "v", "actions[0][0]", "got 66"),
     "multithumos short row": (read_multithumos, '{"v": {"actions": [[1, 0, 1], [2, 3]]}}', "v", "actions[1]", r"\[class_id, start, end\]"),
@@ -607,20 +475,11 @@ RESULTS_MALFORMED = {
     "missing results": ('{"version": "x"}', None, "results", "missing 'results'"),
     "ground truth given": ('{"database": {}}', None, "results", "looks like ground truth"),
     "string score": ('{"results": {"v": [{"label": "a", "score": "high", "segment": [0, 1]}]}}', "v", "predictions[0].score", 'got "high"'),
-    "nan score": (
-        '{"results": {"v": [{"label": "a", "score": 1, "segment": [0, 1]}, {"label": "a", "score": NaN, "segment": [0, 1]}]}}',
-        "v",
-        "predictions[1].score",
-        "finite",
-    ),
+    "nan score": ('{"results": {"v": [{"label": "a", "score": 1, "segment": [0, 1]}, {"label": "a", "score": NaN, "segment": [0, 1]}]}}',
+                  "v", "predictions[1].score", "finite"),
     "missing score": ('{"results": {"v": [{"label": "a", "segment": [0, 1]}]}}', "v", "predictions[0].score", "missing"),
     "inverted": ('{"results": {"v": [{"label": "a", "score": 1, "segment": [2, 1]}]}}', "v", "predictions[0].segment", "start <= end"),
-    "numeric label": (
-        '{"results": {"v": [{"label": 3, "score": 1, "segment": [0, 1]}]}}',
-        "v",
-        "predictions[0].label",
-        "label name, got 3",
-    ),
+    "numeric label": ('{"results": {"v": [{"label": 3, "score": 1, "segment": [0, 1]}]}}', "v", "predictions[0].label", "label name, got 3"),
     "not a list": ('{"results": {"v": {"label": "a"}}}', "v", "results", "expected a list"),
 }
 
@@ -644,20 +503,12 @@ def test_classification_label_twice(tmp_path):
 EPIC_HEADER = "narration_id,video_id,start_timestamp,stop_timestamp,verb_class,noun_class\n"
 
 
-@pytest.mark.parametrize(
-    "rows, line, field, fragment",
-    [
-        (
-            "a,P01,00:00:01.00,00:00:02.00,0,1\nb,P01,00:00:03.00,00:0x:04.00,0,1\n",
-            3,
-            "stop_timestamp",
-            r"row 2: bad timestamp '00:0x:04.00'",
-        ),
-        ("a,P01,00:00:05.00,00:00:02.00,0,1\n", 2, "stop_timestamp", "row 1: stop 00:00:02.00 is before start"),
-        ("a,P01,00:00:01.00,00:00:02.00,zero,1\n", 2, "verb_class", "row 1: expected an integer class id"),
-        ("a,P01,00:00:01.00,00:00:02.00\n", 2, None, "row 1 has 4 fields, the header 6"),
-    ],
-)
+@pytest.mark.parametrize("rows, line, field, fragment", [
+    ("a,P01,00:00:01.00,00:00:02.00,0,1\nb,P01,00:00:03.00,00:0x:04.00,0,1\n", 3, "stop_timestamp", r"row 2: bad timestamp '00:0x:04.00'"),
+    ("a,P01,00:00:05.00,00:00:02.00,0,1\n", 2, "stop_timestamp", "row 1: stop 00:00:02.00 is before start"),
+    ("a,P01,00:00:01.00,00:00:02.00,zero,1\n", 2, "verb_class", "row 1: expected an integer class id"),
+    ("a,P01,00:00:01.00,00:00:02.00\n", 2, None, "row 1 has 4 fields, the header 6"),
+])
 def test_malformed_epic_csv(tmp_path, rows, line, field, fragment):
     path = write(tmp_path / "epic.csv", EPIC_HEADER + rows)
     with pytest.raises(AnnotationFormatError, match=fragment) as e:
@@ -672,21 +523,16 @@ def test_epic_csv_missing_column_and_empty(tmp_path):
     with pytest.raises(AnnotationFormatError, match="empty"):
         read_epic_kitchens(write(tmp_path / "empty.csv", ""))
     with pytest.raises(AnnotationFormatError, match="verb_class 5 is not in the verb class list"):
-        read_epic_kitchens(
-            write(tmp_path / "e2.csv", EPIC_HEADER + "a,P01,00:00:01.00,00:00:02.00,5,1\n"),
-            verb_classes=write(tmp_path / "verbs.csv", "id,key\n0,take\n"),
-        )
+        read_epic_kitchens(write(tmp_path / "e2.csv", EPIC_HEADER + "a,P01,00:00:01.00,00:00:02.00,5,1\n"),
+                           verb_classes=write(tmp_path / "verbs.csv", "id,key\n0,take\n"))
 
 
-@pytest.mark.parametrize(
-    "line, fragment",
-    [
-        ("video_test_1 1.0", "expected 'video start end'"),
-        ("video_test_1 1.0 abc", "numeric"),
-        ("video_test_1 5.0 2.0", r"start <= end, got \[5.0, 2.0\]"),
-        ("video_test_1 nan 2.0", "finite"),
-    ],
-)
+@pytest.mark.parametrize("line, fragment", [
+    ("video_test_1 1.0", "expected 'video start end'"),
+    ("video_test_1 1.0 abc", "numeric"),
+    ("video_test_1 5.0 2.0", r"start <= end, got \[5.0, 2.0\]"),
+    ("video_test_1 nan 2.0", "finite"),
+])
 def test_malformed_thumos14_txt(tmp_path, line, fragment):
     folder = tmp_path / "annotations_test"
     folder.mkdir()

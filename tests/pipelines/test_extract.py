@@ -23,9 +23,7 @@ SAMPLING = SamplingConfig(fps=5.0, window=2, stride=2, chunk_frames=16)
 def archive(tmp_path_factory):
     """Three short synthetic videos, the two shared real videos, and four broken inputs."""
     root = tmp_path_factory.mktemp("archive")
-    synth = synthesize(
-        root / "synth", videos=3, seed=7, classes=3, duration_range=(4.0, 6.0), size=(160, 120), fps=10.0, workers=1, progress=False
-    )
+    synth = synthesize(root / "synth", videos=3, seed=7, classes=3, duration_range=(4.0, 6.0), size=(160, 120), fps=10.0, workers=1, progress=False)
     videos = root / "videos"
     videos.mkdir()
     good = {}
@@ -107,9 +105,7 @@ def test_s3_archive_to_s3_store(archive, ray_session, moto_s3, s3_bucket):
     options = {"client_kwargs": {"endpoint_url": moto_s3.endpoint_url}, "key": "testing", "secret": "testing"}
     assert len(list_videos(f"s3://{bucket}/archive", options)) == 2
     out = f"s3://{bucket}/features"
-    summary = extract(
-        ExtractConfig(videos=f"s3://{bucket}/archive", out=out, sampling=SAMPLING, num_workers=1, storage_options=options, progress=False)
-    )
+    summary = extract(ExtractConfig(videos=f"s3://{bucket}/archive", out=out, sampling=SAMPLING, num_workers=1, storage_options=options, progress=False))
     assert summary.extracted == 2 and not summary.failed
     back = FeatureStore(out, options=options).read_all()
     local = features_for_video(build_backbone(BackboneConfig(), "cpu"), str(archive["good"]["city_405p_mpeg2"]), SAMPLING)
@@ -163,13 +159,7 @@ def test_a_worker_killed_mid_job_costs_nothing(archive, ray_session, tmp_path):
     out = str(tmp_path / "store")
     sampling = SamplingConfig(fps=10.0, window=1, stride=1, chunk_frames=8)  # every frame: each video takes a few seconds
     result = {}
-    job = threading.Thread(
-        target=lambda: result.update(
-            summary=extract(
-                ExtractConfig(videos=str(archive["videos"] / "*.mp4"), out=out, sampling=sampling, num_workers=1, progress=False)
-            )
-        )
-    )
+    job = threading.Thread(target=lambda: result.update(summary=extract(ExtractConfig(videos=str(archive["videos"] / "*.mp4"), out=out, sampling=sampling, num_workers=1, progress=False))))
     job.start()
     killed = None
     deadline = time.monotonic() + 120

@@ -28,9 +28,7 @@ def provenance(dim=8, backbone="mobilenet_v2", fps=15.0):
 
 def sequence(vid, steps=5, dim=8, seed=0):
     x = np.random.default_rng(seed).normal(size=(steps, dim)).astype(np.float32)
-    return FeatureSequence(
-        vid, x, TIMING, TIMING.centers(steps), duration=steps * 4 / 15, num_frames=steps * 4, native_fps=15.0, source=f"/v/{vid}.mp4"
-    )
+    return FeatureSequence(vid, x, TIMING, TIMING.centers(steps), duration=steps * 4 / 15, num_frames=steps * 4, native_fps=15.0, source=f"/v/{vid}.mp4")
 
 
 def test_round_trip_keeps_features_timing_and_provenance(tmp_path):
@@ -109,9 +107,9 @@ def test_part_writer_coalesces_by_size(tmp_path):
 def test_store_on_s3_round_trip(moto_s3):
     import boto3
 
-    boto3.client(
-        "s3", endpoint_url=moto_s3.endpoint_url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-    ).create_bucket(Bucket="store-bucket")
+    boto3.client("s3", endpoint_url=moto_s3.endpoint_url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1").create_bucket(
+        Bucket="store-bucket"
+    )
     uri = "s3://store-bucket/features/run1"
     store = FeatureStore(uri, options={"client_kwargs": {"endpoint_url": moto_s3.endpoint_url}, "key": "testing", "secret": "testing"})
     store.write_part([sequence("a"), sequence("b", 3, seed=4)], provenance())

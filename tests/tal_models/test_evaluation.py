@@ -105,7 +105,12 @@ def sequential_map(gt, preds, thresholds):
     aps = []
     for c in classes:
         gt_rows = [(v.video_id, s, e) for v in gt for (s, e), lab in zip(v.segments, v.labels) if lab == c]
-        pred_rows = [(vid, s, e, sc) for vid, d in preds.items() for (s, e), sc, lab in zip(d.segments, d.scores, d.labels) if lab == c]
+        pred_rows = [
+            (vid, s, e, sc)
+            for vid, d in preds.items()
+            for (s, e), sc, lab in zip(d.segments, d.scores, d.labels)
+            if lab == c
+        ]
         aps.append(sequential_ap(gt_rows, pred_rows, thresholds))
     return np.array(aps).T  # [T, K]
 

@@ -214,15 +214,7 @@ def test_unknown_preset_lists_the_shipped_ones():
 
 
 # --- checkpoints ---------------------------------------------------------------------------
-PROVENANCE = {
-    "backbone": "i3d",
-    "backbone_weights": "x.pt",
-    "backbone_sha256": "ab",
-    "feature_dim": C,
-    "fps": 30.0,
-    "stride": 4,
-    "window": 16,
-}
+PROVENANCE = {"backbone": "i3d", "backbone_weights": "x.pt", "backbone_sha256": "ab", "feature_dim": C, "fps": 30.0, "stride": 4, "window": 16}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
