@@ -391,6 +391,9 @@ def _onnx_runtime(data: bytes, num_threads: int):
     options.intra_op_num_threads = max(1, int(num_threads))
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: ORT warns about buffer reuse on dynamic shapes
+    # No spin-waiting between runs: a replica shares its CPUs (decoding and NMS run in torch right after the graph,
+    # Ray's own threads), and idle ORT threads spinning on them slow everything else down.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
     def run(features: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:

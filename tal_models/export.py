@@ -121,9 +121,11 @@ class RuntimeDetector:
         return f"RuntimeDetector({self.config.arch}, {self.name})"
 
     def dense(self, features: Tensor | np.ndarray, mask: Tensor | np.ndarray) -> DenseOutputs:
-        """Features ``[B, C, T]`` and mask ``[B, T]`` or ``[B, 1, T]`` through the runtime -> ``DenseOutputs``."""
+        """Features ``[B, C, T]`` and mask ``[B, T]`` or ``[B, 1, T]`` (bool, or float: ``> 0.5`` is valid, as
+        ``DenseGraph``) through the runtime -> ``DenseOutputs``."""
         features = np.ascontiguousarray(_numpy(features), dtype=np.float32)
-        mask = _numpy(mask).astype(bool, copy=False)
+        mask = _numpy(mask)
+        mask = mask > 0.5 if np.issubdtype(mask.dtype, np.floating) else mask.astype(bool, copy=False)
         if mask.ndim == 3:
             mask = mask[:, 0]  # [B, 1, T] -> [B, T]
         c = self.config.input_dim
