@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from jobs.errors import UsageError
 from jobs.evaluate import open_model, safe_file_name
+from jobs.export import RUNTIMES, ExportError, build_for_runtime
+from jobs.inference import load_runtime_model
 from pipelines.annotations import write_activitynet_results
 from pipelines.atomic import write_json_atomic
 from pipelines.extract import VIDEO_EXTENSIONS, FeaturizerUnavailable, build_featurizer, features_for_video, list_videos
@@ -54,6 +56,7 @@ class DetectRequest:
     timeline_videos: int = DEFAULT_TIMELINE_VIDEOS
     storage_options: dict[str, Any] | None = None  # fsspec options for s3://
     progress: bool = True
+    runtime: str = "torch"  # or onnx: the detector's dense part in ONNX Runtime (jobs.export), as many threads as torch's
 
 
 @dataclass(frozen=True)
@@ -99,16 +102,20 @@ def run(request: DetectRequest) -> DetectReport:
     """
     _check_flags(request)
     device = _device(request.device)
-    checkpoint, checkpoint_uri = open_model(request.model, request.storage_options)
+    checkpoint, checkpoint_uri = _open_model(request)
     videos = _list_videos(request)
     backbone, sampling = _featurizer(checkpoint, device, request)
-    model = checkpoint.build(device)
+    try:
+        model = build_for_runtime(checkpoint, request.runtime, device, num_threads=torch.get_num_threads())
+    except ExportError as e:
+        raise UsageError(f"--model {request.model}: {e}") from None
     prov = checkpoint.provenance
     report = DetectReport(
         checkpoint=checkpoint_uri,
         labels=list(checkpoint.labels),
         featurizer=f"{prov.get('backbone')} ({backbone.weights_name}, sha256 {backbone.weights_sha256[:12]}...), "
-        f"{sampling.fps or 'native'} fps, window {sampling.window}, stride {sampling.stride}, on {device}",
+        f"{sampling.fps or 'native'} fps, window {sampling.window}, stride {sampling.stride}, on {device}"
+        + (f"; detector on ONNX Runtime ({torch.get_num_threads()} threads)" if request.runtime == "onnx" else ""),
     )
 
     started = time.perf_counter()
@@ -152,6 +159,20 @@ def _check_flags(request: DetectRequest) -> None:
         raise UsageError(f"--timeline-videos must be >= 0, got {request.timeline_videos}")
     if request.output.exists() and not request.output.is_dir():
         raise UsageError(f"--output {request.output} is a file; it names a directory (results.json, failed.json, timelines/)")
+
+
+def _open_model(request: DetectRequest):
+    """The checkpoint (or, with ``--runtime onnx``, an exported ``.onnx`` file too) and where it was read from."""
+    if request.runtime not in RUNTIMES:
+        raise UsageError(f"--runtime {request.runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if request.runtime == "torch":
+        return open_model(request.model, request.storage_options)
+    try:
+        return load_runtime_model(request.model, request.storage_options)
+    except FileNotFoundError as e:
+        raise UsageError(f"--model {request.model}: no such file {e.filename or request.model}") from None
+    except ValueError as e:  # CheckpointError, ExportError, registry errors
+        raise UsageError(f"--model {request.model}: {e}") from None
 
 
 def _device(requested: str | None) -> str:

@@ -26,12 +26,14 @@ import torch
 from ray.data.expressions import col
 from tqdm import tqdm
 
+from jobs.export import ExportedModel, is_exported
 from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, FeatureStore, filesystem_for, from_table
 from tal_models.batch import collate
-from tal_models.checkpoint import Checkpoint, load_checkpoint
+from tal_models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from tal_models.config import require_positive_int
 from tal_models.detectors import Detector
+from tal_models.export import RuntimeDetector
 from tal_models.structures import Detections, Segments, Unit
 
 # One row per video; a video without detections has empty lists (and so is still accounted for).
@@ -51,7 +53,7 @@ def detect_batch(model: Detector, sequences: Sequence[FeatureSequence]) -> list[
         # store features are read-only views of Arrow buffers; collate copies them into the padded batch
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         batch = collate(sequences, pad_to_multiple=model.pad_multiple)  # features [B, C, T], T padded
-    device = next(model.parameters()).device
+    device = model.device if isinstance(model, RuntimeDetector) else next(model.parameters()).device
     with torch.inference_mode():
         detections = model.forward_inference(batch.to(device))
     return [d.to_numpy() for d in detections]
@@ -165,15 +167,35 @@ def load_model(
     ``ValueError`` for an unknown name, alias, version or run (naming what exists) or a file that is not a
     checkpoint (``CheckpointError``).
     """
+    local = _resolve(reference, mlflow_uri, download_to)
+    if is_exported(local):
+        raise CheckpointError(f"{reference} is an exported model, not a checkpoint: run it with --runtime onnx")
+    return load_checkpoint(io.BytesIO(read_checkpoint_bytes(local, storage_options)), map_location="cpu"), local
+
+
+def load_runtime_model(
+    reference: str,
+    storage_options: Mapping[str, Any] | None = None,
+    mlflow_uri: str | None = None,
+    download_to: str | os.PathLike | None = None,
+) -> tuple[Checkpoint | ExportedModel, str]:
+    """``load_model``, and exported files too (``.onnx``, ``.ts``: ``tal export``'s, read by their suffix) as an
+    ``ExportedModel`` with the same ``config``, ``labels``, ``provenance``; ``jobs.export.build_for_runtime`` runs either."""
+    local = _resolve(reference, mlflow_uri, download_to)
+    if is_exported(local):
+        return ExportedModel.from_bytes(read_checkpoint_bytes(local, storage_options), local), local
+    return load_model(local, storage_options)[0], local
+
+
+def _resolve(reference: str, mlflow_uri: str | None, download_to: str | os.PathLike | None) -> str:
+    """A model reference -> a local path or ``s3://`` URI (registry references are downloaded first)."""
     if reference.startswith(("models:/", "runs:/")):
         # Here, not at the top: MLflow costs ~1 s and ~40 MB to import, and most processes that import this module
         # (the StoreDetector actors, Serve's Ingress and VideoFeaturizer replicas) never resolve a registry reference.
         from jobs.tracking import resolve_model
 
-        local = str(resolve_model(reference, mlflow_uri, None if download_to is None else Path(download_to)))
-    else:
-        local = reference if "://" in reference else os.path.expanduser(reference)
-    return load_checkpoint(io.BytesIO(read_checkpoint_bytes(local, storage_options)), map_location="cpu"), local
+        return str(resolve_model(reference, mlflow_uri, None if download_to is None else Path(download_to)))
+    return reference if "://" in reference else os.path.expanduser(reference)
 
 
 def detect_store_on_ray(

@@ -48,7 +48,8 @@ from ray.serve.schema import LoggingConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from jobs.inference import detect_batch, load_model
+from jobs.export import ExportedModel, ExportError, build_for_runtime
+from jobs.inference import detect_batch, load_runtime_model
 from jobs.serve_api import (
     NPY_CONTENT_TYPES,
     DetectFeaturesRequest,
@@ -81,9 +82,10 @@ MB = 2**20
 
 
 def load_served_checkpoint(reference: str, mlflow_uri: str | None, storage_options: dict[str, Any]):
-    """``jobs.inference.load_model``, with a registry download removed once read (replicas restart; copies would pile up)."""
+    """``jobs.inference.load_runtime_model`` (a checkpoint, or a ``tal export`` file), with a registry download removed
+    once read (replicas restart; copies would pile up)."""
     with tempfile.TemporaryDirectory(prefix="tal-serve-model-") as folder:
-        return load_model(reference, storage_options, mlflow_uri, download_to=folder)[0]
+        return load_runtime_model(reference, storage_options, mlflow_uri, download_to=folder)[0]
 
 
 def describe_model(args: ServeArgs) -> ModelInfo:
@@ -98,6 +100,8 @@ def describe_model(args: ServeArgs) -> ModelInfo:
     else:  # a local path: absolute, since replicas run in another working directory
         pinned, registry = str(Path(args.model).expanduser().resolve()), {}
     checkpoint = load_served_checkpoint(pinned, args.mlflow_uri, _storage_options(args))
+    if args.runtime == "torch" and isinstance(checkpoint, ExportedModel):
+        raise ExportError(f"{args.model} is an exported {checkpoint.info.format} file: serve it with runtime onnx (--runtime onnx)")
     metadata = {k: v for k, v in checkpoint.metadata.items() if isinstance(v, str | int | float | bool | type(None) | dict | list)}
     return ModelInfo(
         reference=args.model,
@@ -357,6 +361,7 @@ class DetectorIngress:
         batch_wait_timeout_s: float,
         num_threads: int,
         use_gpu: bool,
+        runtime: str = "torch",
     ):
         self.featurizer = featurizer
         self.info = info
@@ -366,7 +371,8 @@ class DetectorIngress:
 
         def load_model():
             checkpoint = load_served_checkpoint(info.pinned, mlflow_uri, storage_options)
-            return checkpoint.build(_device(use_gpu))
+            # onnx: ONNX Runtime with as many intra-op threads as torch has here (a checkpoint is exported in memory first)
+            return build_for_runtime(checkpoint, runtime, _device(use_gpu), num_threads=max(1, num_threads))
 
         self.model = self.torch.run(load_model)
         self.arriving = 0  # feature requests being received or parsed: a batch may wait for them, never for nobody
@@ -595,7 +601,7 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
     )
     limits = Limits(int(args.max_body_mb * MB), int(args.max_upload_mb * MB), args.max_steps, args.max_batch_size, bool(args.video_roots))
     return DetectorIngress.options(**detector_options).bind(
-        featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu
+        featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime
     )
 
 

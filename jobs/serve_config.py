@@ -8,6 +8,8 @@ They are what ``tal serve`` flags (``jobs.cli.serve``, merged by ``jobs.serve.re
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 APP_IMPORT_PATH = "jobs.serve:build_app"
@@ -38,6 +40,11 @@ class ServeArgs(BaseModel):
         0.002,
         ge=0,
         description="how long a request that finds the model idle waits for others to batch with (requests arriving while a batch runs join the next one anyway)",
+    )
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="torch, or onnx: the detector's dense part in ONNX Runtime (CPU, cpus_per_replica threads); "
+        "model may then be a .onnx file of tal export, a checkpoint is exported when the replica starts",
     )
     detector_replicas: int = Field(1, ge=1)
     featurizer_replicas: int = Field(1, ge=1)

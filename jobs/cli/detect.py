@@ -75,6 +75,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"draw timelines/<video>.png for the first N videos (default {DEFAULT_TIMELINE_VIDEOS})",
     )
+    p.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="run the detector in PyTorch (default) or its dense part in ONNX Runtime (CPU, as many threads as torch); "
+        "with onnx, --model may also be a .onnx file of tal export (a checkpoint is exported on the fly)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=handle)
 
@@ -94,6 +101,7 @@ def handle(args: argparse.Namespace) -> int:
         timeline_videos=args.timeline_videos,
         storage_options=storage_options(args.s3_endpoint),
         progress=not args.no_progress,
+        runtime=args.runtime,
     )
     report = run(request)
     print(format_report(report, request))

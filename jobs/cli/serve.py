@@ -25,6 +25,7 @@ _FLAG_FIELDS = {
     "backbone_weights": "backbone_weights",
     "mlflow_uri": "mlflow_uri",
     "s3_endpoint": "s3_endpoint",
+    "runtime": "runtime",
 }
 
 
@@ -58,6 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, help=fields["max_body_mb"].description + " (default 64)")
     p.add_argument("--max-upload-mb", type=float, help=fields["max_upload_mb"].description + " (default 512)")
     p.add_argument("--max-steps", type=int, help=fields["max_steps"].description + " (default 16384)")
+    p.add_argument("--runtime", choices=("torch", "onnx"), help=fields["runtime"].description + " (default torch)")
     p.add_argument("--backbone-weights", help=fields["backbone_weights"].description)
     p.add_argument("--mlflow-uri", help=fields["mlflow_uri"].description)
     p.add_argument("--s3-endpoint", help=fields["s3_endpoint"].description)

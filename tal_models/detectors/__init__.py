@@ -9,7 +9,7 @@
 Presets (the papers' configurations) are in ``tal_models.presets``.
 """
 
-from tal_models.detectors.base import Detector, detect_sequence
+from tal_models.detectors.base import Detector, check_sequence, detect_sequence
 from tal_models.detectors.build import CONFIG_TYPES, DetectorConfig, build_detector, build_encoder, config_type, encoder_blocks
 from tal_models.detectors.one_stage import (
     ARCH_PARTS,
@@ -36,6 +36,7 @@ __all__ = [
     "OneStageDetector",
     "build_detector",
     "build_encoder",
+    "check_sequence",
     "config_type",
     "detect_sequence",
     "encoder_blocks",

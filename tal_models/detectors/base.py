@@ -47,6 +47,21 @@ class Detector(Protocol):
     ) -> Detections: ...
 
 
+def check_sequence(features: Tensor | np.ndarray, input_dim: int) -> Tensor | np.ndarray:
+    """One feature sequence as a user hands it -> float32 ``[T, input_dim]`` (NumPy stays NumPy),
+    or a ``ValueError`` saying what is wrong (shape, no step, NaN or infinite values)."""
+    # NumPy stays NumPy (the store's arrays are read-only views of Arrow memory; ``collate`` copies them once)
+    features = features.detach().to(torch.float32) if isinstance(features, Tensor) else np.asarray(features, dtype=np.float32)
+    if features.ndim != 2 or features.shape[1] != input_dim:
+        raise ValueError(f"features must be [T, {input_dim}], got {tuple(features.shape)}")
+    if features.shape[0] == 0:
+        raise ValueError("features must have at least one step")
+    finite = torch.isfinite(features).all() if isinstance(features, Tensor) else np.isfinite(features).all()
+    if not finite:
+        raise ValueError("features contain NaN or infinite values")
+    return features
+
+
 @torch.no_grad()
 def detect_sequence(
     model: nn.Module,
@@ -59,15 +74,7 @@ def detect_sequence(
     """``model.forward_inference`` on one feature sequence ``[T, input_dim]``: the shared body of
     every detector's ``detect``. The sequence is checked here (the edge where a user's array
     enters); the model's training/eval mode is kept."""
-    # NumPy stays NumPy (the store's arrays are read-only views of Arrow memory; ``collate`` copies them once)
-    features = features.detach().to(torch.float32) if isinstance(features, Tensor) else np.asarray(features, dtype=np.float32)
-    if features.ndim != 2 or features.shape[1] != input_dim:
-        raise ValueError(f"features must be [T, {input_dim}], got {tuple(features.shape)}")
-    if features.shape[0] == 0:
-        raise ValueError("features must have at least one step")
-    finite = torch.isfinite(features).all() if isinstance(features, Tensor) else np.isfinite(features).all()
-    if not finite:
-        raise ValueError("features contain NaN or infinite values")
+    features = check_sequence(features, input_dim)
     device = next(model.parameters()).device
     batch = collate([{"features": features, "video_id": video_id, "timing": timing, "duration": duration}], model.pad_multiple)
     was_training = model.training

@@ -1,4 +1,9 @@
-"""Hand-written autograd kernels: layer norm over the channels of [B, C, T], and LN fused with a 1x1 projection or with an MLP."""
+"""Hand-written autograd kernels: layer norm over the channels of [B, C, T], and LN fused with a 1x1 projection or with an MLP.
+
+Each has ``infer``, the same forward with plain ops and nothing kept for backward: what runs when
+grad is off (``tal_models.layers.norm``), and what a TorchScript trace or an ONNX export records
+(an ``autograd.Function`` is a Python call that neither can save).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ class ChannelLayerNorm(torch.autograd.Function):
         x_hat, rstd = _normalize(x, eps)
         ctx.save_for_backward(x_hat, rstd, weight)
         return torch.addcmul(bias[:, None], x_hat, weight[:, None])
+
+    @staticmethod
+    def infer(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        return torch.addcmul(bias[:, None], _normalize(x, eps)[0], weight[:, None])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -62,6 +71,10 @@ class NormPointwise(torch.autograd.Function):
         return _pointwise(torch.addcmul(ln_bias[:, None], x_hat, ln_weight[:, None]), weight, bias)
 
     @staticmethod
+    def infer(x, ln_weight, ln_bias, eps, weight, bias):
+        return _pointwise(torch.addcmul(ln_bias[:, None], _normalize(x, eps)[0], ln_weight[:, None]), weight, bias)
+
+    @staticmethod
     def backward(ctx, grad_out):
         x_hat, rstd, ln_weight, ln_bias, weight = ctx.saved_tensors
         n = torch.addcmul(ln_bias[:, None], x_hat, ln_weight[:, None])
@@ -81,6 +94,11 @@ class NormMLP(torch.autograd.Function):
         x_hat, rstd = _normalize(x, eps)
         ctx.save_for_backward(x_hat, rstd, ln_weight, ln_bias, w1, b1, w2)
         n = torch.addcmul(ln_bias[:, None], x_hat, ln_weight[:, None])
+        return _pointwise(F.gelu(_pointwise(n, w1, b1)), w2, b2)
+
+    @staticmethod
+    def infer(x, ln_weight, ln_bias, eps, w1, b1, w2, b2):
+        n = torch.addcmul(ln_bias[:, None], _normalize(x, eps)[0], ln_weight[:, None])
         return _pointwise(F.gelu(_pointwise(n, w1, b1)), w2, b2)
 
     @staticmethod

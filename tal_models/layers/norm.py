@@ -23,19 +23,22 @@ class LayerNormC(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        return ChannelLayerNorm.apply(x, self.weight, self.bias, self.eps)
+        kernel = ChannelLayerNorm.apply if torch.is_grad_enabled() else ChannelLayerNorm.infer
+        return kernel(x, self.weight, self.bias, self.eps)
 
 
 def norm_pointwise(norm: LayerNormC, conv: nn.Conv1d, x: Tensor) -> Tensor:
     """``conv(norm(x))`` for a 1x1 ``conv``, memory-lean in training (``NormPointwise``)."""
-    return NormPointwise.apply(x, norm.weight, norm.bias, norm.eps, conv.weight, conv.bias)
+    kernel = NormPointwise.apply if torch.is_grad_enabled() else NormPointwise.infer
+    return kernel(x, norm.weight, norm.bias, norm.eps, conv.weight, conv.bias)
 
 
 def norm_mlp(norm: LayerNormC, mlp: MLP, x: Tensor) -> Tensor:
     """``mlp(norm(x))``, memory-lean in training (``NormMLP``; with dropout, the plain modules)."""
     if mlp.training and mlp.dropout > 0:
         return mlp(norm(x))
-    return NormMLP.apply(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    kernel = NormMLP.apply if torch.is_grad_enabled() else NormMLP.infer
+    return kernel(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
 
 
 class MaskedGroupNorm(nn.Module):

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.cli import build_parser, main
 
-COMMANDS = {"demo", "synth", "extract", "import-features", "export-features", "train", "evaluate", "serve", "detect"}
+COMMANDS = {"demo", "synth", "extract", "import-features", "export-features", "train", "evaluate", "serve", "detect", "export"}
 
 
 def _subparsers():
@@ -62,9 +62,10 @@ def test_help_imports_neither_torch_nor_ray():
 
 def test_defaults_written_into_the_help_are_the_jobs():
     """The parsers repeat a few job constants (importing the job modules would load torch); they must agree."""
-    from jobs import detect, evaluate
+    from jobs import detect, evaluate, export
     from jobs.cli import detect as detect_cli
     from jobs.cli import evaluate as evaluate_cli
+    from jobs.cli import export as export_cli
     from jobs.cli import extract as extract_cli
     from jobs.cli import synth as synth_cli
     from pipelines import synth
@@ -75,6 +76,7 @@ def test_defaults_written_into_the_help_are_the_jobs():
         detect.DEFAULT_TIMELINE_VIDEOS,
     )
     assert evaluate_cli.AUTO_RAY_VIDEOS == evaluate.AUTO_RAY_VIDEOS
+    assert (export_cli.EXPORT_FORMATS, export_cli.DEFAULT_OPSET) == (export.EXPORT_FORMATS, export.DEFAULT_OPSET)
     assert SamplingConfig(**extract_cli.DEFAULT_SAMPLING) == SamplingConfig()
     assert (synth_cli.ACTIVITYNET_JSON, synth_cli.THUMOS14_JSON, synth_cli.SUBSETS, synth_cli.MAX_CLASSES) == (
         synth.ACTIVITYNET_JSON,

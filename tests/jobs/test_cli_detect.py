@@ -132,6 +132,29 @@ def test_detections_equal_the_checkpoint_on_the_extracted_features(world, all_ke
         assert [d["label"] for d in mine] == [names[c] for c in want.labels]
 
 
+def test_the_onnx_runtime_writes_the_same_detections_from_a_checkpoint_or_an_exported_file(world, all_kept, capsys):
+    """``--runtime onnx``: the checkpoint exported on the fly, or a ``tal export`` file, through ONNX Runtime."""
+    want = json.loads((all_kept[1] / "results.json").read_text())["results"]
+    exported = world["root"] / "model.onnx"
+    assert main(["export", "--model", str(world["model"]), "--format", "onnx", "--out", str(exported)]) == 0
+    for model in (world["model"], exported):
+        out = world["root"] / f"onnx_{model.suffix[1:]}"
+        code = main(["detect", str(world["videos"]), "--model", str(model), "--output", str(out), "--device", "cpu", "--no-progress",
+                     "--score-threshold", "0", "--runtime", "onnx", "--timeline-videos", "0"])  # fmt: skip
+        assert code == 3  # the corrupt file, as with torch
+        assert "detector on ONNX Runtime" in capsys.readouterr().out
+        got = json.loads((out / "results.json").read_text())["results"]
+        assert sorted(got) == sorted(want) == world["good"]
+        for vid in world["good"]:
+            assert len(got[vid]) == len(want[vid]) > 0
+            np.testing.assert_allclose([d["score"] for d in got[vid]], [d["score"] for d in want[vid]], atol=1e-5)
+            np.testing.assert_allclose([d["segment"] for d in got[vid]], [d["segment"] for d in want[vid]], atol=1e-3)
+            assert [d["label"] for d in got[vid]] == [d["label"] for d in want[vid]]
+    # an exported file is not a checkpoint for the torch runtime
+    code = main(["detect", str(world["videos"]), "--model", str(exported), "--output", str(world["root"] / "refused"), "--device", "cpu"])
+    assert code == 2 and "run it with --runtime onnx" in capsys.readouterr().err
+
+
 def test_score_threshold_and_top_k_filter_what_is_written(world, all_kept, tmp_path, capsys):
     _, out = all_kept
     everything = json.loads((out / "results.json").read_text())["results"]
