@@ -1,19 +1,28 @@
-"""Accuracy of our detectors vs the original ActionFormer (``actionformer==1.5.0``), same data, same budget.
+"""Accuracy of our detectors vs the original ActionFormer (``actionformer==1.5.0``): same data, same budget,
+judged on several differently generated data sets and seeds.
 
-    .venv/bin/python benchmarks/accuracy_vs_actionformer.py [--steps 600] [--input-dim 128] [--embed-dim 128]
+    .venv/bin/python benchmarks/accuracy_vs_actionformer.py [--profiles prototype confusable cuts phases]
+        [--seeds 0 1 2] [--variants LABEL=PRESET[,key=value,...] ...] [--inference-variants LABEL=key=value;... ...]
+        [--steps 400] [--lr 4e-4] [--max-seq-len 576] [--max-videos-per-split 100] [--jobs 2] [--workdir DIR]
 
-The data set (``benchmarks/_thumos_like.py``) follows the real THUMOS14 annotation timings
+Each data set (``benchmarks/_thumos_like.py``) follows the real THUMOS14 annotation timings
 (``../shared/data/thumos14/thumos14.json``: the real durations, segment lengths, overlaps and class
-frequencies; Validation videos train, Test videos evaluate) with synthetic class-conditional
-features and noise, because no I3D features can be downloaded here. Every model trains for the same
-number of optimiser steps with the same batch size and crop length, and is evaluated on the test
-videos with our evaluator (ActivityNet semantics, tIoU 0.3:0.1:0.7; THUMOS14's Ambiguous
-segments are not in this annotation file). Widths are scaled down equally for every model so the
-whole run fits a CPU budget: ``--input-dim`` (feature width) and ``--embed-dim`` (the models'
-embedding / FPN / head width; the reference gets the same through its config overrides).
+frequencies; Validation videos train, Test videos evaluate) with synthetic features whose signal model
+is the ``profile`` (see that module: ``prototype``, ``confusable``, ``cuts``, and ``phases``, which is
+meant to stay out of tuning); each seed is a new data set and a new training seed. No I3D features can
+be downloaded here. Every model trains for the same number of optimiser steps with the same batch size,
+crop length, learning rate and EMA, and is evaluated on the test videos with our evaluator (ActivityNet
+semantics, tIoU 0.3:0.1:0.7). Widths are scaled down equally for every model so that the whole run fits
+a CPU budget: ``--input-dim`` (feature width) and ``--embed-dim`` (the models' embedding / FPN / head
+width; the reference gets the same through its config overrides).
 
-Training runs two processes at a time with one thread each (the machine has 2 cores), the
-reference always alongside one of ours. Prints one JSON line.
+Our models are *variants*: a preset plus ``tal train --set``-style overrides (``dyn=thumos14-actionformer,
+detector.loss.assigner=dynamic``); *inference variants* decode the same trained weights with other
+post-processing settings, reported as ``VARIANT|LABEL``. Trainings run ``--jobs`` at a time with one
+thread each, the reference alongside ours. With ``--workdir`` the data sets and each run's result are
+kept and reused when the same run (same settings, same variant) is asked again. Prints one JSON line:
+per profile each model's average mAP (mean, std, min, max over seeds), ours minus the reference seed by
+seed, the training time relative to the reference's, and the worst profile's margin.
 """
 
 from __future__ import annotations
@@ -255,9 +264,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--input-dim", type=int, default=64)
     parser.add_argument("--embed-dim", type=int, default=64)
-    parser.add_argument("--max-seq-len", type=int, default=1152)
-    parser.add_argument("--max-videos-per-split", type=int, default=None)
-    parser.add_argument("--profiles", nargs="+", default=list(TUNING_PROFILES), help="signal models of benchmarks/_thumos_like.py")
+    parser.add_argument("--max-seq-len", type=int, default=576)
+    parser.add_argument("--max-videos-per-split", type=int, default=100, help="videos per split (evenly spaced; 0 or less: all)")
+    parser.add_argument(
+        "--profiles",
+        nargs="+",
+        default=[*TUNING_PROFILES, "phases"],
+        help="signal models of benchmarks/_thumos_like.py (phases: held out from tuning)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one data set and one training seed each")
     parser.add_argument(
         "--variants", nargs="+", default=[f"{p}={p}" for p in DEFAULT_VARIANTS],
@@ -267,7 +281,12 @@ def main() -> None:
     parser.add_argument(
         "--ema-decay", type=float, default=0.99, help="EMA of the evaluated weights, for every model (0.999 suits 3,500 steps)"
     )
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of every model (default: each its own, 1e-4)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=4e-4,
+        help="learning rate of every model unless a variant sets its own (the papers': 1e-4 over 3,500 steps)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time, one thread each")
     parser.add_argument(
         "--workdir", type=Path, help="keep data sets and per-run results here and reuse them (default: a new temporary folder)"
