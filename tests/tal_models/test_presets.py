@@ -110,3 +110,11 @@ def test_override_values_parse_as_yaml_with_exponent_numbers():
         True,
     ]
     assert [parse_value(x) for x in ("e5", "abc", "nan", "1e")] == ["e5", "abc", "nan", "1e"]  # not numbers: left as YAML reads them
+
+
+def test_the_plus_preset_is_the_paper_config_with_our_recipe():
+    plus, paper = load_preset("thumos14-actionformer-plus"), load_preset("thumos14-actionformer")
+    assert plus.detector.loss == replace(paper.detector.loss, assigner="dynamic", center_radius=2.5)
+    assert plus.detector.inference.nms == replace(paper.detector.inference.nms, max_detections=1000)
+    assert replace(plus.detector, loss=paper.detector.loss, inference=paper.detector.inference) == paper.detector
+    assert plus.optim == paper.optim and plus.batch_size == paper.batch_size
