@@ -110,24 +110,12 @@ def assign_targets_single_video(
     if num_gt == 0 or num_points == 0:
         return PointTargets(cls_targets, reg_targets)
 
-    pos = points.position.to(dtype)[:, None]  # [P, 1]
-    stride = points.stride.to(dtype)[:, None]  # [P, 1]
-    reg_range = points.reg_range.to(dtype)  # [P, 2]
     segs = segs.to(dtype)
     start, end = segs[:, 0][None, :], segs[:, 1][None, :]  # [1, N]
-    left, right = pos - start, end - pos  # [P, N] distances in input steps
+    left, right, candidate = _candidates(points, segs, center_radius if center_sample else None)  # [P, N] each
+    stride = points.stride.to(dtype)[:, None]  # [P, 1]
 
-    if center_sample:
-        centre = (start + end) / 2  # [1, N]
-        lo = torch.maximum(centre - center_radius * stride, start)  # [P, N]
-        hi = torch.minimum(centre + center_radius * stride, end)  # [P, N]
-        inside = (pos > lo) & (pos < hi)  # [P, N]
-    else:
-        inside = (left > 0) & (right > 0)  # [P, N]
-    reach = torch.maximum(left, right)  # [P, N]
-    in_range = (reach >= reg_range[:, 0:1]) & (reach <= reg_range[:, 1:2])  # [P, N]
-
-    candidate_length = torch.where(inside & in_range, end - start, torch.inf)  # [P, N]; inf: not a candidate
+    candidate_length = torch.where(candidate, end - start, torch.inf)  # [P, N]; inf: not a candidate
     shortest, which = candidate_length.min(dim=1)  # [P], [P]; ties: the first segment
     positive = torch.isfinite(shortest)  # [P]
     shares = torch.isfinite(candidate_length) & (candidate_length <= shortest[:, None] + EQUAL_LENGTH_TOLERANCE)  # [P, N]
@@ -136,6 +124,27 @@ def assign_targets_single_video(
     chosen = torch.stack((left, right), dim=-1)[torch.arange(num_points, device=points.device), which]  # [P, N, 2] -> [P, 2]
     reg_targets = torch.where(positive[:, None], chosen / stride, reg_targets)
     return PointTargets(cls_targets, reg_targets)
+
+
+def _candidates(points: Points, segs: Tensor, center_radius: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Rules 1 and 2 of the module docstring for every (point, segment): ``segs [N, 2]`` (input steps, float)
+    -> the distances ``left``, ``right`` ``[P, N]`` (input steps) and the bool ``candidate [P, N]``: strictly
+    inside the segment (``center_radius=None``) or its centre region, and in the point's regression range."""
+    pos = points.position.to(segs.dtype)[:, None]  # [P, 1]
+    stride = points.stride.to(segs.dtype)[:, None]  # [P, 1]
+    reg_range = points.reg_range.to(segs.dtype)  # [P, 2]
+    start, end = segs[:, 0][None, :], segs[:, 1][None, :]  # [1, N]
+    left, right = pos - start, end - pos  # [P, N] distances in input steps
+    if center_radius is not None:
+        centre = (start + end) / 2  # [1, N]
+        lo = torch.maximum(centre - center_radius * stride, start)  # [P, N]
+        hi = torch.minimum(centre + center_radius * stride, end)  # [P, N]
+        inside = (pos > lo) & (pos < hi)  # [P, N]
+    else:
+        inside = (left > 0) & (right > 0)  # [P, N]
+    reach = torch.maximum(left, right)  # [P, N]
+    in_range = (reach >= reg_range[:, 0:1]) & (reach <= reg_range[:, 1:2])  # [P, N]
+    return left, right, inside & in_range
 
 
 def assign_targets(
@@ -270,17 +279,10 @@ class DynamicAssigner:
         if N == 0 or P == 0:
             return PointTargets(cls_targets, reg_targets)
 
-        pos, stride = points.position.to(dtype)[:, None], points.stride.to(dtype)[:, None]  # [P, 1]
-        reg_range = points.reg_range.to(dtype)  # [P, 2]
+        stride = points.stride.to(dtype)[:, None]  # [P, 1]
         segs = segs.to(dtype)
         start, end = segs[:, 0][None, :], segs[:, 1][None, :]  # [1, N]
-        left, right = pos - start, end - pos  # [P, N]
-        centre = (start + end) / 2
-        inside = (pos > torch.maximum(centre - self.center_radius * stride, start)) & (
-            pos < torch.minimum(centre + self.center_radius * stride, end)
-        )  # [P, N]
-        reach = torch.maximum(left, right)
-        candidate = inside & (reach >= reg_range[:, 0:1]) & (reach <= reg_range[:, 1:2])  # [P, N]
+        left, right, candidate = _candidates(points, segs, self.center_radius)  # [P, N] each
 
         predicted = offsets_to_segments(points, offsets.to(dtype))  # [P, 2] in input steps
         overlap = (torch.minimum(predicted[:, 1:2], end) - torch.maximum(predicted[:, 0:1], start)).clamp(min=0)  # [P, N]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import HostReads
 
 from tal_models.batch import collate
 from tal_models.checkpoint import load_checkpoint
@@ -77,20 +77,6 @@ def test_checkpoints_written_before_the_restructure_load_and_compute_the_same(ar
     np.testing.assert_array_equal(det.labels.numpy(), expected["labels"])
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value by the host (``.item()``, ``int(t)``, ``bool(t)``): each is a
-    device synchronisation on an accelerator."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ == "_local_scalar_dense":
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_training_step_never_reads_a_value_back_to_the_host(arch):
     """The training loop's promise: no synchronisation except to log. (The code before this change read
@@ -101,7 +87,7 @@ def test_a_training_step_never_reads_a_value_back_to_the_host(arch):
         for i, n in enumerate((50, 37))
     ]
     batch = collate(samples, model.pad_multiple, num_classes=3)
-    with _HostReads() as reads:
+    with HostReads() as reads:
         losses = model(batch)
         losses["final_loss"].backward()
     assert reads.count == 0

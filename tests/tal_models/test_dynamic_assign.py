@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers import HostReads
 
 from tal_models.batch import collate
 from tal_models.detectors import build_detector
@@ -123,17 +124,6 @@ def test_bad_settings_are_refused():
         LossConfig(assigner="simota")
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ == "_local_scalar_dense":
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("arch", ["actionformer", "tridet"])
 def test_a_detector_trains_with_it_without_host_reads(arch):
     config = make_config(arch, num_classes=3, input_dim=8, max_seq_len=64, embed_dim=16, levels=3)
@@ -150,7 +140,7 @@ def test_a_detector_trains_with_it_without_host_reads(arch):
         for i, n in enumerate((50, 37))
     ]
     batch = collate(samples, model.pad_multiple, num_classes=3)
-    with _HostReads() as reads:
+    with HostReads() as reads:
         losses = model(batch)
         losses["final_loss"].backward()
     assert reads.count == 0

@@ -14,7 +14,10 @@ from tal_models.layers.kernels import ChannelLayerNorm, NormMLP, NormPointwise
 from tal_models.presets import make_config
 from tal_models.timing import FeatureTiming
 
-pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # Python ints read off shapes: checked at other lengths
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),  # Python ints read off shapes: checked at other lengths
+    pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning"),  # deprecated in torch 2.14; still what TorchScript files need
+]
 
 C, K = 24, 3
 ARCHS = ("actionformer", "tridet", "temporalmaxer")

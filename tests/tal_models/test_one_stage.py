@@ -192,7 +192,7 @@ def test_config_errors_say_what_to_fix(change, message):
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_loads_and_builds(name):
     preset = load_preset(name)
-    assert preset.name == name and preset.detector.arch == name.split("-", 1)[1]
+    assert preset.name == name and preset.detector.arch == name.split("-")[1]  # data set - arch [- recipe]
     model = build_detector(preset.detector)
     assert sum(p.numel() for p in model.parameters()) > 0
     if name.startswith("anet"):
