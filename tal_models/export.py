@@ -29,12 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from tal_models.batch import Batch, collate
-from tal_models.decode import decode
 from tal_models.detectors.base import check_sequence
-from tal_models.detectors.one_stage import DenseOutputs, OneStageConfig, OneStageDetector
+from tal_models.detectors.one_stage import DenseOutputs, OneStageConfig, OneStageDetector, decode_outputs
 from tal_models.points import make_points
 from tal_models.structures import Detections
-from tal_models.timing import STEP_TIMING, FeatureTiming
+from tal_models.timing import FeatureTiming
 
 INPUT_NAMES = ("features", "mask")
 OUTPUT_NAMES = ("cls_logits", "reg_offsets", "valid")
@@ -139,21 +138,7 @@ class RuntimeDetector:
         return dense_outputs(self.config, features.shape[2], *outputs)
 
     def forward_inference(self, batch: Batch) -> list[Detections]:
-        out = self.dense(batch.features, batch.mask)
-        inf = self.config.inference
-        return decode(
-            out.points,
-            out.cls_logits,
-            out.reg_offsets,
-            out.valid,
-            batch.timings if batch.timings is not None else STEP_TIMING,
-            batch.durations if batch.durations is not None else [None] * len(batch),
-            batch.video_ids,
-            inf.nms,
-            pre_nms_threshold=inf.pre_nms_threshold,
-            pre_nms_topk=inf.pre_nms_topk,
-            min_length=inf.min_length,
-        )
+        return decode_outputs(self.dense(batch.features, batch.mask), batch, self.config.inference)
 
     def forward_training(self, batch: Batch) -> dict[str, Tensor]:
         raise TypeError(f"{self!r} runs an exported graph for inference only; train the PyTorch model")

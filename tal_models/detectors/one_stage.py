@@ -178,6 +178,25 @@ class DenseOutputs:
     valid: Tensor
 
 
+def decode_outputs(out: DenseOutputs, batch: Batch, inference: InferenceConfig) -> list[Detections]:
+    """The heads' outputs of ``batch`` -> one ``Detections`` per video (``tal_models.decode`` with the
+    config's candidates and NMS), in seconds when the batch carries timings, else in feature steps.
+    Shared by the PyTorch detector and the exported graph's ``RuntimeDetector``."""
+    return decode(
+        out.points,
+        out.cls_logits,
+        out.reg_offsets,
+        out.valid,
+        batch.timings if batch.timings is not None else STEP_TIMING,
+        batch.durations if batch.durations is not None else [None] * len(batch),
+        batch.video_ids,
+        inference.nms,
+        pre_nms_threshold=inference.pre_nms_threshold,
+        pre_nms_topk=inference.pre_nms_topk,
+        min_length=inference.min_length,
+    )
+
+
 class OneStageDetector(nn.Module):
     """A multi-scale one-stage temporal action detector (module docstring for the path).
 
@@ -262,22 +281,7 @@ class OneStageDetector(nn.Module):
 
     @torch.no_grad()
     def forward_inference(self, batch: Batch) -> list[Detections]:
-        out = self.dense(batch.features, batch.mask, zero_padded=True)
-        inf = self.config.inference
-        durations = batch.durations if batch.durations is not None else [None] * len(batch)
-        return decode(
-            out.points,
-            out.cls_logits,
-            out.reg_offsets,
-            out.valid,
-            batch.timings if batch.timings is not None else STEP_TIMING,
-            durations,
-            batch.video_ids,
-            inf.nms,
-            pre_nms_threshold=inf.pre_nms_threshold,
-            pre_nms_topk=inf.pre_nms_topk,
-            min_length=inf.min_length,
-        )
+        return decode_outputs(self.dense(batch.features, batch.mask, zero_padded=True), batch, self.config.inference)
 
     def detect(
         self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"
