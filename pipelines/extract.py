@@ -1,23 +1,34 @@
-"""Video archive -> feature store, sharded over Ray Data actors.
+"""Video archive -> feature store, sharded over a pool of Ray actors that write the store themselves.
 
-    list videos (driver) -> map_batches(VideoFeatureExtractor, one video per call, actor pool)
-                         -> rows stream back to the driver -> PartWriter (coalesced Parquet parts)
+    list videos (driver) -> ExtractionWorker actors (one task at a time each)
+        short video: decode -> backbone -> the actor's PartWriter -> Parquet part + part manifest
+        long video:  pieces of about ``split_seconds`` on any actors -> features stay in Ray's
+                     object store -> ``stitch`` on a free actor -> its PartWriter
+    the driver receives only small replies (video id, part written, pending ids, steps, failure)
 
-Ray appears only in ``extract`` (the driver) and as the actor pool that runs
-``VideoFeatureExtractor``; the per-video work (``features_for_video``) is plain Python that a
-notebook or a test can call directly. A video that fails is returned as a failure row with its
-reason (the job goes on); the driver records it in the store's manifest. Finished videos are
-skipped on a re-run, failed ones retried.
+Ray appears only in ``extract`` (the driver, ``_Scheduler``) and as the actor pool; the per-video
+work (``features_for_video``, ``features_for_range``) is plain Python that a notebook or a test
+can call directly. A video that fails is returned as a failure with its reason (the job goes on);
+the driver records it in the store's manifest. Finished videos are skipped on a re-run, failed
+ones retried. A worker that dies is replaced: its running task and the videos still buffered in
+its memory are done again (a video that kills it three times is recorded as ``crashed``). The
+driver can die too: every part a worker wrote is complete and listed (``pipelines.store``), so a
+re-run keeps it and extracts only the rest.
+
+Not Ray Data: its ``map_batches`` actors cannot be told to flush a buffer when the stream ends, and
+routing a long video's pieces to one stitching actor needs a keyed all-to-all stage that waits for
+the whole dataset; a dozen lines of scheduling over ``ray.wait`` do both (and retry precisely).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
+import math
 import os
+import pickle
 import time
-import warnings
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -26,8 +37,8 @@ import numpy as np
 
 from pipelines.backbones import Backbone, BackboneConfig, build_backbone
 from pipelines.ray_runtime import init_ray
-from pipelines.store import FeatureSequence, FeatureStore, PartWriter, Provenance, filesystem_for
-from pipelines.video import VideoDecodeError, iter_frames, sample_times
+from pipelines.store import PART_TARGET_BYTES, FeatureSequence, FeatureStore, PartWriter, Provenance, filesystem_for
+from pipelines.video import FrameChunk, VideoDecodeError, VideoInfo, iter_frames, sample_times
 from tal_models.timing import FeatureTiming
 
 # glibc settings for extraction workers (see tune_allocator): one arena, no mmap per large buffer, no trimming.
@@ -64,6 +75,15 @@ class ExtractConfig:
     gpus_per_worker: float = 0.0
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    split_seconds: float | None = 300.0  # a longer video is extracted in pieces of about this length on several workers
+    part_mb: float = PART_TARGET_BYTES / 2**20  # each worker coalesces finished videos into parts of about this size...
+    part_seconds: float = 120.0  # ...or writes what it has after this long (what a crash can cost)
+
+    def __post_init__(self) -> None:
+        if self.split_seconds is not None and not self.split_seconds > 0:
+            raise ValueError(f"split_seconds must be positive (or None: never split), got {self.split_seconds}")
+        if not (self.part_mb > 0 and self.part_seconds > 0):
+            raise ValueError(f"part_mb and part_seconds must be positive, got {self.part_mb} and {self.part_seconds}")
 
 
 @dataclass(frozen=True)
@@ -83,7 +103,11 @@ class ExtractSummary:
     steps: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0
-    parts: list[str] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)  # written by the workers in this run
+    split_videos: int = 0  # extracted in pieces (longer than split_seconds)
+    pieces: int = 0
+    worker_restarts: int = 0  # workers that died (and were replaced) during the run
+    driver_bytes_received: int = 0  # what the workers sent the driver (pickled replies): metadata only, never features
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +182,64 @@ def features_for_video(backbone: Backbone, uri: str, sampling: SamplingConfig, *
     Clip backbones: the clip's ``window`` frames, resampled to the model's clip length.
     Memory holds one chunk of frames (plus at most one window carried over), whatever the length.
     """
+    info, chunks = _open(backbone, uri, sampling, filesystem)
+    plan = VideoPlan.of(info, sampling)
+    features = features_for_steps(backbone, chunks, plan, 0, plan.num_steps, uri)
+    return plan.sequence(video_id or _stem(uri), features, uri)
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """A video's feature steps: what splitting it into step ranges (``features_for_steps`` on
+    different workers) and stitching them back needs. Small: it travels between processes."""
+
+    duration: float
+    num_frames: int
+    native_fps: float
+    timing: FeatureTiming
+    num_sampled: int  # sampled frames of the whole video
+    num_steps: int
+
+    @classmethod
+    def of(cls, info: VideoInfo, sampling: SamplingConfig) -> VideoPlan:
+        fps = sampling.fps or info.native_fps
+        timing = FeatureTiming(fps, sampling.stride, sampling.window)
+        n_sampled = len(sample_times(info.duration, fps))
+        return cls(info.duration, info.num_frames, info.native_fps, timing, n_sampled, timing.num_steps(n_sampled))
+
+    def sequence(self, video_id: str, features: np.ndarray, uri: str) -> FeatureSequence:
+        return FeatureSequence(
+            video_id=video_id,
+            features=features,
+            timing=self.timing,
+            timestamps=self.timing.centers(self.num_steps),
+            duration=self.duration,
+            num_frames=self.num_frames,
+            native_fps=self.native_fps,
+            source=uri,
+        )
+
+    def step_ranges(self, seconds: float) -> list[tuple[int, int]]:
+        """Consecutive ``[first, stop)`` step ranges of about ``seconds`` of video each, as even as whole steps allow."""
+        pieces = max(1, min(self.num_steps, math.ceil(self.duration / seconds)))
+        bounds = np.linspace(0, self.num_steps, pieces + 1).round().astype(int)
+        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def sampled_range(self, first: int, stop: int, flow: bool = False) -> tuple[int, int]:
+        """The sampled frames ``[start, end)`` that steps ``[first, stop)`` read: their clips' frames,
+        plus for a flow stream the frame its first frame's motion is measured from."""
+        if not 0 <= first < stop <= self.num_steps:
+            raise ValueError(f"step range [{first}, {stop}) is not within the video's {self.num_steps} steps")
+        start = int(_clip_frames(first, self.timing, self.num_sampled)[0])
+        end = int(_clip_frames(stop - 1, self.timing, self.num_sampled)[-1]) + 1
+        if flow and first > 0:
+            start = _previous_needed(start, self.timing, self.num_sampled)
+        return start, end
+
+
+def _open(backbone: Backbone, uri: str, sampling: SamplingConfig, filesystem, start_index: int = 0, stop_index: int | None = None):
+    """Open ``uri`` for decoding at ``sampling`` (at the backbone's input size): ``(VideoInfo, chunks)``,
+    the chunks holding sampled frames ``[start_index, stop_index)`` only."""
     info, chunks = iter_frames(
         uri,
         fps=sampling.fps,
@@ -166,24 +248,41 @@ def features_for_video(backbone: Backbone, uri: str, sampling: SamplingConfig, *
         filesystem=filesystem,
         num_threads=1,
     )
-    fps = sampling.fps or info.native_fps
-    timing = FeatureTiming(fps, sampling.stride, sampling.window)
-    n_sampled = len(sample_times(info.duration, fps))
-    num_steps = timing.num_steps(n_sampled)
+    return info, _within(chunks, start_index, stop_index)
+
+
+def _within(chunks: Iterator[FrameChunk], start: int, stop: int | None) -> Iterator[FrameChunk]:
+    """Only the sampled frames ``[start, stop)`` of ``chunks`` (no-op on chunks already within)."""
+    for chunk in chunks:
+        end = chunk.start + len(chunk)
+        if stop is not None and chunk.start >= stop:
+            return
+        if end <= start:
+            continue
+        a, b = max(start - chunk.start, 0), len(chunk) - max(end - (stop if stop is not None else end), 0)
+        yield chunk if (a, b) == (0, len(chunk)) else FrameChunk(chunk.start + a, chunk.frames[a:b], chunk.times[a:b])
+
+
+def features_for_range(
+    backbone: Backbone, uri: str, sampling: SamplingConfig, first: int, stop: int, *, plan: VideoPlan | None = None, filesystem=None
+) -> tuple[VideoPlan, np.ndarray]:
+    """Features of steps ``[first, stop)`` of ``uri`` only (decoding from near the first one's
+    frames): equal to the same rows of ``features_for_video``. What one piece of a split video is.
+    ``plan`` (the video's, from an earlier open) saves opening the video twice."""
+    if plan is None:
+        info, _ = _open(backbone, uri, sampling, filesystem, 0, 0)
+        plan = VideoPlan.of(info, sampling)
+    start, end = plan.sampled_range(first, stop, backbone.flow)
+    _, chunks = _open(backbone, uri, sampling, filesystem, start, end)
+    return plan, features_for_steps(backbone, chunks, plan, first, stop, uri)
+
+
+def features_for_steps(backbone: Backbone, chunks: Iterator[FrameChunk], plan: VideoPlan, first: int, stop: int, uri: str) -> np.ndarray:
+    """``[stop - first, C]`` features of steps ``[first, stop)`` from ``chunks`` (which must cover
+    ``plan.sampled_range(first, stop, backbone.flow)``; frames outside it are ignored)."""
     if backbone.kind == "frame":
-        features = _frame_backbone_steps(backbone, chunks, timing, num_steps, n_sampled, uri)
-    else:
-        features = _clip_backbone_steps(backbone, chunks, timing, num_steps, n_sampled, uri)
-    return FeatureSequence(
-        video_id=video_id or _stem(uri),
-        features=features,
-        timing=timing,
-        timestamps=timing.centers(num_steps),
-        duration=info.duration,
-        num_frames=info.num_frames,
-        native_fps=info.native_fps,
-        source=uri,
-    )
+        return _frame_backbone_steps(backbone, chunks, plan.timing, first, stop, plan.num_sampled, uri)
+    return _clip_backbone_steps(backbone, chunks, plan.timing, first, stop, plan.num_sampled, uri)
 
 
 class FeaturizerUnavailable(ValueError):
@@ -252,38 +351,59 @@ def _clip_frames(step: int, timing: FeatureTiming, n_sampled: int) -> np.ndarray
     return np.minimum(idx, n_sampled - 1)
 
 
-def _frame_backbone_steps(backbone: Backbone, chunks: Iterator, timing: FeatureTiming, num_steps: int, n_sampled: int, uri: str) -> np.ndarray:
-    out = np.zeros((num_steps, backbone.feature_dim), np.float32)
-    needed = np.zeros(n_sampled, bool)  # frames that some clip uses (stride > window skips some)
-    for s in range(num_steps):
-        needed[_clip_frames(s, timing, n_sampled)] = True
+def _needed(timing: FeatureTiming, n_sampled: int) -> np.ndarray:
+    """``[n_sampled]`` bool: the frames some clip uses (stride > window skips some)."""
+    needed = np.zeros(n_sampled, bool)
+    starts = np.arange(timing.num_steps(n_sampled)) * timing.stride
+    needed[np.minimum(starts[:, None] + np.arange(timing.window), n_sampled - 1).ravel()] = True
+    return needed
+
+
+def _previous_needed(index: int, timing: FeatureTiming, n_sampled: int) -> int:
+    """The last frame before ``index`` that some clip uses: where a flow stream measures ``index``'s motion from."""
+    before = np.flatnonzero(_needed(timing, n_sampled)[:index])
+    return int(before[-1]) if len(before) else index
+
+
+def _frame_backbone_steps(backbone: Backbone, chunks: Iterator, timing: FeatureTiming, first: int, stop: int, n_sampled: int, uri: str) -> np.ndarray:
+    out = np.zeros((stop - first, backbone.feature_dim), np.float32)
+    start = int(_clip_frames(first, timing, n_sampled)[0])
+    needed = _needed(timing, n_sampled)
+    needed[:start] = False
+    # a flow stream measures the first frame's motion from the last used frame before it, as an unsplit pass does
+    lead = _previous_needed(start, timing, n_sampled) if backbone.flow and first > 0 else None
     cache: dict[int, np.ndarray] = {}  # sampled index -> feature, only for clips not yet complete
-    step, previous = 0, None
+    step, previous = first, None
     for chunk in chunks:
         idx = chunk.start + np.arange(len(chunk.frames))
+        if lead is not None and (idx == lead).any():
+            previous = chunk.frames[int(np.flatnonzero(idx == lead)[0])]
         keep = needed[np.minimum(idx, n_sampled - 1)] & (idx < n_sampled)
         if keep.any():
             frames = chunk.frames[keep]
             feats = backbone.frame_features(frames, previous=previous) if backbone.flow else backbone.frame_features(frames)
             previous = frames[-1]
             cache.update(zip(idx[keep].tolist(), feats))
-        while step < num_steps and int(_clip_frames(step, timing, n_sampled)[-1]) in cache:
-            out[step] = np.mean([cache[i] for i in _clip_frames(step, timing, n_sampled).tolist()], axis=0)
+        while step < stop and int(_clip_frames(step, timing, n_sampled)[-1]) in cache:
+            out[step - first] = np.mean([cache[i] for i in _clip_frames(step, timing, n_sampled).tolist()], axis=0)
             step += 1
-            first_needed = step * timing.stride if step < num_steps else n_sampled
+            first_needed = step * timing.stride if step < stop else n_sampled
             for i in [i for i in cache if i < first_needed]:
                 del cache[i]
-    if step < num_steps:
-        raise VideoDecodeError("truncated", uri, f"decoded frames cover {step} of {num_steps} feature steps")
+        if step >= stop:
+            break
+    if step < stop:
+        raise VideoDecodeError("truncated", uri, f"decoded frames cover {step} of {stop} feature steps")
     return out
 
 
-def _clip_backbone_steps(backbone: Backbone, chunks: Iterator, timing: FeatureTiming, num_steps: int, n_sampled: int, uri: str) -> np.ndarray:
+def _clip_backbone_steps(backbone: Backbone, chunks: Iterator, timing: FeatureTiming, first: int, stop: int, n_sampled: int, uri: str) -> np.ndarray:
     length = backbone.clip_length or timing.window
     pick = np.linspace(0, timing.window - 1, length).round().astype(int)  # window frames -> clip length
-    out = np.zeros((num_steps, backbone.feature_dim), np.float32)
+    out = np.zeros((stop - first, backbone.feature_dim), np.float32)
+    start = int(_clip_frames(first, timing, n_sampled)[0])
     buffer: dict[int, np.ndarray] = {}
-    step, batch, batch_steps = 0, [], []
+    step, batch, batch_steps = first, [], []
 
     def run_batch() -> None:
         if batch:
@@ -293,20 +413,23 @@ def _clip_backbone_steps(backbone: Backbone, chunks: Iterator, timing: FeatureTi
 
     for chunk in chunks:
         for j, frame in enumerate(chunk.frames):
-            buffer[chunk.start + j] = frame
-        while step < num_steps and int(_clip_frames(step, timing, n_sampled)[-1]) in buffer:
+            if chunk.start + j >= start:
+                buffer[chunk.start + j] = frame
+        while step < stop and int(_clip_frames(step, timing, n_sampled)[-1]) in buffer:
             frames_idx = _clip_frames(step, timing, n_sampled)[pick]
             batch.append(np.stack([buffer[int(i)] for i in frames_idx]))
-            batch_steps.append(step)
+            batch_steps.append(step - first)
             step += 1
             if len(batch) >= backbone.batch_size:
                 run_batch()
-            first_needed = step * timing.stride if step < num_steps else n_sampled
+            first_needed = step * timing.stride if step < stop else n_sampled
             for i in [i for i in buffer if i < first_needed]:
                 del buffer[i]
+        if step >= stop:
+            break
     run_batch()
-    if step < num_steps:
-        raise VideoDecodeError("truncated", uri, f"decoded frames cover {step} of {num_steps} feature steps")
+    if step < stop:
+        raise VideoDecodeError("truncated", uri, f"decoded frames cover {step} of {stop} feature steps")
     return out
 
 
@@ -329,59 +452,87 @@ def tune_allocator() -> bool:
         return False
 
 
-def encode_sequence(seq: FeatureSequence) -> bytes:
-    """A sequence as ``.npz`` bytes (no pickle) for the trip from a Ray worker to the driver."""
-    buf = io.BytesIO()
-    meta = {k: getattr(seq, k) for k in ("video_id", "duration", "num_frames", "native_fps", "source")}
-    meta["timing"] = asdict(seq.timing)
-    np.savez(buf, features=seq.features, timestamps=seq.timestamps, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-    return buf.getvalue()
+class ExtractionWorker:
+    """One extraction actor (the driver makes it a Ray actor): loads the backbone once, then
+    featurizes videos and pieces of videos, and writes its own Parquet parts to the store.
 
-
-def decode_sequence(data: bytes) -> FeatureSequence:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        meta = json.loads(z["meta"].tobytes())
-        timing = FeatureTiming(**meta.pop("timing"))
-        return FeatureSequence(features=z["features"], timestamps=z["timestamps"], timing=timing, **meta)
-
-
-class VideoFeatureExtractor:
-    """Ray Data callable class: loads the backbone once per actor, then one video per call.
-
-    Returns one row per video: ``ok`` with the encoded sequence, or the failure's reason.
+    Finished videos are coalesced in a ``PartWriter`` (about ``part_bytes`` per part, or
+    ``part_seconds`` of waiting), so every call returns only small metadata: which videos it has
+    written (and in which part), which are still ``pending`` in its buffer, or why a video failed.
+    A split video's pieces return their features as a second object that the driver hands, unread,
+    to ``stitch`` on whichever actor is free; Ray moves it between the actors.
     """
 
-    def __init__(self, backbone: BackboneConfig, sampling: SamplingConfig, storage_options: dict[str, Any], num_threads: int, use_gpu: bool):
+    def __init__(self, config: ExtractConfig, provenance: dict[str, Any]):
         import torch
 
         tune_allocator()
-        torch.set_num_threads(max(1, num_threads))
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.storage_options = storage_options
-        self.backbone = build_backbone(backbone, device, filesystem=self._filesystem(backbone.weights or ""), num_threads=num_threads)
-        self.sampling = sampling
+        threads = max(1, int(config.cpus_per_worker))
+        torch.set_num_threads(threads)
+        device = "cuda" if config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        self.config = config
+        self.backbone = build_backbone(config.backbone, device, filesystem=self._filesystem(config.backbone.weights or ""), num_threads=threads)
+        store = FeatureStore(config.out, options=config.storage_options)
+        self.writer = PartWriter(store, Provenance.from_dict(provenance), target_bytes=int(config.part_mb * 2**20), max_wait_s=config.part_seconds)
 
     def _filesystem(self, uri: str):
-        return filesystem_for(uri, self.storage_options)[0] if uri.startswith("s3://") else None
+        return filesystem_for(uri, self.config.storage_options)[0] if uri.startswith("s3://") else None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows: dict[str, list] = {"video_id": [], "uri": [], "ok": [], "reason": [], "message": [], "payload": [], "frames": [], "seconds": []}
-        for vid, uri in zip(batch["video_id"].tolist(), batch["uri"].tolist()):
-            start = time.perf_counter()
-            ok, reason, message, payload, frames = True, "", "", b"", 0
-            try:
-                seq = features_for_video(self.backbone, uri, self.sampling, video_id=vid, filesystem=self._filesystem(uri))
-                payload = encode_sequence(seq)
-                frames = int(round(seq.duration * seq.timing.fps))
-            except VideoDecodeError as e:
-                ok, reason, message = False, e.reason, str(e)
-            except Exception as e:  # noqa: BLE001 - one broken video must not stop the job
-                ok, reason, message = False, "error", f"{type(e).__name__}: {e}"
-            for key, value in zip(rows, (vid, uri, ok, reason, message, payload, frames, time.perf_counter() - start)):
-                rows[key].append(value)
-        out = {k: np.array(v) for k, v in rows.items() if k != "payload"}
-        out["payload"] = np.array(rows["payload"], dtype=object)
-        return out
+    def _reply(self, video_id: str, written: tuple[str, list[str]] | None = None, **fields: Any) -> dict[str, Any]:
+        reply = {"video_id": video_id, "pid": os.getpid(), "pending": self.writer.pending_ids, "written": [written] if written else []}
+        reply.update(fields)
+        return reply
+
+    def video(self, video_id: str, uri: str) -> dict[str, Any]:
+        """Featurize a whole video, or (longer than ``split_seconds``) return its plan and step ranges instead."""
+        start = time.perf_counter()
+        try:
+            fs = self._filesystem(uri)
+            info, chunks = _open(self.backbone, uri, self.config.sampling, fs)
+            plan = VideoPlan.of(info, self.config.sampling)
+            split = self.config.split_seconds
+            if split and plan.duration > split and len(ranges := plan.step_ranges(split)) > 1:
+                return self._reply(video_id, status="split", plan=plan, ranges=ranges, seconds=time.perf_counter() - start)
+            features = features_for_steps(self.backbone, chunks, plan, 0, plan.num_steps, uri)
+            written = self.writer.add(plan.sequence(video_id, features, uri))
+            return self._reply(video_id, written, status="ok", frames=plan.num_sampled, steps=plan.num_steps, seconds=time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - one broken video must not stop the job
+            return self._reply(video_id, status="failed", **_failure(e), seconds=time.perf_counter() - start)
+
+    def piece(self, video_id: str, uri: str, plan: VideoPlan, first: int, stop: int) -> tuple[dict[str, Any], np.ndarray]:
+        """Steps ``[first, stop)`` of a split video: (metadata, features) as two objects (``num_returns=2``)."""
+        start = time.perf_counter()
+        try:
+            _, features = features_for_range(self.backbone, uri, self.config.sampling, first, stop, plan=plan, filesystem=self._filesystem(uri))
+        except Exception as e:  # noqa: BLE001 - fails its video, not the job
+            return self._reply(video_id, status="failed", **_failure(e), seconds=time.perf_counter() - start), np.zeros((0, 0), np.float32)
+        frames = int(np.ptp(plan.sampled_range(first, stop))) if stop > first else 0
+        return self._reply(video_id, status="ok", frames=frames, steps=stop - first, seconds=time.perf_counter() - start), features
+
+    def stitch(self, video_id: str, uri: str, plan: VideoPlan, *pieces: np.ndarray) -> dict[str, Any]:
+        """A split video's pieces (in order) -> one sequence, buffered for this actor's next part."""
+        try:
+            features = np.concatenate(pieces, axis=0)
+            if features.shape[0] != plan.num_steps:
+                raise ValueError(f"the pieces hold {features.shape[0]} steps, the video has {plan.num_steps}")
+            written = self.writer.add(plan.sequence(video_id, features, uri))
+            return self._reply(video_id, written, status="ok")
+        except Exception as e:  # noqa: BLE001
+            return self._reply(video_id, status="failed", **_failure(e))
+
+    def flush(self) -> dict[str, Any]:
+        """Write whatever is buffered (the end of the job)."""
+        return self._reply("", self.writer.flush(), status="flushed")
+
+    def ping(self) -> dict[str, Any]:
+        """Which process this is and what it holds (after an error, the driver asks whether it was replaced)."""
+        return self._reply("", status="alive")
+
+
+def _failure(e: Exception) -> dict[str, str]:
+    if isinstance(e, VideoDecodeError):
+        return {"reason": e.reason, "message": str(e)}
+    return {"reason": "error", "message": f"{type(e).__name__}: {e}"}
 
 
 # --- the driver ----------------------------------------------------------------------------
@@ -428,75 +579,209 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         return summary
 
     init_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours is per video; Ray's per operator would repeat it
-    items = [{"video_id": v.video_id, "uri": v.uri} for v in todo]
     workers = max(1, min(config.num_workers, len(todo)))
-    with warnings.catch_warnings():
-        # max_task_retries has no named parameter in Ray 2.60 (pinned); without it a video that
-        # kills its worker natively would be retried forever (the actor pool's default is -1).
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = _pipeline(ray, items, config, workers)
-    writer = PartWriter(store, provenance)
-    failures: list[dict[str, str]] = []
-    first_row_at = None
+    actor_class = ray.remote(ExtractionWorker).options(
+        num_cpus=config.cpus_per_worker,
+        num_gpus=config.gpus_per_worker or None,
+        max_restarts=-1,  # a worker that dies is replaced; a video that kills it is retried at most MAX_ATTEMPTS times
+        max_task_retries=0,  # the driver retries (it knows what the dead actor held)
+        # glibc settings from process start (see tune_allocator): Ray calls actors from threads whose arenas ignore mallopt
+        runtime_env={"env_vars": ALLOCATOR_ENV},
+    )
+    actors = [actor_class.remote(config, provenance.to_dict()) for _ in range(workers)]
     bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not config.progress)
+    scheduler = _Scheduler(ray, actors, todo, summary, bar, t0)
     try:
-        # iter_rows() prefetches one block, which holds every finished video back until the next one
-        # finishes; unbatched iteration without prefetch hands each over as it completes.
-        for row in _rows(ds):
-            if first_row_at is None:
-                first_row_at = time.perf_counter()
-                summary.startup_seconds = first_row_at - t0 - float(row["seconds"])
-            if row["ok"]:
-                seq = decode_sequence(row["payload"])
-                writer.add(seq)
-                summary.extracted += 1
-                summary.frames += int(row["frames"])
-                summary.steps += seq.features.shape[0]
-            else:
-                failure = {"video_id": row["video_id"], "source": row["uri"], "reason": row["reason"], "message": row["message"]}
-                failures.append(failure)
-                summary.failed[row["video_id"]] = {k: failure[k] for k in ("reason", "message", "source")}
-            bar.update(1)
-            bar.set_postfix(failed=len(failures))
+        scheduler.run()
     finally:
         bar.close()
-        writer.flush()  # whatever finished is kept, even when the job is interrupted
-        store.record_failures(failures)
-        summary.parts = writer.parts
+        for actor in actors:
+            ray.kill(actor)
+        store.record_failures(list(scheduler.failures.values()))
         summary.seconds = time.perf_counter() - t0
         final = store.status()
         store.write_summary({"done": sorted(final.done), "failed": final.failed, "provenance": provenance.to_dict(), "last_run": summary.to_dict()})
     return summary
 
 
-def _rows(ds) -> Iterator[dict[str, Any]]:
-    for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):
-        for i in range(len(batch["video_id"])):
-            yield {k: v[i].item() if isinstance(v[i], np.generic) else v[i] for k, v in batch.items()}
+MAX_ATTEMPTS = 3  # tries per video (or piece) when its worker dies under it
+PING_TIMEOUT_S = 300.0  # how long a replaced worker may take to start (it loads the backbone)
 
 
-def _pipeline(ray, items: list[dict[str, str]], config: ExtractConfig, workers: int):
-    """The Ray Data plan: one row per video -> an actor pool of ``VideoFeatureExtractor``."""
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        VideoFeatureExtractor,
-        fn_constructor_kwargs={
-            "backbone": config.backbone,
-            "sampling": config.sampling,
-            "storage_options": config.storage_options,
-            "num_threads": max(1, int(config.cpus_per_worker)),
-            "use_gpu": config.gpus_per_worker > 0,
-        },
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),  # no video waits behind another
-        num_cpus=config.cpus_per_worker,
-        num_gpus=config.gpus_per_worker or None,
-        max_task_retries=2,  # a worker that dies is restarted and its video retried, twice at most
-        # Ray Data calls the UDF from a thread of its own, whose glibc arena ignores tune_allocator()
-        # (measured: half speed, kernel time ~ user time); these variables act from process start.
-        runtime_env={"env_vars": ALLOCATOR_ENV},
-    )
+@dataclass
+class _Task:
+    method: str  # an ExtractionWorker method: video, piece, stitch, flush
+    video: VideoRef | None
+    args: tuple = ()
+    attempt: int = 1
+
+
+class _Scheduler:
+    """The driver's loop: hands tasks to free actors (one at a time each: no video waits behind
+    another), reads back only their small replies, splits long videos into pieces, sends the
+    pieces' features (as object refs, never fetched here) to be stitched, flushes every actor at
+    the end, and re-queues what a dead actor held (its running task and its unwritten videos)."""
+
+    def __init__(self, ray, actors: list, todo: list[VideoRef], summary: ExtractSummary, bar, t0: float):
+        self.ray, self.summary, self.bar, self.t0 = ray, summary, bar, t0
+        self.actors = list(actors)
+        self.queue: deque[_Task] = deque(_video_task(v) for v in todo)
+        self.refs = {v.video_id: v for v in todo}
+        self.idle = list(range(len(actors)))
+        self.running: dict[Any, tuple[int, _Task]] = {}  # reply ref -> (actor, task)
+        self.pending: dict[int, set[str]] = {i: set() for i in range(len(actors))}  # buffered, not yet written
+        self.pids: dict[int, int] = {}  # the process each actor last replied from
+        self.pieces: dict[str, dict] = {}  # video_id -> {"plan", "refs": [ref | None], "left": n}
+        self.failures: dict[str, dict[str, str]] = {}
+        self.flushed: set[int] = set()
+        for i, reply in enumerate(ray.get([a.ping.remote() for a in self.actors])):  # waits for every backbone to load
+            self.pids[i] = reply["pid"]
+        self.counted: dict[str, tuple[int, int]] = {}  # video_id -> (frames, steps) added to the summary
+
+    def run(self) -> None:
+        while True:
+            self._dispatch()
+            if not self.running:
+                if self.queue:
+                    continue
+                unflushed = [i for i in self.idle if i not in self.flushed]
+                if not unflushed:
+                    return
+                self.queue.extend(_Task("flush", None, (i,)) for i in unflushed)
+                self.flushed.update(unflushed)
+                continue
+            [ready], _ = self.ray.wait(list(self.running), num_returns=1)
+            actor, task = self.running.pop(ready)
+            try:
+                reply = self.ray.get(ready)
+            except self.ray.exceptions.RayActorError as e:
+                self._worker_died(actor, task, e)
+            except self.ray.exceptions.RayError as e:  # e.g. a stitch whose piece was lost with its node
+                self._retry(task, e)
+            else:
+                self.summary.driver_bytes_received += len(pickle.dumps(reply, protocol=5))
+                self._handle(actor, task, reply)
+            self.idle.append(actor)
+
+    def _dispatch(self) -> None:
+        while self.queue and self.idle:
+            task = self.queue.popleft()
+            if task.method == "flush":
+                actor = task.args[0]
+                if actor not in self.idle:
+                    self.queue.append(task)
+                    return
+                self.idle.remove(actor)
+                ref = self.actors[actor].flush.remote()
+            else:
+                if task.video and task.video.video_id in self.failures:
+                    continue  # another piece failed it
+                actor = self.idle.pop(0)
+                self.flushed.discard(actor)
+                method = getattr(self.actors[actor], task.method)
+                if task.method == "piece":
+                    ref, features = method.options(num_returns=2).remote(*task.args)
+                    self.pieces[task.video.video_id]["running"][task.args[3]] = features
+                else:
+                    ref = method.remote(*task.args)
+            self.running[ref] = (actor, task)
+
+    def _handle(self, actor: int, task: _Task, reply: dict[str, Any]) -> None:
+        s = self.summary
+        if self.summary.startup_seconds == 0.0 and "seconds" in reply:
+            s.startup_seconds = time.perf_counter() - self.t0 - float(reply["seconds"])
+        self.pending[actor] = set(reply["pending"])
+        self.pids[actor] = reply["pid"]
+        for part, ids in reply["written"]:
+            s.parts.append(part)
+            s.extracted += len(ids)
+        vid = reply["video_id"]
+        if vid in self.failures:
+            return  # a late piece of a video that has failed
+        if reply["status"] == "failed":
+            self._fail(vid, reply["reason"], reply["message"])
+        elif reply["status"] == "split":
+            ranges = reply["ranges"]
+            self.pieces[vid] = {"plan": reply["plan"], "running": {}, "done": {}, "count": len(ranges)}
+            s.split_videos += 1
+            s.pieces += len(ranges)
+            v = task.video
+            self.queue.extendleft(reversed([_Task("piece", v, (v.video_id, v.uri, reply["plan"], a, b)) for a, b in ranges]))
+        elif task.method == "piece":
+            job = self.pieces[vid]
+            job["done"][task.args[3]] = job["running"].pop(task.args[3])
+            job["frames"] = job.get("frames", 0) + reply["frames"]
+            if len(job["done"]) == job["count"]:
+                del self.pieces[vid]
+                refs = [job["done"][a] for a in sorted(job["done"])]
+                self.queue.appendleft(_Task("stitch", task.video, (vid, task.video.uri, job["plan"], *refs)))
+                self.counted[vid] = (job["frames"], job["plan"].num_steps)
+        elif task.method in ("video", "stitch"):
+            if task.method == "video":
+                self.counted[vid] = (reply["frames"], reply["steps"])
+            s.frames += self.counted[vid][0]
+            s.steps += self.counted[vid][1]
+            self.bar.update(1)
+            self.bar.set_postfix(failed=len(self.failures))
+
+    def _fail(self, video_id: str, reason: str, message: str) -> None:
+        if video_id in self.failures:
+            return
+        ref = self.refs[video_id]
+        self.failures[video_id] = {"video_id": video_id, "source": ref.uri, "reason": reason, "message": message}
+        self.summary.failed[video_id] = {"reason": reason, "message": message, "source": ref.uri}
+        self.pieces.pop(video_id, None)
+        self.bar.update(1)
+        self.bar.set_postfix(failed=len(self.failures))
+
+    def _worker_died(self, actor: int, task: _Task, error: Exception) -> None:
+        """Ray restarts the actor (``max_restarts=-1``); what it held is done again. Ray cannot say whether
+        an unavailable actor lost its process, so the driver asks it: a new process lost the old one's buffer."""
+        now = self._ping(actor)
+        replaced = now["pid"] != self.pids.get(actor)
+        lost = self.pending[actor] if replaced else set()
+        self.pending[actor], self.pids[actor] = set(now["pending"]), now["pid"]
+        if replaced:
+            self.summary.worker_restarts += 1
+            self.flushed.discard(actor)
+        for vid in sorted(lost):  # buffered in the dead process, not in any part: back on the queue, off the bar and the counts
+            frames, steps = self.counted.pop(vid, (0, 0))
+            self.summary.frames -= frames
+            self.summary.steps -= steps
+            self.bar.update(-1)
+            self.queue.appendleft(_video_task(self.refs[vid]))
+        if task.method == "flush" or (not replaced and task.video.video_id in self.pending[actor]):
+            return  # nothing ran, or it ran and the video waits in the live actor's buffer
+        self._retry(task, error)
+
+    def _ping(self, actor: int) -> dict[str, Any]:
+        """The actor's process and buffer, once it answers again (Ray refuses calls while it restarts)."""
+        deadline = time.monotonic() + PING_TIMEOUT_S
+        while True:
+            try:
+                return self.ray.get(self.actors[actor].ping.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+            except self.ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            except self.ray.exceptions.RayError:
+                break
+        return {"pid": None, "pending": []}
+
+    def _retry(self, task: _Task, error: Exception) -> None:
+        vid = task.video.video_id
+        if task.attempt >= MAX_ATTEMPTS:
+            self._fail(vid, "crashed", f"failed {MAX_ATTEMPTS} times on this video, the last with {type(error).__name__}: {str(error)[:300]}")
+        elif task.method == "stitch":  # the pieces may have died with it: do the video again
+            self.queue.appendleft(_video_task(task.video, task.attempt + 1))
+        else:
+            if task.method == "piece":
+                self.pieces[vid]["running"].pop(task.args[3], None)
+            self.queue.appendleft(replace(task, attempt=task.attempt + 1))
+
+
+def _video_task(video: VideoRef, attempt: int = 1) -> _Task:
+    return _Task("video", video, (video.video_id, video.uri), attempt)
 
 
 def _weights_fs(config: ExtractConfig):

@@ -378,7 +378,10 @@ def from_table(table: pa.Table) -> Iterator[FeatureSequence]:
 
 class PartWriter:
     """Buffers finished sequences and writes a part when about ``target_bytes`` are pending or
-    the oldest pending sequence has waited ``max_wait_s`` (bounding the work a crash can cost)."""
+    the oldest pending sequence has waited ``max_wait_s`` (bounding the work a crash can cost).
+
+    ``add`` and ``flush`` return the ``(part, video_ids)`` they wrote, or None: an extraction actor
+    tells its driver which of its videos are safely stored and which are still ``pending_ids``."""
 
     def __init__(self, store: FeatureStore, provenance: Provenance, target_bytes: int = PART_TARGET_BYTES, max_wait_s: float = 120.0):
         self.store, self.provenance = store, provenance
@@ -388,15 +391,24 @@ class PartWriter:
         self.pending_since = 0.0
         self.parts: list[str] = []
 
-    def add(self, sequence: FeatureSequence) -> None:
+    @property
+    def pending_ids(self) -> list[str]:
+        return [s.video_id for s in self.pending]
+
+    def add(self, sequence: FeatureSequence) -> tuple[str, list[str]] | None:
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append(sequence)
         self.pending_bytes += sequence.features.nbytes
         if self.pending_bytes >= self.target_bytes or time.monotonic() - self.pending_since >= self.max_wait_s:
-            self.flush()
+            return self.flush()
+        return None
 
-    def flush(self) -> None:
-        if self.pending:
-            self.parts.append(self.store.write_part(self.pending, self.provenance))
-            self.pending, self.pending_bytes = [], 0
+    def flush(self) -> tuple[str, list[str]] | None:
+        if not self.pending:
+            return None
+        part = self.store.write_part(self.pending, self.provenance)
+        written = (part, self.pending_ids)
+        self.parts.append(part)
+        self.pending, self.pending_bytes = [], 0
+        return written

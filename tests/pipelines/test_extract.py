@@ -134,7 +134,7 @@ def test_list_videos_rejects_duplicate_ids_and_missing(tmp_path):
 
 
 def _worker_pids() -> list[int]:
-    """PIDs of live Ray actor processes running our extractor (Ray titles them ``ray::MapWorker(...)``)."""
+    """PIDs of live Ray actor processes running our extractor (Ray titles them ``ray::ExtractionWorker...``)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -142,7 +142,7 @@ def _worker_pids() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 continue
-            if b"VideoFeatureExtractor" in cmdline and b"MapWorker" in cmdline:
+            if cmdline.startswith(b"ray::ExtractionWorker"):
                 pids.append(int(entry.name))
     return pids
 
