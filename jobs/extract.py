@@ -40,6 +40,8 @@ _FLAG_KEYS = {
     "num_workers": (None, "num_workers"),
     "cpus_per_worker": (None, "cpus_per_worker"),
     "num_gpus": (None, "gpus_per_worker"),
+    "split_seconds": (None, "split_seconds"),
+    "part_mb": (None, "part_mb"),
 }
 _SECTIONS = ("backbone", "sampling")
 
@@ -56,6 +58,8 @@ class ExtractSettings:
     num_workers: int | None = None  # extraction actors; None: one per core of the machine running the job
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    split_seconds: float | None = 300.0  # a longer video is extracted in pieces of about this length on several actors; null: never
+    part_mb: float = 64.0  # each actor writes Parquet parts of about this size (or what it has after 2 minutes)
 
     def __post_init__(self) -> None:
         whole = isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
@@ -65,6 +69,10 @@ class ExtractSettings:
             raise ValueError(f"cpus_per_worker must be a positive number of CPUs; got {self.cpus_per_worker!r}")
         if isinstance(self.gpus_per_worker, bool) or not isinstance(self.gpus_per_worker, int | float) or not self.gpus_per_worker >= 0:
             raise ValueError(f"gpus_per_worker must be a number of GPUs >= 0 (e.g. 1, or 0.5 to share one); got {self.gpus_per_worker!r}")
+        if self.split_seconds is not None and (isinstance(self.split_seconds, bool) or not isinstance(self.split_seconds, int | float) or not self.split_seconds > 0):
+            raise ValueError(f"split_seconds must be a positive number of seconds (or null: never split); got {self.split_seconds!r}")
+        if isinstance(self.part_mb, bool) or not isinstance(self.part_mb, int | float) or not self.part_mb > 0:
+            raise ValueError(f"part_mb must be a positive number of megabytes; got {self.part_mb!r}")
 
 
 def settings_from_dict(data: Mapping[str, Any], where: str = "") -> ExtractSettings:
@@ -162,6 +170,8 @@ def run_extract(request: ExtractRequest) -> ExtractSummary:
         gpus_per_worker=settings.gpus_per_worker,
         storage_options=request.storage_options,
         progress=request.progress,
+        split_seconds=settings.split_seconds,
+        part_mb=settings.part_mb,
     )
     try:
         return extract(config)

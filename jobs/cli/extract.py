@@ -17,9 +17,9 @@ DEFAULT_SAMPLING = {"fps": 15.0, "window": 4, "stride": 4}
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extract",
-        help="decode videos and write one feature sequence per video to a Parquet store (Ray Data)",
+        help="decode videos and write one feature sequence per video to a Parquet store (Ray actors)",
         description=(
-            "Videos -> features, sharded over Ray actors. Re-running skips finished videos and retries failed ones. "
+            "Videos -> features, sharded over Ray actors that write the store themselves; long videos are split across actors. Re-running skips finished videos and retries failed ones. "
             "Settings, later ones winning: built-in defaults < --config YAML < flags given on the command line < --set. "
             "--print-config writes the effective settings as YAML, a start for a --config file."
         ),
@@ -39,6 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, help="extraction actors (default: one per core)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per actor (default 1)")
     p.add_argument("--num-gpus", "--gpus-per-worker", dest="num_gpus", type=float, help="GPUs per actor (1, or 0.5 to share; default 0)")
+    p.add_argument(
+        "--split-seconds",
+        type=float,
+        help="extract a video longer than this in pieces of about this length on several actors, stitched into one sequence (default 300)",
+    )
+    p.add_argument("--part-mb", type=float, help="each actor writes Parquet parts of about this size (default 64)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--batch-size", type=int, help="frames or clips per forward pass (default 64)")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
