@@ -27,8 +27,17 @@ from jobs.export import RUNTIMES, ExportError, build_for_runtime
 from jobs.inference import load_runtime_model
 from pipelines.annotations import write_activitynet_results
 from pipelines.atomic import write_json_atomic
-from pipelines.extract import VIDEO_EXTENSIONS, FeaturizerUnavailable, build_featurizer, features_for_video, list_videos
-from pipelines.store import filesystem_for
+from pipelines.backbones import Backbone
+from pipelines.extract import (
+    VIDEO_EXTENSIONS,
+    FeaturizerUnavailable,
+    SamplingConfig,
+    VideoRef,
+    build_featurizer,
+    features_for_video,
+    list_videos,
+)
+from pipelines.store import FeatureSequence, filesystem_for
 from pipelines.video import VideoDecodeError
 from pipelines.weights import WeightsNotFoundError
 from tal_models.structures import Detections
@@ -87,6 +96,10 @@ class DetectReport:
     outputs: dict[str, Path] = field(default_factory=dict)
 
     @property
+    def videos_per_second(self) -> float:
+        return len(self.videos) / max(self.seconds, 1e-9)
+
+    @property
     def exit_code(self) -> int:
         if not self.videos:
             return EXIT_NOTHING_USABLE
@@ -121,26 +134,41 @@ def run(request: DetectRequest) -> DetectReport:
     started = time.perf_counter()
     with tqdm(videos, unit="video", desc="detect", disable=not request.progress) as bar:
         for ref in bar:
-            fs = filesystem_for(ref.uri, request.storage_options)[0] if ref.uri.startswith("s3://") else None
-            try:
-                seq = features_for_video(backbone, ref.uri, sampling, video_id=ref.video_id, filesystem=fs)
-                if seq.features.shape[0] == 0:
-                    report.failed.append(VideoFailure(ref.video_id, ref.uri, "too_short", f"{seq.duration:.3f} s give no feature step"))
-                    continue
-                found = model.detect(seq.features, seq.timing, seq.duration, ref.video_id).to_numpy()
-            except VideoDecodeError as e:
-                report.failed.append(VideoFailure(ref.video_id, ref.uri, e.reason, e.detail))
-                continue
-            except Exception as e:  # noqa: BLE001 - one broken video must not stop the others
-                report.failed.append(VideoFailure(ref.video_id, ref.uri, "error", f"{type(e).__name__}: {e}"))
-                continue
-            finally:
-                bar.set_postfix(failed=len(report.failed))
-            kept = keep_detections(found, request.score_threshold, request.top_k)
-            report.videos.append(VideoResult(ref.video_id, ref.uri, float(seq.duration), kept, len(found)))
+            outcome, _ = detect_video(backbone, sampling, model, ref, request.score_threshold, request.top_k, request.storage_options)
+            (report.failed if isinstance(outcome, VideoFailure) else report.videos).append(outcome)
+            bar.set_postfix(failed=len(report.failed))
     report.seconds = time.perf_counter() - started
     _write_outputs(report, request, checkpoint.label_map)
     return report
+
+
+def detect_video(
+    backbone: Backbone,
+    sampling: SamplingConfig,
+    model,
+    ref: VideoRef,
+    score_threshold: float,
+    top_k: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[VideoResult | VideoFailure, FeatureSequence | None]:
+    """One video: decode + featurize -> detect -> keep. The result, or the failure with its reason;
+    and the video's features when it had any (``tal detect --workers --features-out`` stores them).
+
+    Never raises for a video: one broken video must not stop the others (``run``, the Ray actors of
+    ``jobs.batch_detect``).
+    """
+    fs = filesystem_for(ref.uri, storage_options)[0] if ref.uri.startswith("s3://") else None
+    try:
+        seq = features_for_video(backbone, ref.uri, sampling, video_id=ref.video_id, filesystem=fs)
+        if seq.features.shape[0] == 0:
+            return VideoFailure(ref.video_id, ref.uri, "too_short", f"{seq.duration:.3f} s give no feature step"), None
+        found = model.detect(seq.features, seq.timing, seq.duration, ref.video_id).to_numpy()
+    except VideoDecodeError as e:
+        return VideoFailure(ref.video_id, ref.uri, e.reason, e.detail), None
+    except Exception as e:  # noqa: BLE001 - one broken video must not stop the others
+        return VideoFailure(ref.video_id, ref.uri, "error", f"{type(e).__name__}: {e}"), None
+    kept = keep_detections(found, score_threshold, top_k)
+    return VideoResult(ref.video_id, ref.uri, float(seq.duration), kept, len(found)), seq
 
 
 def keep_detections(detections: Detections, score_threshold: float, top_k: int | None = None) -> Detections:
@@ -237,7 +265,7 @@ def _write_outputs(report: DetectReport, request: DetectRequest, label_map) -> N
 
 
 def format_report(report: DetectReport, request: DetectRequest) -> str:
-    rate = len(report.videos) / max(report.seconds, 1e-9)
+    rate = report.videos_per_second
     kept = f"score >= {request.score_threshold:g}" + (f", top {request.top_k} per video" if request.top_k else "")
     lines = [
         f"model       {request.model}"

@@ -1,4 +1,5 @@
-"""``tal detect``: run a checkpoint on video files in this process (``jobs.detect``).
+"""``tal detect``: run a checkpoint on video files in this process (``jobs.detect``), or with ``--workers N``
+as a resumable Ray Data pipeline over an archive (``jobs.batch_detect``).
 
 Exit codes: 0 every video detected; 3 some videos failed (each in failed.json), the others written;
 2 nothing usable (no videos, a model that cannot run on videos, not one video processed).
@@ -10,9 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from jobs.errors import UsageError
+
 # jobs.detect's, for the defaults and the help (not imported: the parser stays light; a test keeps them equal)
 DEFAULT_SCORE_THRESHOLD = 0.1
 DEFAULT_TIMELINE_VIDEOS = 20
+# jobs.batch_detect's
+DEFAULT_SHARD_VIDEOS = 100
+DEFAULT_SHARD_SECONDS = 60.0
+# flags of the Ray pipeline only: (flag, attribute)
+RAY_ONLY = (("--cpus-per-worker", "cpus_per_worker"), ("--videos-per-call", "videos_per_call"), ("--shard-videos", "shard_videos"),
+            ("--shard-seconds", "shard_seconds"), ("--features-out", "features_out"))  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Featurize each video exactly as the checkpoint's training features were extracted (same backbone, "
             "weights sha256, sampling), detect, and write OUTPUT/results.json (ActivityNet results format, labels "
             "are the checkpoint's class names), OUTPUT/timelines/<video>.png and OUTPUT/failed.json (videos that "
-            "could not be decoded, with the reason). No Ray cluster and no server: everything runs here, one video "
-            "at a time. A broken video is reported and the others go on."
+            "could not be decoded, with the reason). Without --workers: no Ray cluster and no server, everything runs "
+            "here, one video at a time. With --workers N: one Ray Data pipeline (the local Ray, or the cluster of "
+            "RAY_ADDRESS) in which N actors each load the backbone and the detector once and process one video per "
+            "call; OUTPUT (local or s3://) gets results-<n>.json shards as videos finish and a manifest of them "
+            "(_manifest/), so that a re-run with the same OUTPUT skips finished videos and retries failed ones. "
+            "A broken video is reported and the others go on."
         ),
         epilog="exit codes: 0 all videos detected; 3 some videos failed (see failed.json), the others written; "
         "2 nothing usable (no videos found, a model that cannot run on videos, not one video processed).",
@@ -43,10 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--output",
-        type=Path,
-        default=Path("out/detect"),
+        default="out/detect",
         metavar="DIR",
-        help="where results.json, failed.json and timelines/ go (default out/detect)",
+        help="where results.json, failed.json and timelines/ go (default out/detect); with --workers also an s3:// prefix, "
+        "and the shards and their manifest go there too",
     )
     p.add_argument(
         "--score-threshold",
@@ -83,17 +96,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "with onnx, --model may also be a .onnx file of tal export (a checkpoint is exported on the fly)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("on Ray (with --workers)")
+    ray.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run as a Ray Data pipeline with N actors, each with its own backbone and detector (default: in this process); "
+        "--device is then cpu or cuda (one GPU per actor; default cuda when the cluster has GPUs)",
+    )
+    ray.add_argument("--cpus-per-worker", type=float, metavar="C", help="Ray CPUs per actor, and its torch threads (default 1)")
+    ray.add_argument("--videos-per-call", type=int, metavar="B", help="videos per actor call and per --features-out part (default 1)")
+    ray.add_argument(
+        "--shard-videos",
+        type=int,
+        metavar="K",
+        help=f"write a results-<n>.json shard every K finished videos (default {DEFAULT_SHARD_VIDEOS}) ...",
+    )
+    ray.add_argument(
+        "--shard-seconds",
+        type=float,
+        metavar="T",
+        help=f"... or when the oldest unwritten video has waited T seconds (default {DEFAULT_SHARD_SECONDS:g}): "
+        "what a killed job can lose",
+    )
+    ray.add_argument(
+        "--features-out",
+        metavar="STORE",
+        help="also keep the videos' features in this feature store (local or s3://; the checkpoint's backbone and "
+        "sampling), written by the actors",
+    )
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
-    from jobs.detect import DetectRequest, format_report, run
     from pipelines.store import storage_options
 
-    request = DetectRequest(
+    common = dict(
         videos=args.videos,
         model=args.model,
-        output=args.output,
         score_threshold=args.score_threshold,
         top_k=args.top_k,
         device=args.device,
@@ -103,8 +143,24 @@ def handle(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         runtime=args.runtime,
     )
-    report = run(request)
-    print(format_report(report, request))
+    if args.workers is None:
+        given = [flag for flag, attribute in RAY_ONLY if getattr(args, attribute) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --workers N (the Ray pipeline)")
+        if "://" in args.output:
+            raise UsageError(f"--output {args.output}: in this process the output is a local folder; an s3:// output needs --workers N")
+        from jobs.detect import DetectRequest, format_report, run
+
+        request = DetectRequest(output=Path(args.output), **common)
+        report = run(request)
+        print(format_report(report, request))
+    else:
+        from jobs.batch_detect import BatchDetectRequest, format_batch_report, run
+
+        ray_flags = {attribute: getattr(args, attribute) for _, attribute in RAY_ONLY if getattr(args, attribute) is not None}
+        request = BatchDetectRequest(output=args.output, workers=args.workers, **ray_flags, **common)
+        report = run(request)
+        print(format_batch_report(report, request))
     if not report.videos:
         print(
             f"tal detect: error: none of the {len(report.failed)} videos could be processed (reasons in {report.outputs['failed']})",

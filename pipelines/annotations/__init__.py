@@ -25,6 +25,7 @@ from tal_models.structures import AnnotationSet
 
 from .activitynet import (
     PredictionSet,
+    activitynet_results,
     parse_activitynet,
     read_activitynet,
     read_activitynet_results,
@@ -47,6 +48,7 @@ __all__ = [
     "MULTITHUMOS_NUM_CLASSES",
     "AnnotationFormatError",
     "PredictionSet",
+    "activitynet_results",
     "detect_format",
     "parse_timestamp",
     "read_activitynet",

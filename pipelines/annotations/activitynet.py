@@ -190,6 +190,16 @@ def write_activitynet_results(
     ``label_map`` is a ``ValueError`` (``UnknownLabelError`` for the label) before anything is
     written. ``external_data`` defaults to ``{"used": False, "details": ""}``.
     """
+    write_json_atomic(path, activitynet_results(detections, label_map, version, external_data))
+
+
+def activitynet_results(
+    detections: Iterable[Detections],
+    label_map: LabelMap,
+    version: str = "VERSION 1.3",
+    external_data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON object ``write_activitynet_results`` writes (for a writer of its own, e.g. to S3); same checks."""
     name_of = {cid: name for name, cid in label_map.to_dict().items()}
     results: dict[str, list[dict[str, Any]]] = {}
     for det in detections:
@@ -212,7 +222,7 @@ def write_activitynet_results(
             for n, s, seg in zip(names, det.scores.tolist(), segments.tolist())
         ]
     extra = dict(external_data) if external_data is not None else {"used": False, "details": ""}
-    write_json_atomic(path, {"version": version, "results": results, "external_data": extra})
+    return {"version": version, "results": results, "external_data": extra}
 
 
 # --- video-level classification ----------------------------------------------------------------

@@ -37,8 +37,8 @@ needs_crds = pytest.mark.skipif(
     not CRDS.exists(), reason=f"KubeRay CRDs not found at {CRDS} (the shared data folder beside the repository)"
 )
 
-KUBERAY = ("raycluster.yaml", "rayjob-extract.yaml", "rayjob-train.yaml", "rayservice.yaml")
-RAYJOBS = ("rayjob-extract.yaml", "rayjob-train.yaml")
+KUBERAY = ("raycluster.yaml", "rayjob-extract.yaml", "rayjob-train.yaml", "rayjob-detect.yaml", "rayservice.yaml")
+RAYJOBS = ("rayjob-extract.yaml", "rayjob-train.yaml", "rayjob-detect.yaml")
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 GPU = "nvidia.com/gpu"
 # What every Ray container gets: the tracking server of infra/mlflow/mlflow.yaml, and S3 keys from this Secret.
@@ -447,6 +447,22 @@ def test_extract_job_fits_its_cluster_and_writes_to_s3():
     args = _parse_entrypoint(doc["spec"]["entrypoint"])
     assert args.videos.startswith("s3://") and args.out.startswith("s3://")
     assert args.num_workers * args.num_gpus <= _gpu_capacity(_cluster(doc)), "more GPU actors than the cluster has GPUs"
+
+
+def test_detect_job_fits_its_cluster_and_reads_and_writes_s3():
+    doc = _manifest("rayjob-detect.yaml")
+    args = _parse_entrypoint(doc["spec"]["entrypoint"])
+    assert args.workers is not None, "without --workers tal detect runs in the driver, on the head"
+    assert args.videos.startswith("s3://") and args.output.startswith("s3://") and args.features_out.startswith("s3://"), (
+        "actors on other pods read the videos; a retried job must find its shards"
+    )
+    cluster = _cluster(doc)
+    gpu_groups = [g for g in cluster["workerGroupSpecs"] if _gpus_per_pod(g) > 0]
+    assert args.device == "cuda" and args.workers <= _gpu_capacity(cluster), "one GPU per actor: more actors than GPUs"
+    for group in gpu_groups:
+        (container,) = group["template"]["spec"]["containers"]
+        assert args.cpus_per_worker <= float(container["resources"]["limits"]["cpu"]) / _gpus_per_pod(group), "an actor's CPUs exceed its pod's share"
+    assert args.model.startswith("models:/"), "the registry's champion, resolved through MLFLOW_TRACKING_URI"
 
 
 def test_train_job_fits_its_cluster_and_its_preset_takes_the_overrides():

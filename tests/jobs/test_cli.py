@@ -62,7 +62,7 @@ def test_help_imports_neither_torch_nor_ray():
 
 def test_defaults_written_into_the_help_are_the_jobs():
     """The parsers repeat a few job constants (importing the job modules would load torch); they must agree."""
-    from jobs import detect, evaluate, export
+    from jobs import batch_detect, detect, evaluate, export
     from jobs.cli import detect as detect_cli
     from jobs.cli import evaluate as evaluate_cli
     from jobs.cli import export as export_cli
@@ -74,6 +74,10 @@ def test_defaults_written_into_the_help_are_the_jobs():
     assert (detect_cli.DEFAULT_SCORE_THRESHOLD, detect_cli.DEFAULT_TIMELINE_VIDEOS) == (
         detect.DEFAULT_SCORE_THRESHOLD,
         detect.DEFAULT_TIMELINE_VIDEOS,
+    )
+    assert (detect_cli.DEFAULT_SHARD_VIDEOS, detect_cli.DEFAULT_SHARD_SECONDS) == (
+        batch_detect.DEFAULT_SHARD_VIDEOS,
+        batch_detect.DEFAULT_SHARD_SECONDS,
     )
     assert evaluate_cli.AUTO_RAY_VIDEOS == evaluate.AUTO_RAY_VIDEOS
     assert (export_cli.EXPORT_FORMATS, export_cli.DEFAULT_OPSET) == (export.EXPORT_FORMATS, export.DEFAULT_OPSET)
