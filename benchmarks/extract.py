@@ -19,7 +19,7 @@ Throughput (the same videos, one after the other, in this process):
   video; nothing else changes). Times are from ``extract``'s start; with W workers:
 
   - ``startup_s`` = ``ray_init_s`` + until every actor has finished its first video: Ray init, driver
-    probe, Ray Data planning, actor construction and each worker's first video (with its warm-up);
+    probe, actor construction and each worker's first video (with its warm-up);
   - ``steady_fps`` = W x an actor's rate once warm: frames of its videos after the first / (end of its
     last video - end of its first), pooled over the actors that did more than one video (gaps
     between an actor's videos included);
@@ -31,10 +31,7 @@ Throughput (the same videos, one after the other, in this process):
     user / sys seconds;
   - ``summary_startup_s`` / ``summary_steady_fps``: ``ExtractSummary.startup_seconds`` and the rate the
     summary prints from it, frames / (seconds - startup_seconds), for comparison. That estimate is
-    "first row seen by the driver - its processing time", but ``Dataset.iter_rows`` (prefetch_batches=1)
-    hands a row to the driver only once the *next* row is produced, so it is late by the gap between
-    the first and second finished videos (compare ``first_video_start_s``; with one worker that gap is
-    a whole video).
+    "first reply seen by the driver - its processing time".
 
   ``ratio_per_core`` = steady_fps / W / plain fps (target >= 0.9); ``ratio_per_core_total`` uses
   ``fps_total``. ``machine_busy`` is the whole machine's CPU use during a phase (/proc/stat; 0.5 = one
@@ -146,22 +143,22 @@ def plain_loop(videos: list[Path]) -> dict:
 
 
 def _timed_extractor(log_path: str):
-    """``VideoFeatureExtractor`` that also appends, per video, the actor's pid, wall-clock start and end
+    """``ExtractionWorker`` that also appends, per video, the actor's pid, wall-clock start and end
     and CPU times to ``log_path`` (same machine). Built here and pickled by value into the workers."""
-    from pipelines.extract import VideoFeatureExtractor
+    from pipelines.extract import ExtractionWorker
 
-    class TimedExtractor(VideoFeatureExtractor):
+    class TimedExtractor(ExtractionWorker):
         def __init__(self, *args, **kwargs):
             start = time.time()
             super().__init__(*args, **kwargs)
             self._log({"event": "init", "start": start, "end": time.time()})
 
-        def __call__(self, batch):
+        def video(self, video_id, uri):
             start, cpu0 = time.time(), os.times()
-            out = super().__call__(batch)
+            out = super().video(video_id, uri)
             end, cpu1 = time.time(), os.times()
             self._log({
-                "event": "video", "start": start, "end": end, "frames": int(out["frames"][0]), "ok": bool(out["ok"][0]),
+                "event": "video", "start": start, "end": end, "frames": int(out.get("frames", 0)), "ok": out["status"] == "ok",
                 "user": cpu1.user - cpu0.user, "sys": cpu1.system - cpu0.system,
             })  # fmt: skip
             return out
@@ -190,18 +187,18 @@ def pipeline(video_dir: Path, cache: Path, workers: int) -> dict:
     t0 = time.perf_counter()
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     ray_init_s = time.perf_counter() - t0
-    original = extract_module.VideoFeatureExtractor
-    extract_module.VideoFeatureExtractor = _timed_extractor(str(log_path))  # what extract's plan maps with
+    original = extract_module.ExtractionWorker
+    extract_module.ExtractionWorker = _timed_extractor(str(log_path))  # what extract makes its actors of
     try:
         config = ExtractConfig(
             videos=str(video_dir), out=str(store), backbone=BackboneConfig(), sampling=SamplingConfig(**SAMPLING),
-            num_workers=workers, cpus_per_worker=1.0, progress=False,
+            num_workers=workers, cpus_per_worker=1.0, progress=False, split_seconds=None,
         )  # fmt: skip
         start_wall, t1 = time.time(), time.perf_counter()
         summary = extract(config)
         total_s = time.perf_counter() - t1
     finally:
-        extract_module.VideoFeatureExtractor = original
+        extract_module.ExtractionWorker = original
         ray.shutdown()
         shutil.rmtree(store, ignore_errors=True)
     busy = _busy_since(machine)

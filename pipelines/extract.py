@@ -458,7 +458,8 @@ class ExtractionWorker:
 
     Finished videos are coalesced in a ``PartWriter`` (about ``part_bytes`` per part, or
     ``part_seconds`` of waiting), so every call returns only small metadata: which videos it has
-    written (and in which part), which are still ``pending`` in its buffer, or why a video failed.
+    written (and in which part; a video it reports done and not written waits in its buffer), or why
+    a video failed.
     A split video's pieces return their features as a second object that the driver hands, unread,
     to ``stitch`` on whichever actor is free; Ray moves it between the actors.
     """
@@ -479,7 +480,7 @@ class ExtractionWorker:
         return filesystem_for(uri, self.config.storage_options)[0] if uri.startswith("s3://") else None
 
     def _reply(self, video_id: str, written: tuple[str, list[str]] | None = None, **fields: Any) -> dict[str, Any]:
-        reply = {"video_id": video_id, "pid": os.getpid(), "pending": self.writer.pending_ids, "written": [written] if written else []}
+        reply = {"video_id": video_id, "pid": os.getpid(), "written": [written] if written else []}
         reply.update(fields)
         return reply
 
@@ -526,7 +527,7 @@ class ExtractionWorker:
 
     def ping(self) -> dict[str, Any]:
         """Which process this is and what it holds (after an error, the driver asks whether it was replaced)."""
-        return self._reply("", status="alive")
+        return self._reply("", status="alive", pending=self.writer.pending_ids)
 
 
 def _failure(e: Exception) -> dict[str, str]:
@@ -605,6 +606,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
 
 
 MAX_ATTEMPTS = 3  # tries per video (or piece) when its worker dies under it
+TASKS_PER_ACTOR = 2  # whole videos in flight per actor: the next one is queued there while it works
 PING_TIMEOUT_S = 300.0  # how long a replaced worker may take to start (it loads the backbone)
 
 
@@ -617,8 +619,9 @@ class _Task:
 
 
 class _Scheduler:
-    """The driver's loop: hands tasks to free actors (one at a time each: no video waits behind
-    another), reads back only their small replies, splits long videos into pieces, sends the
+    """The driver's loop: hands tasks to the least busy actors (two whole-video tasks each, so that an
+    actor never waits for its next video; one piece of a long video, so that no piece waits behind
+    another while an actor is free), reads back only their small replies, splits long videos into pieces, sends the
     pieces' features (as object refs, never fetched here) to be stitched, flushes every actor at
     the end, and re-queues what a dead actor held (its running task and its unwritten videos)."""
 
@@ -627,7 +630,7 @@ class _Scheduler:
         self.actors = list(actors)
         self.queue: deque[_Task] = deque(_video_task(v) for v in todo)
         self.refs = {v.video_id: v for v in todo}
-        self.idle = list(range(len(actors)))
+        self.busy = [0] * len(actors)  # tasks in flight per actor
         self.running: dict[Any, tuple[int, _Task]] = {}  # reply ref -> (actor, task)
         self.pending: dict[int, set[str]] = {i: set() for i in range(len(actors))}  # buffered, not yet written
         self.pids: dict[int, int] = {}  # the process each actor last replied from
@@ -644,7 +647,7 @@ class _Scheduler:
             if not self.running:
                 if self.queue:
                     continue
-                unflushed = [i for i in self.idle if i not in self.flushed]
+                unflushed = [i for i in range(len(self.actors)) if i not in self.flushed]
                 if not unflushed:
                     return
                 self.queue.extend(_Task("flush", None, (i,)) for i in unflushed)
@@ -661,22 +664,27 @@ class _Scheduler:
             else:
                 self.summary.driver_bytes_received += len(pickle.dumps(reply, protocol=5))
                 self._handle(actor, task, reply)
-            self.idle.append(actor)
+            self.busy[actor] -= 1
 
     def _dispatch(self) -> None:
-        while self.queue and self.idle:
-            task = self.queue.popleft()
+        while self.queue:
+            task = self.queue[0]
+            if task.video and task.video.video_id in self.failures:
+                self.queue.popleft()  # another piece failed it
+                continue
             if task.method == "flush":
                 actor = task.args[0]
-                if actor not in self.idle:
-                    self.queue.append(task)
+                if self.busy[actor]:
                     return
-                self.idle.remove(actor)
+            else:
+                actor = min(range(len(self.actors)), key=self.busy.__getitem__)
+                if self.busy[actor] >= (1 if task.method == "piece" else TASKS_PER_ACTOR):
+                    return
+            self.queue.popleft()
+            self.busy[actor] += 1
+            if task.method == "flush":
                 ref = self.actors[actor].flush.remote()
             else:
-                if task.video and task.video.video_id in self.failures:
-                    continue  # another piece failed it
-                actor = self.idle.pop(0)
                 self.flushed.discard(actor)
                 method = getattr(self.actors[actor], task.method)
                 if task.method == "piece":
@@ -690,12 +698,14 @@ class _Scheduler:
         s = self.summary
         if self.summary.startup_seconds == 0.0 and "seconds" in reply:
             s.startup_seconds = time.perf_counter() - self.t0 - float(reply["seconds"])
-        self.pending[actor] = set(reply["pending"])
         self.pids[actor] = reply["pid"]
+        vid = reply["video_id"]
+        if reply["status"] == "ok" and task.method in ("video", "stitch"):
+            self.pending[actor].add(vid)
         for part, ids in reply["written"]:
             s.parts.append(part)
             s.extracted += len(ids)
-        vid = reply["video_id"]
+            self.pending[actor].difference_update(ids)
         if vid in self.failures:
             return  # a late piece of a video that has failed
         if reply["status"] == "failed":
