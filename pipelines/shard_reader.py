@@ -14,7 +14,7 @@ read-only mapping ``video_id -> FeatureSequence`` in one of two modes:
   ``cache_bytes`` of features (a single row group larger than the budget is held while it is the
   newest). ``schedule(video_ids)`` announces the order of the coming reads (the epoch's shuffled
   order, which ``jobs.train`` draws before any crop): a background thread then reads ahead up to
-  a quarter of the budget, so reading overlaps training.
+  half the budget, so reading overlaps training, and what was read ahead is evicted last.
 
 The data are the same in both modes, so training on a streamed shard is bit-identical to training
 on a resident one: the reader never draws random numbers and never changes what is asked for.
@@ -96,7 +96,7 @@ class ShardReader(Mapping[str, FeatureSequence]):
     """The sequences of ``video_ids`` in ``store``, read as needed within ``cache_bytes`` (see the module doc).
 
     ``prefetch_workers`` threads read ahead of a ``schedule``; 0 reads only when asked. Use as a context manager
-    or call ``close`` to stop them (they are daemon threads: a process may also just end)."""
+    or call ``close`` to stop them (a process that just ends waits for the few reads under way)."""
 
     def __init__(
         self,
@@ -147,14 +147,21 @@ class ShardReader(Mapping[str, FeatureSequence]):
         self._members: dict[GroupKey, set[str]] = {}
         for vid, key in self._group.items():
             self._members.setdefault(key, set()).add(vid)
-        self._group_bytes = {key: sum((locations[v].num_steps or 0) * row_bytes for v in vids) for key, vids in self._members.items()}
+        # a row group's wanted bytes (its videos' steps unknown: counted as the whole budget, read ahead one at a time)
+        self._group_bytes = {
+            key: self.cache_bytes
+            if any(locations[v].num_steps is None for v in vids)
+            else sum(locations[v].num_steps * row_bytes for v in vids)
+            for key, vids in self._members.items()
+        }
         self._cache: OrderedDict[GroupKey, _Entry] = OrderedDict()
         self._cached_bytes = 0
         self._inflight: dict[GroupKey, Future] = {}
         self._lock = threading.Lock()
         self._plan: list[GroupKey] = []
         self._cursor = 0
-        self.lookahead_bytes = self.cache_bytes // 4
+        self._ahead: set[GroupKey] = set()  # the scheduled row groups within the read-ahead: evicted last
+        self.lookahead_bytes = self.cache_bytes // 2
         if prefetch_workers > 0:
             self._executor = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="shard-prefetch")
 
@@ -220,6 +227,7 @@ class ShardReader(Mapping[str, FeatureSequence]):
                 ahead += self._group_bytes[key]
                 if key not in self._cache and key not in self._inflight:
                     todo.append(key)
+            self._ahead = seen
         for key in todo:
             self._executor.submit(self._load, key, count=False)
 
@@ -258,13 +266,16 @@ class ShardReader(Mapping[str, FeatureSequence]):
         return sequences
 
     def _insert(self, key: GroupKey, entry: _Entry) -> None:
-        """Add ``entry`` as the most recent and evict the least recent others beyond the budget (lock held)."""
+        """Add ``entry`` as the most recent and evict the least recent others beyond the budget, those that are
+        about to be asked for (read ahead) last (lock held)."""
         self._cache[key] = entry
         self._cached_bytes += entry.nbytes
-        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.nbytes
-            self.stats.evictions += 1
+        for protect in (True, False):
+            for old in [k for k in self._cache if k != key and not (protect and k in self._ahead)]:  # least recent first
+                if self._cached_bytes <= self.cache_bytes:
+                    break
+                self._cached_bytes -= self._cache.pop(old).nbytes
+                self.stats.evictions += 1
         self.stats.peak_cached_bytes = max(self.stats.peak_cached_bytes, self._cached_bytes)
 
     def _read_group(self, key: GroupKey) -> dict[str, FeatureSequence]:

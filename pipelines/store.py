@@ -239,7 +239,10 @@ class FeatureStore:
         table = to_table(sequences, provenance)
         groups = row_groups_by_bytes([s.features.nbytes for s in sequences], ROW_GROUP_TARGET_BYTES)
         buf = io.BytesIO()
-        with pq.ParquetWriter(buf, table.schema, compression="zstd") as writer:
+        # Float features gain nothing from a dictionary (it grew a part by half and made writing 10x and reading 2-3x
+        # slower) and no reader uses their min/max statistics: both only for the other columns.
+        others = [name for name in table.column_names if name != "features"]
+        with pq.ParquetWriter(buf, table.schema, compression="zstd", use_dictionary=others, write_statistics=others) as writer:
             start = 0
             for rows in groups:
                 writer.write_table(table.slice(start, rows), row_group_size=rows)  # one call, one row group
