@@ -8,11 +8,12 @@ one MLflow run and starts ``TorchTrainer``; each worker (``train_loop_per_worker
 shard of the store through ``pipelines.shard_reader.ShardReader``: a shard that fits the worker's
 cache budget (``--cache-gb``) is read once and kept (a detector needs whole sequences, cropped
 anew every epoch); a larger one is streamed by row group through an LRU cache of that size, read
-ahead in the epoch's order, with the same batches bit for bit. It trains with the single-process utilities of ``tal_models.training`` inside DDP, validates its
-share of the validation videos, and rank 0 gathers the detections, evaluates once, logs the
-epoch to MLflow, reports a checkpoint to Ray Train and sends its progress line to the driver,
-which prints it (workers' own output stays in Ray's log files: ``pipelines.ray_runtime``). The
-driver finally logs the best checkpoint as an artifact and registers it (``jobs.tracking``).
+ahead in the epoch's order, with the same batches bit for bit. It trains with the single-process
+utilities of ``tal_models.training`` inside DDP, validates its share of the validation videos,
+and rank 0 gathers the detections, evaluates once, logs the epoch to MLflow, reports a checkpoint
+to Ray Train and sends its progress line to the driver, which prints it (workers' own output
+stays in Ray's log files: ``pipelines.ray_runtime``). The driver finally logs the best checkpoint
+as an artifact and registers it (``jobs.tracking``).
 
 Fault tolerance: every epoch ends with a checkpoint (weights, optimiser, schedule, EMA, loss
 normaliser, epoch); a dead worker restarts the group from the last one (``--max-failures``). A
@@ -212,7 +213,7 @@ def plan(job: TrainJob) -> TrainPlan:
         seed=job.seed,
         amp=job.amp,
         stop_after=job.stop_after,
-        cache_bytes=int(job.cache_gb * 2**30) if job.cache_gb is not None else None,
+        cache_bytes=max(int(job.cache_gb * 2**30), 1) if job.cache_gb is not None else None,
         cache_dir=job.cache_dir,
     )
 
