@@ -5,13 +5,15 @@
 The driver (``train``) checks everything it can before any worker starts: the preset, the
 store's provenance and feature width against the detector, the labels, the split. It then opens
 one MLflow run and starts ``TorchTrainer``; each worker (``train_loop_per_worker``) reads only its
-shard of the store (the parts holding its videos: a detector needs whole sequences, cropped
-anew every epoch, so a worker keeps its shard in memory rather than streaming it each epoch),
-trains with the single-process utilities of ``tal_models.training`` inside DDP, validates its
-share of the validation videos, and rank 0 gathers the detections, evaluates once, logs the
-epoch to MLflow, reports a checkpoint to Ray Train and sends its progress line to the driver,
-which prints it (workers' own output stays in Ray's log files: ``pipelines.ray_runtime``). The
-driver finally logs the best checkpoint as an artifact and registers it (``jobs.tracking``).
+shard of the store through ``pipelines.shard_reader.ShardReader``: a shard that fits the worker's
+cache budget (``--cache-gb``) is read once and kept (a detector needs whole sequences, cropped
+anew every epoch); a larger one is streamed by row group through an LRU cache of that size, read
+ahead in the epoch's order, with the same batches bit for bit. It trains with the single-process
+utilities of ``tal_models.training`` inside DDP, validates its share of the validation videos,
+and rank 0 gathers the detections, evaluates once, logs the epoch to MLflow, reports a checkpoint
+to Ray Train and sends its progress line to the driver, which prints it (workers' own output
+stays in Ray's log files: ``pipelines.ray_runtime``). The driver finally logs the best checkpoint
+as an artifact and registers it (``jobs.tracking``).
 
 Fault tolerance: every epoch ends with a checkpoint (weights, optimiser, schedule, EMA, loss
 normaliser, epoch); a dead worker restarts the group from the last one (``--max-failures``). A
@@ -29,7 +31,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from jobs.errors import UsageError
 from jobs.plots import plot_detection_metrics
 from pipelines.annotations import read_activitynet_results, read_annotations, write_activitynet_results
 from pipelines.ray_runtime import DriverConsole, init_ray
+from pipelines.shard_reader import ShardReader, default_cache_bytes
 from pipelines.store import FeatureSequence, FeatureStore, Provenance, StoreError
 from tal_models.batch import Batch, collate, random_crop
 from tal_models.checkpoint import Checkpoint, save_checkpoint
@@ -91,6 +94,8 @@ class TrainJob:
     amp: bool = True  # bf16 autocast on GPU
     stop_after: int | None = None  # stop once this many epochs are done (a time-boxed job); --resume continues
     storage_options: dict[str, Any] = field(default_factory=dict)
+    cache_gb: float | None = None  # per worker: decoded features kept in memory; None: shard_reader.default_cache_bytes
+    cache_dir: str | None = None  # local disk cache of an S3 store's part files (shard_reader.PartFileCache)
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,6 +130,8 @@ class TrainPlan:
     seed: int
     amp: bool
     stop_after: int | None
+    cache_bytes: int | None = None  # per worker; None: shard_reader.default_cache_bytes(workers on the machine)
+    cache_dir: str | None = None
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -145,6 +152,8 @@ def effective_preset(config: str, overrides: tuple[str, ...] | list[str] = (), e
 def plan(job: TrainJob) -> TrainPlan:
     """Everything the workers need, checked on the driver: raises ``UsageError`` with what to fix."""
     preset = effective_preset(job.config, job.overrides, job.epochs, job.batch_size)
+    if job.cache_gb is not None and not job.cache_gb > 0:
+        raise UsageError(f"--cache-gb must be > 0, got {job.cache_gb}")
     annotations = read_annotations(job.annotations)
     store = FeatureStore(job.features, options=job.storage_options or None)
     try:
@@ -204,6 +213,8 @@ def plan(job: TrainJob) -> TrainPlan:
         seed=job.seed,
         amp=job.amp,
         stop_after=job.stop_after,
+        cache_bytes=max(int(job.cache_gb * 2**30), 1) if job.cache_gb is not None else None,
+        cache_dir=job.cache_dir,
     )
 
 
@@ -285,6 +296,7 @@ def train(job: TrainJob) -> dict[str, Any]:
             state_file.write_text(json.dumps({"mlflow_run_id": run.run_id, "job": asdict(job)}, indent=1))
         run.log_params({"preset": planned.preset, "detector": config_to_dict(planned.detector), "optim": config_to_dict(planned.optim),
                         "batch_size": planned.batch_size, "workers": job.workers, "seed": job.seed})  # fmt: skip
+        _log_cache_params(run, job)
         if job.stop_after:
             run.set_tags({"tal.stopped_after_epoch": str(job.stop_after)})
         # keys the environment (e.g. a Ray job's runtime_env) already sets are left to it: Ray refuses to merge conflicting ones
@@ -340,6 +352,16 @@ def train(job: TrainJob) -> dict[str, Any]:
     return summary
 
 
+def _log_cache_params(run, job: TrainJob) -> None:
+    """The cache settings as params. They do not change what is trained, so a run may be resumed with others
+    (another machine): those are then tagged rather than refused as a changed config."""
+    params = {"cache_gb": job.cache_gb if job.cache_gb is not None else "default", "cache_dir": job.cache_dir or "none"}
+    try:
+        run.log_params(params)
+    except tracking.ParamConflictError:
+        run.set_tags({f"tal.resumed_{k}": str(v) for k, v in params.items()})
+
+
 def _preset_yaml(job: TrainJob) -> str:
     """The preset as trained (overrides, epochs and batch size applied), for the run's artifacts."""
     return dump_yaml(effective_preset(job.config, job.overrides, job.epochs, job.batch_size))
@@ -381,7 +403,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    shard = _read_shard(plan, rank, world)
+    shard = _read_shard(plan, rank, world, workers_on_machine=context.get_local_world_size())
     iterations = math.ceil(len(plan.train) / (world * plan.batch_size))  # the same on every rank: DDP needs it
 
     torch.manual_seed(plan.seed)  # the same initial weights on every rank
@@ -406,6 +428,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             clip_grad_norm=plan.optim.clip_grad_norm or None, device=device, autocast_dtype=autocast, timing=timing,
         )  # fmt: skip
         metrics = _train_metrics(stats, scheduler.get_last_lr()[0], world, epoch, timing)
+        metrics.update(_reader_metrics(shard))
         if epoch == start_epoch:
             metrics.update(first_step_unix=epoch_started + timing.first_step_seconds, worker_start_unix=loop_started)
         predictions = None
@@ -427,19 +450,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class _Shard:
-    """One worker's videos (every world-th of the sorted ids) with their features, read once: a detector needs whole
-    sequences, cropped anew every epoch."""
+    """One worker's videos (every world-th of the sorted ids) with their features: a ``ShardReader`` (resident or
+    streamed within the cache budget), or any mapping of the sequences (a dict read whole: tests compare the two)."""
 
     train_ids: list[str]
     val_ids: list[str]
-    sequences: dict[str, FeatureSequence]
+    sequences: Mapping[str, FeatureSequence]
+
+    def expect(self, video_ids: list[str]) -> None:
+        """The order in which the videos will be read next: a streaming reader reads ahead in it."""
+        if isinstance(self.sequences, ShardReader):
+            self.sequences.schedule(video_ids)
 
 
-def _read_shard(plan: TrainPlan, rank: int, world: int) -> _Shard:
+def _read_shard(plan: TrainPlan, rank: int, world: int, workers_on_machine: int = 1) -> _Shard:
     train_ids = sorted(plan.train)[rank::world]
     val_ids = sorted(plan.val)[rank::world]
     store = FeatureStore(plan.features, options=plan.storage_options or None)
-    return _Shard(train_ids, val_ids, store.read_videos(train_ids + val_ids))
+    cache_bytes = plan.cache_bytes or default_cache_bytes(workers_on_machine)
+    return _Shard(train_ids, val_ids, ShardReader(store, train_ids + val_ids, cache_bytes=cache_bytes, cache_dir=plan.cache_dir))
+
+
+def _reader_metrics(shard: _Shard) -> dict[str, float]:
+    """This rank's reading so far: streamed or resident, feature MB decoded, cache hit rate."""
+    reader = shard.sequences
+    if not isinstance(reader, ShardReader):
+        return {}
+    stats = reader.stats
+    requests = stats.hits + stats.misses
+    return {
+        "shard_streaming": float(not reader.resident),
+        "shard_read_mb": stats.bytes_read / 2**20,
+        **({"shard_cache_hit_rate": stats.hits / requests} if requests else {}),
+    }
 
 
 @dataclass(frozen=True)
@@ -478,6 +521,7 @@ def _epoch_batches(plan: TrainPlan, shard: _Shard, rng: np.random.Generator, ite
     the crops are drawn from ``rng`` as the loop asks for each batch."""
     n, size = len(shard.train_ids), plan.batch_size
     order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(iterations * size / max(n, 1)) + 1)])
+    shard.expect([shard.train_ids[j] for j in order[: iterations * size]])  # no random numbers: the same crops either way
     for it in range(iterations):
         samples = []
         for j in order[it * size : (it + 1) * size]:
@@ -511,6 +555,7 @@ def _validate(
     ``(metrics, {video_id: Detections})``, the other ranks ``({}, None)``."""
     model.eval()
     local = []
+    shard.expect(shard.val_ids)
     with torch.inference_mode():
         for vid in shard.val_ids:
             seq = shard.sequences[vid]

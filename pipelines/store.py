@@ -39,6 +39,9 @@ from tal_models.timing import FeatureTiming
 SCHEMA_VERSION = 1
 MANIFEST_DIR = "_manifest"
 PART_TARGET_BYTES = 64 * 2**20  # coalesce rows into parts of about this size
+# A part is written as row groups of about this many feature bytes (a video larger than that is a row group of its
+# own), so that a reader that wants a few videos of a part (a streaming training shard) reads just their row groups.
+ROW_GROUP_TARGET_BYTES = 4 * 2**20
 
 # Provenance columns: equal in every row of a store.
 PROVENANCE_KEYS = ("backbone", "backbone_weights", "backbone_sha256", "feature_dim", "fps", "stride", "window", "extract_config", "schema_version")
@@ -143,6 +146,16 @@ class FeatureSequence:
 
 
 @dataclass(frozen=True)
+class VideoLocation:
+    """Where a video's row lies in a store: its part file name, the part's row group (``None``: not recorded) and
+    its number of feature steps (``None``: not recorded)."""
+
+    part: str
+    row_group: int | None
+    num_steps: int | None
+
+
+@dataclass(frozen=True)
 class StoreStatus:
     done: dict[str, str] = field(default_factory=dict)  # video_id -> part file name
     failed: dict[str, dict[str, str]] = field(default_factory=dict)  # video_id -> {"reason", "message", "source"}; not later done
@@ -224,8 +237,16 @@ class FeatureStore:
         if not sequences:
             raise ValueError("write_part needs at least one sequence")
         table = to_table(sequences, provenance)
+        groups = row_groups_by_bytes([s.features.nbytes for s in sequences], ROW_GROUP_TARGET_BYTES)
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        # Float features gain nothing from a dictionary (it grew a part by half and made writing 10x and reading 2-3x
+        # slower) and no reader uses their min/max statistics: both only for the other columns.
+        others = [name for name in table.column_names if name != "features"]
+        with pq.ParquetWriter(buf, table.schema, compression="zstd", use_dictionary=others, write_statistics=others) as writer:
+            start = 0
+            for rows in groups:
+                writer.write_table(table.slice(start, rows), row_group_size=rows)  # one call, one row group
+                start += rows
         name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
         write_atomic(f"{self.path}/{name}.parquet", buf.getvalue(), self.fs)
         manifest = {
@@ -233,6 +254,7 @@ class FeatureStore:
             "part": f"{name}.parquet",
             "videos": [s.video_id for s in sequences],
             "num_steps": [int(s.features.shape[0]) for s in sequences],
+            "row_groups": [i for i, rows in enumerate(groups) for _ in range(rows)],  # each video's row group
             "provenance": provenance.to_dict(),
             "created": time.time(),
         }
@@ -282,6 +304,40 @@ class FeatureStore:
             table = table.filter(pc.is_in(table["video_id"], value_set=pa.array(sorted(wanted), pa.string())))
             out.update((s.video_id, s) for s in from_table(table))
         return out
+
+    def locate(self, video_ids: Iterable[str]) -> dict[str, VideoLocation]:
+        """Where each of ``video_ids`` lies: its part, its row group when the part's manifest records it (stores
+        written before row groups were recorded: ``None``, see ``part_row_groups``) and its number of steps.
+        Videos the store does not hold are a ``StoreError``."""
+        wanted = set(video_ids)
+        out: dict[str, VideoLocation] = {}
+        for m in self._manifests():
+            if m.get("kind") != "part":
+                continue
+            groups = m.get("row_groups") or [None] * len(m["videos"])
+            steps = m.get("num_steps") or [None] * len(m["videos"])
+            for vid, group, n in zip(m["videos"], groups, steps):
+                if vid in wanted:  # a later part that holds a video again wins, as in status()
+                    out[vid] = VideoLocation(m["part"], group, n)
+        missing = sorted(wanted - set(out))
+        if missing:
+            raise StoreError(f"{self.uri} holds no features for {len(missing)} of the requested videos, e.g. {missing[:5]}")
+        return out
+
+    def open_part(self, part: str, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
+        """A part (a name listed by the manifests) opened for reading single row groups. On S3 no block of the file is
+        read ahead (fsspec's default reads tens of MB past what was asked) and the column chunks of a row group are
+        fetched in coalesced ranges; ``metadata`` (a previous ``.metadata``) saves reading the footer again."""
+        path = f"{self.path}/{part}"
+        if is_local(self.fs):
+            return pq.ParquetFile(path, metadata=metadata)
+        return pq.ParquetFile(self.fs.open(path, "rb", cache_type="none"), metadata=metadata, pre_buffer=True)
+
+    def part_row_groups(self, part: str) -> list[list[str]]:
+        """The video ids of each row group of ``part``, from the file itself (its footer and ``video_id`` column):
+        for parts whose manifest does not record row groups."""
+        with self.open_part(part) as f:
+            return [f.read_row_group(i, columns=["video_id"]).column("video_id").to_pylist() for i in range(f.num_row_groups)]
 
     def _read_table(self, path: str) -> pa.Table:
         with self.fs.open(path, "rb") as f:
@@ -336,6 +392,28 @@ def to_table(sequences: Iterable[FeatureSequence], provenance: Provenance) -> pa
         "schema_version": pa.array([provenance.schema_version] * n, pa.int32()),
     }
     return pa.Table.from_pydict(columns, schema=feature_schema(c))
+
+
+def row_groups_by_bytes(sizes: list[int], target_bytes: int) -> list[int]:
+    """Rows per row group for rows of ``sizes`` bytes, in order: a group takes rows while it stays within
+    ``target_bytes`` (a row larger than that is a group of its own)."""
+    groups: list[int] = []
+    rows = total = 0
+    for size in sizes:
+        if rows and total + size > target_bytes:
+            groups.append(rows)
+            rows = total = 0
+        rows, total = rows + 1, total + size
+    if rows:
+        groups.append(rows)
+    return groups
+
+
+def read_row_group(part: pq.ParquetFile, index: int, where: str) -> list[FeatureSequence]:
+    """The sequences of row group ``index`` of an opened part (``FeatureStore.open_part``), checked like a whole part."""
+    table = part.read_row_group(index)
+    check_table(table, f"{where} (row group {index})")
+    return list(from_table(table))
 
 
 def check_table(table: pa.Table, where: str) -> None:

@@ -41,6 +41,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", default="tal", help="MLflow experiment (default tal)")
     p.add_argument("--no-register", action="store_true", help="do not register the best checkpoint")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL for the feature store (e.g. MinIO)")
+    p.add_argument(
+        "--cache-gb",
+        type=float,
+        metavar="G",
+        help="decoded features each worker keeps in memory: a shard that fits is read once and kept, a larger one is streamed "
+        "by row group through an LRU cache of G GB (same batches); default: a quarter of the machine's memory split among its workers",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="local disk cache of an S3 store's part files (each worker at most its shard's parts; keeps 10%% of the disk free)",
+    )
     p.set_defaults(func=handle)
 
 
@@ -51,6 +63,8 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.cache_gb is not None and not args.cache_gb > 0:
+        raise UsageError(f"--cache-gb must be > 0, got {args.cache_gb}")
     from jobs.train import TrainJob, effective_preset, train
     from tal_models.config import dump_yaml
 
@@ -85,6 +99,8 @@ def handle(args: argparse.Namespace) -> int:
         register=not args.no_register,
         stop_after=args.stop_after,
         storage_options=storage_options(args.s3_endpoint) if args.s3_endpoint else {},
+        cache_gb=args.cache_gb,
+        cache_dir=args.cache_dir,
     )
     train(job)
     return 0
