@@ -67,6 +67,7 @@ __all__ = [
     "FramePlan",
     "VideoDecodeError",
     "VideoInfo",
+    "decode_plan",
     "iter_frames",
     "open_uri",
     "plan_frames",
@@ -237,7 +238,7 @@ def iter_frames(
     plan = plan_frames(
         uri, fps=fps, chunk_frames=chunk_frames, resize=resize, filesystem=filesystem, start_index=start_index, stop_index=stop_index
     )
-    return plan.info, _chunks(plan, filesystem, chunk_frames, num_threads)
+    return plan.info, decode_plan(plan, filesystem=filesystem, chunk_frames=chunk_frames, num_threads=num_threads)
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,12 @@ def _check_size(size: Any) -> tuple[int, int]:
     ):
         raise ValueError(f"resize must be (width, height) in whole pixels > 0, got {size!r}")
     return int(size[0]), int(size[1])
+
+
+def decode_plan(plan: FramePlan, *, filesystem: Any = None, chunk_frames: int = 128, num_threads: int = 0) -> Iterator[FrameChunk]:
+    """Decode a ``plan_frames`` plan with PyAV: ``iter_frames``' second half (lazy; seeks when the
+    plan starts past the first keyframe)."""
+    return _chunks(plan, filesystem, chunk_frames, num_threads)
 
 
 # --- indexing (packet headers only) --------------------------------------------------------------
