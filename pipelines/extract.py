@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from pipelines.backbones import Backbone, BackboneConfig, build_backbone
+from pipelines.decoders import DECODERS, get_decoder
 from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, FeatureStore, PartWriter, Provenance, filesystem_for
-from pipelines.video import VideoDecodeError, iter_frames, sample_times
+from pipelines.video import VideoDecodeError, sample_times
 from tal_models.timing import FeatureTiming
 
 # glibc settings for extraction workers (see tune_allocator): one arena, no mmap per large buffer, no trimming.
@@ -37,14 +38,19 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".mpg", ".mpeg", ".
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How clips are cut: ``fps`` (None: the video's own rate), ``window`` and ``stride`` in sampled frames."""
+    """How clips are cut: ``fps`` (None: the video's own rate), ``window`` and ``stride`` in sampled frames;
+    ``decoder`` (``pipelines.decoders.DECODERS``) decodes the videos. Recorded in the store's provenance, so
+    ``tal detect``/``tal serve`` featurize new videos with the same decoder (provenance without it: PyAV)."""
 
     fps: float | None = 15.0
     window: int = 4
     stride: int = 4
     chunk_frames: int = 64  # sampled frames decoded at once: bounds a worker's memory
+    decoder: str = "pyav"
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be positive (or None for the native rate), got {self.fps}")
         if self.window < 1 or self.stride < 1:
@@ -158,7 +164,7 @@ def features_for_video(backbone: Backbone, uri: str, sampling: SamplingConfig, *
     Clip backbones: the clip's ``window`` frames, resampled to the model's clip length.
     Memory holds one chunk of frames (plus at most one window carried over), whatever the length.
     """
-    info, chunks = iter_frames(
+    info, chunks = get_decoder(sampling.decoder).iter_frames(
         uri,
         fps=sampling.fps,
         chunk_frames=sampling.chunk_frames,
