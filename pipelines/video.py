@@ -1,8 +1,9 @@
 """Video decoding: local files and S3 objects -> RGB frames at a target rate, in bounded chunks.
 
-Decoding is done by FFmpeg through PyAV, one pass front to back, in the caller's thread. decord
+Decoding is done by FFmpeg through PyAV, one pass front to back (from a keyframe for a range), in the caller's thread. decord
 was the first choice and was measured against this module's contract on this machine (decord2
-3.4.0); it fails three of its points, so it is not used:
+3.4.0); it fails three of its points, so it is not the default (``pipelines.decoders`` offers it
+as an option, only where it is frame-exact):
 
 * **wrong frames**: on ``city_405p_mpeg2.mpg`` (MPEG-PS) decord's frame ``i`` is the true frame
   ``i + 12`` and the last 13 frames are copies of one frame, a silent 0.48 s shift (PyAV and
