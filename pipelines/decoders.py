@@ -158,6 +158,8 @@ class _IndexedBackend:
 
     def _pyav(self, plan: FramePlan, filesystem: Any, chunk_frames: int, num_threads: int, why: str) -> Iterator[FrameChunk]:
         """The plan's frames (from its ``start`` on) decoded by PyAV, with a log line saying why."""
+        if not len(plan.native):  # an empty range: nothing to decode, nobody decodes it
+            return iter(())
         self.used["pyav"] += 1
         log.info("%s: decoded by PyAV instead of %s from sampled frame %d: %s", plan.info.uri, self.name, plan.start, why)
         return video.decode_plan(plan, filesystem=filesystem, chunk_frames=chunk_frames, num_threads=num_threads)
