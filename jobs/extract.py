@@ -22,6 +22,7 @@ import yaml
 from jobs.errors import UsageError
 from pipelines.annotations import read_annotations
 from pipelines.backbones import BackboneConfig
+from pipelines.decoders import get_decoder
 from pipelines.extract import ExtractConfig, ExtractSummary, SamplingConfig, extract
 from pipelines.feature_import import ImportSummary, export_features, import_features
 from pipelines.store import StoreError
@@ -37,6 +38,7 @@ _FLAG_KEYS = {
     "fps": ("sampling", "fps"),
     "window": ("sampling", "window"),
     "stride": ("sampling", "stride"),
+    "decoder": ("sampling", "decoder"),
     "num_workers": (None, "num_workers"),
     "cpus_per_worker": (None, "cpus_per_worker"),
     "num_gpus": (None, "gpus_per_worker"),
@@ -160,6 +162,10 @@ def run_extract(request: ExtractRequest) -> ExtractSummary:
     """Extract the features of every video not yet in the store (a re-run resumes); a store that
     cannot be used as asked (``StoreError``: wrong schema, other backbone) is a ``UsageError``."""
     settings = request.settings
+    try:  # a decoder that is not installed fails here, once, not in every worker for every video
+        get_decoder(settings.sampling.decoder)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     config = ExtractConfig(
         videos=request.videos,
         out=request.out,

@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from pipelines.backbones import Backbone, BackboneConfig, build_backbone
+from pipelines.decoders import DECODERS, get_decoder
 from pipelines.ray_runtime import init_ray
 from pipelines.store import PART_TARGET_BYTES, FeatureSequence, FeatureStore, PartWriter, Provenance, filesystem_for
-from pipelines.video import FrameChunk, VideoDecodeError, VideoInfo, iter_frames, sample_times
+from pipelines.video import FrameChunk, VideoDecodeError, VideoInfo, sample_times
 from tal_models.timing import FeatureTiming
 
 # glibc settings for extraction workers (see tune_allocator): one arena, no mmap per large buffer, no trimming.
@@ -48,14 +49,19 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".mpg", ".mpeg", ".
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How clips are cut: ``fps`` (None: the video's own rate), ``window`` and ``stride`` in sampled frames."""
+    """How clips are cut: ``fps`` (None: the video's own rate), ``window`` and ``stride`` in sampled frames;
+    ``decoder`` (``pipelines.decoders.DECODERS``) decodes the videos. Recorded in the store's provenance, so
+    ``tal detect``/``tal serve`` featurize new videos with the same decoder (provenance without it: PyAV)."""
 
     fps: float | None = 15.0
     window: int = 4
     stride: int = 4
     chunk_frames: int = 64  # sampled frames decoded at once: bounds a worker's memory
+    decoder: str = "pyav"
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be positive (or None for the native rate), got {self.fps}")
         if self.window < 1 or self.stride < 1:
@@ -239,28 +245,19 @@ class VideoPlan:
 
 def _open(backbone: Backbone, uri: str, sampling: SamplingConfig, filesystem, start_index: int = 0, stop_index: int | None = None):
     """Open ``uri`` for decoding at ``sampling`` (at the backbone's input size): ``(VideoInfo, chunks)``,
-    the chunks holding sampled frames ``[start_index, stop_index)`` only."""
-    info, chunks = iter_frames(
+    the chunks holding sampled frames ``[start_index, stop_index)`` only (the decoder seeks to the
+    keyframe before ``start_index``)."""
+    info, chunks = get_decoder(sampling.decoder).iter_frames(
         uri,
         fps=sampling.fps,
         chunk_frames=sampling.chunk_frames,
         resize=lambda w, h: decode_size(backbone, w, h),
         filesystem=filesystem,
         num_threads=1,
+        start_index=start_index,
+        stop_index=stop_index,
     )
-    return info, _within(chunks, start_index, stop_index)
-
-
-def _within(chunks: Iterator[FrameChunk], start: int, stop: int | None) -> Iterator[FrameChunk]:
-    """Only the sampled frames ``[start, stop)`` of ``chunks`` (no-op on chunks already within)."""
-    for chunk in chunks:
-        end = chunk.start + len(chunk)
-        if stop is not None and chunk.start >= stop:
-            return
-        if end <= start:
-            continue
-        a, b = max(start - chunk.start, 0), len(chunk) - max(end - (stop if stop is not None else end), 0)
-        yield chunk if (a, b) == (0, len(chunk)) else FrameChunk(chunk.start + a, chunk.frames[a:b], chunk.times[a:b])
+    return info, chunks
 
 
 def features_for_range(

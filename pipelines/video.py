@@ -1,8 +1,9 @@
 """Video decoding: local files and S3 objects -> RGB frames at a target rate, in bounded chunks.
 
-Decoding is done by FFmpeg through PyAV, one pass front to back, in the caller's thread. decord
+Decoding is done by FFmpeg through PyAV, one pass front to back (from a keyframe for a range), in the caller's thread. decord
 was the first choice and was measured against this module's contract on this machine (decord2
-3.4.0); it fails three of its points, so it is not used:
+3.4.0); it fails three of its points, so it is not the default (``pipelines.decoders`` offers it
+as an option, only where it is frame-exact):
 
 * **wrong frames**: on ``city_405p_mpeg2.mpg`` (MPEG-PS) decord's frame ``i`` is the true frame
   ``i + 12`` and the last 13 frames are copies of one frame, a silent 0.48 s shift (PyAV and
@@ -28,6 +29,17 @@ How this module meets the contract instead:
   fsspec file object (``open_uri``), never copied to disk or held whole; the price is that the
   index pass and the decoding pass each read the object (``probe`` first makes it three reads:
   pass ``resize`` as a function instead).
+* **Ranges (seeking).** ``start_index``/``stop_index`` select sampled frames ``[start, stop)`` of
+  the full sequence (numbered as a full decode numbers them) for splitting a long video across
+  workers. The index pass records every keyframe packet and the latest presentation time of the
+  packets before it; decoding starts at the last keyframe that is at or before the first needed
+  frame with no later-shown frame decoded before it (B-frame reordering). The demuxer is seeked
+  there by timestamp, packets are skipped without decoding until that exact keyframe packet
+  (same pts, dts, size, key flag) comes by, and the decoder starts there, so the frames are
+  bit-identical to a full decode's. Where the container's seek lands past it (MPEG-PS's seek is
+  a search by timestamps, and its parser may hand out the first frame after a jump damaged) the
+  seek is retried from up to two keyframes earlier; where that fails too, or a frame cannot be
+  placed (no timestamps), the range is decoded from the start of the file: slower, never wrong.
 * **Resize.** ``resize=(W, H)`` is done by FFmpeg's scaler (area averaging) in the same call that
   converts to RGB, so a full-size RGB frame is never made.
 * **Errors.** Whatever is wrong with an input is a ``VideoDecodeError`` with one of ``REASONS``;
@@ -39,8 +51,9 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import av
@@ -50,15 +63,24 @@ from tal_models.config import require_positive_int
 
 __all__ = [
     "REASONS",
+    "SEEK_STATS",
     "FrameChunk",
+    "FramePlan",
     "VideoDecodeError",
     "VideoInfo",
+    "decode_plan",
     "iter_frames",
     "open_uri",
+    "plan_frames",
     "probe",
     "sample_indices",
     "sample_times",
 ]
+
+# What range decodes did in this process (visible, for tests and logs): "seeked" ranges decoded from
+# a keyframe, "retried" seeks that landed past it and jumped again, "from_start" ranges decoded from
+# the start of the file (no usable keyframe before them, or a seek that missed).
+SEEK_STATS: Counter[str] = Counter()
 
 REASONS = ("missing", "empty", "not_a_video", "truncated", "unsupported_codec", "unreadable")
 
@@ -192,6 +214,8 @@ def iter_frames(
     resize: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
     filesystem: Any = None,
     num_threads: int = 0,
+    start_index: int = 0,
+    stop_index: int | None = None,
 ) -> tuple[VideoInfo, Iterator[FrameChunk]]:
     """Decode a video sampled at ``fps`` (None: every native frame), ``chunk_frames`` at a time.
 
@@ -201,22 +225,85 @@ def iter_frames(
     them. Decoding that fails part-way raises ``VideoDecodeError(reason="truncated")`` from the
     iterator.
 
+    ``start_index``/``stop_index`` keep sampled frames ``[start_index, stop_index)`` only (a stop
+    past the end is the end, as in slicing; ``start_index >= stop`` is an empty range): the chunks'
+    ``start`` stay numbered as in the full sequence, the frames are the full decode's, and decoding
+    seeks to the keyframe before the first one instead of decoding the video from its start (see
+    the module docstring). ``info`` always describes the whole video.
+
     ``resize=(W, H)`` scales every frame while converting it to RGB; it may also be a function of
     the native ``(width, height)`` returning ``(W, H)``, which saves a ``probe`` (and, for S3, a
     read of the object) when the size depends on the video. ``num_threads`` is FFmpeg's decoding
     threads (0: FFmpeg's choice; give 1 to a worker that owns one CPU).
     """
+    plan = plan_frames(
+        uri, fps=fps, chunk_frames=chunk_frames, resize=resize, filesystem=filesystem, start_index=start_index, stop_index=stop_index
+    )
+    return plan.info, decode_plan(plan, filesystem=filesystem, chunk_frames=chunk_frames, num_threads=num_threads)
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Which frames a decode hands out, worked out before any decoding: sampled frames
+    ``start .. start + len(native) - 1`` are native frames ``native`` (``[n]`` int64, sorted,
+    repeats when ``fps`` is above the native rate) shown at ``times`` (``[n]`` float64 s), each
+    ``size`` = (W, H) after resizing. ``container``/``codec`` are FFmpeg's names for the file's
+    demuxer and video codec. Every decoder backend (``pipelines.decoders``) decodes from one, so
+    they all hand out the same frames."""
+
+    info: VideoInfo
+    size: tuple[int, int]
+    start: int
+    native: np.ndarray
+    times: np.ndarray
+    container: str
+    codec: str
+    index: _Index = field(repr=False)
+
+    def chunk_bounds(self, chunk_frames: int) -> Iterator[tuple[int, int]]:
+        """``(i, j)`` positions in ``native`` of each chunk of ``chunk_frames`` sampled frames."""
+        for i in range(0, len(self.native), chunk_frames):
+            yield i, min(i + chunk_frames, len(self.native))
+
+
+def plan_frames(
+    uri: str | os.PathLike,
+    *,
+    fps: float | None,
+    chunk_frames: int = 128,
+    resize: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
+    filesystem: Any = None,
+    start_index: int = 0,
+    stop_index: int | None = None,
+) -> FramePlan:
+    """Check the arguments, open, check and index the video (``VideoDecodeError`` for a bad one),
+    and work out the sampled frames ``[start_index, stop_index)``: ``iter_frames``' first half."""
     uri = os.fspath(uri)
     if fps is not None:
         _check_fps(fps)
     require_positive_int(chunk_frames, "chunk_frames")
+    for name, value in (("start_index", start_index), ("stop_index", stop_index)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise ValueError(f"{name} must be a whole number of sampled frames >= 0 (stop_index may be None: the end), got {value!r}")
     if resize is not None and not callable(resize):
         resize = _check_size(resize)
     index = _index(uri, filesystem)
     info = index.info
     size = (info.width, info.height) if resize is None else _check_size(resize(info.width, info.height)) if callable(resize) else resize
     wanted = sample_indices(info, fps, frame_times=index.frame_times)
-    return info, _chunks(uri, filesystem, index, wanted, chunk_frames, size, num_threads)
+    start = min(int(start_index), len(wanted))
+    stop = len(wanted) if stop_index is None else max(start, min(int(stop_index), len(wanted)))
+    native = wanted[start:stop]
+    return FramePlan(
+        info=info,
+        size=size,
+        start=start,
+        native=native,
+        times=index.frame_times[native],
+        container=index.container,
+        codec=index.codec,
+        index=index,
+    )
 
 
 def _check_size(size: Any) -> tuple[int, int]:
@@ -229,6 +316,12 @@ def _check_size(size: Any) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def decode_plan(plan: FramePlan, *, filesystem: Any = None, chunk_frames: int = 128, num_threads: int = 0) -> Iterator[FrameChunk]:
+    """Decode a ``plan_frames`` plan with PyAV: ``iter_frames``' second half (lazy; seeks when the
+    plan starts past the first keyframe)."""
+    return _chunks(plan, filesystem, chunk_frames, num_threads)
+
+
 # --- indexing (packet headers only) --------------------------------------------------------------
 @dataclass(frozen=True)
 class _Index:
@@ -237,6 +330,31 @@ class _Index:
     stream_index: int
     time_base: float
     origin: float  # seconds on the stream's clock that are time 0
+    container: str  # FFmpeg's demuxer name, e.g. "mpeg" (MPEG-PS), "mov,mp4,m4a,3gp,3g2,mj2"
+    codec: str  # FFmpeg's decoder name, e.g. "h264"
+    keys: _Keyframes
+
+
+@dataclass(frozen=True)
+class _Keyframes:
+    """The keyframe packets of the video stream, in decode order, where decoding may start:
+    ``pts``/``dts``/``size`` int64 ``[K]`` identify each packet (dts -1: none), ``time`` float64
+    ``[K]`` its presentation time (s, as ``frame_times``) and ``before`` float64 ``[K]`` the latest
+    presentation time of any packet decoded before it (-inf for the first). Empty when the frames
+    carry no timestamps (nothing can be placed after a seek)."""
+
+    pts: np.ndarray
+    dts: np.ndarray
+    size: np.ndarray
+    time: np.ndarray
+    before: np.ndarray
+
+    def start_for(self, t: float) -> int | None:
+        """The keyframe to start decoding at for frames shown from ``t`` on: the last one shown at
+        or before ``t`` with every packet before it shown before ``t`` (so no frame from ``t`` on
+        is decoded earlier). None: decode from the start of the file."""
+        usable = np.flatnonzero((self.time <= t + _time_slack(t)) & (self.before < t - _time_slack(t)))
+        return int(usable[-1]) if len(usable) and usable[-1] > 0 else None
 
 
 def _index(uri: str, filesystem: Any) -> _Index:
@@ -251,11 +369,14 @@ def _index(uri: str, filesystem: Any) -> _Index:
             stream = _video_stream(uri, container)
             time_base = float(stream.time_base) if stream.time_base else 0.0
             pts, ends = [], []
+            keys: list[tuple[int, int, int, int]] = []  # (pts, dts or -1, size, index in pts) of each keyframe packet
             try:
                 for packet in container.demux(stream):
                     if packet.size == 0 or packet.is_discard:  # the flush packet; frames an edit list cuts
                         continue
                     t = packet.pts if packet.pts is not None else packet.dts
+                    if packet.is_keyframe and packet.pts is not None:
+                        keys.append((packet.pts, -1 if packet.dts is None else packet.dts, packet.size, len(pts)))
                     pts.append(t)
                     ends.append(None if t is None or not packet.duration else t + packet.duration)
             except av.error.FFmpegError as e:
@@ -266,10 +387,17 @@ def _index(uri: str, filesystem: Any) -> _Index:
             width, height = stream.codec_context.width, stream.codec_context.height
             origin = _origin(container, stream, time_base, pts)
             stream_index = stream.index
+            container_name, codec_name = container.format.name, stream.codec_context.name
 
     n = len(pts)
+    keyframes = _Keyframes(*(np.empty(0, np.int64),) * 3, *(np.empty(0, np.float64),) * 2)
     if time_base > 0 and all(t is not None for t in pts):
-        times = np.sort(np.asarray(pts, dtype=np.float64)) * time_base - origin
+        seconds = np.asarray(pts, dtype=np.float64) * time_base - origin  # decode order
+        times = np.sort(seconds)
+        if keys:
+            key_pts, key_dts, key_size, at = (np.asarray(column, np.int64) for column in zip(*keys))
+            shown_before = np.concatenate([[-math.inf], np.maximum.accumulate(seconds)[:-1]])
+            keyframes = _Keyframes(key_pts, key_dts, key_size, seconds[at], shown_before[at])
         known_ends = [e for e in ends if e is not None]
         end = max(known_ends) * time_base - origin if known_ends else -math.inf
     else:  # no timestamps (some raw streams): frames are 1 / rate apart
@@ -292,7 +420,16 @@ def _index(uri: str, filesystem: Any) -> _Index:
         width=int(width),
         height=int(height),
     )
-    return _Index(info=info, frame_times=times, stream_index=stream_index, time_base=time_base, origin=origin)
+    return _Index(
+        info=info,
+        frame_times=times,
+        stream_index=stream_index,
+        time_base=time_base,
+        origin=origin,
+        container=container_name,
+        codec=codec_name,
+        keys=keyframes,
+    )
 
 
 def _origin(container, stream, time_base: float, pts: list) -> float:
@@ -311,15 +448,36 @@ def _usable_fps(fps: float) -> bool:
 
 
 # --- decoding ------------------------------------------------------------------------------------
-def _chunks(
-    uri: str, filesystem: Any, index: _Index, wanted: np.ndarray, chunk_frames: int, size: tuple[int, int], num_threads: int
-) -> Iterator[FrameChunk]:
-    """Decode front to back, keeping the frames ``wanted`` names (sorted native indices, repeats
-    allowed) and handing them out ``chunk_frames`` at a time."""
-    width, height = size
-    times = index.frame_times
+class _SeekMissed(Exception):
+    """Decoding after a seek would not give a full decode's frames: decode from the start instead.
+    Raised only before the first frame is handed out."""
+
+
+def _chunks(plan: FramePlan, filesystem: Any, chunk_frames: int, num_threads: int) -> Iterator[FrameChunk]:
+    """The plan's frames, ``chunk_frames`` at a time: from the keyframe before the first one where
+    there is one, else (or where seeking fails) from the start of the file."""
+    if not len(plan.native):
+        return
+    key = plan.index.keys.start_for(float(plan.times[0])) if plan.start > 0 else None
+    if key is not None:
+        try:
+            yield from _decode(plan, filesystem, chunk_frames, num_threads, key)
+            SEEK_STATS["seeked"] += 1
+            return
+        except _SeekMissed:
+            pass
+    if plan.start > 0:
+        SEEK_STATS["from_start"] += 1
+    yield from _decode(plan, filesystem, chunk_frames, num_threads, None)
+
+
+def _decode(plan: FramePlan, filesystem: Any, chunk_frames: int, num_threads: int, key: int | None) -> Iterator[FrameChunk]:
+    """Decode from keyframe ``key`` (None: the start), keeping the frames ``plan.native`` names
+    (sorted native indices, repeats allowed) and handing them out ``chunk_frames`` at a time."""
+    uri, index, wanted = plan.info.uri, plan.index, plan.native
+    width, height = plan.size
     n_wanted = len(wanted)
-    done = 0  # sampled frames handed out or in the current chunk
+    done = 0  # sampled frames of the plan handed out or in the current chunk
     buffer = np.empty((min(chunk_frames, n_wanted), height, width, 3), np.uint8)
     filled = 0
     last_index = -1
@@ -335,32 +493,42 @@ def _chunks(
             stream = container.streams[index.stream_index]
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = num_threads
+            packets = container.demux(stream) if key is None else _packets_from(container, stream, index.keys, key)
             decoded = 0
             try:
-                for frame in container.decode(stream):
-                    decoded += 1
-                    k = _native_index(frame, decoded - 1, index)
-                    last_index = max(last_index, k)
-                    image = None
-                    while done < n_wanted and wanted[done] <= k:
-                        # wanted[done] < k: that frame never came out of the decoder (a damaged
-                        # packet); the picture on screen at its time is the previous one
-                        source = frame if wanted[done] == k or previous is None else previous
-                        if source is frame:
-                            image = rgb(frame) if image is None else image
-                            buffer[filled] = image
-                        else:
-                            buffer[filled] = rgb(source)
-                        filled += 1
-                        done += 1
-                        if filled == len(buffer):
-                            yield _chunk(buffer, done, wanted, times)
-                            buffer = np.empty((min(chunk_frames, n_wanted - done), height, width, 3), np.uint8)
-                            filled = 0
+                for packet in packets:
+                    for frame in packet.decode():
+                        decoded += 1
+                        if key is not None and frame.pts is None:
+                            raise _SeekMissed  # a frame that cannot be placed: only counting from the start places it
+                        k = _native_index(frame, decoded - 1, index)
+                        last_index = max(last_index, k)
+                        if key is not None and done == 0 and wanted[0] < k:
+                            raise _SeekMissed  # the first frame needed did not come out after the seek
+                        image = None
+                        while done < n_wanted and wanted[done] <= k:
+                            # wanted[done] < k: that frame never came out of the decoder (a damaged
+                            # packet); the picture on screen at its time is the previous one
+                            source = frame if wanted[done] == k or previous is None else previous
+                            if source is frame:
+                                image = rgb(frame) if image is None else image
+                                buffer[filled] = image
+                            else:
+                                buffer[filled] = rgb(source)
+                            filled += 1
+                            done += 1
+                            if filled == len(buffer):
+                                yield _chunk(plan, buffer, done)
+                                buffer = np.empty((min(chunk_frames, n_wanted - done), height, width, 3), np.uint8)
+                                filled = 0
+                        if done == n_wanted:
+                            break
+                        previous = frame
                     if done == n_wanted:
                         break
-                    previous = frame
             except av.error.FFmpegError as e:
+                if key is not None and done == 0:
+                    raise _SeekMissed from None
                 raise VideoDecodeError(
                     "truncated",
                     uri,
@@ -368,6 +536,8 @@ def _chunks(
                     f"({done - filled} of {n_wanted} sampled frames were handed out): the data ends early or is corrupt "
                     f"({_av_message(e)})",
                 ) from None
+    if key is not None and done == 0:
+        raise _SeekMissed
     if done < n_wanted:
         raise VideoDecodeError(
             "truncated",
@@ -376,12 +546,42 @@ def _chunks(
             f"({done - filled} of {n_wanted} sampled frames were handed out): the data ends early or is corrupt",
         )
     if filled:
-        yield _chunk(buffer[:filled], done, wanted, times)
+        yield _chunk(plan, buffer[:filled], done)
 
 
-def _chunk(frames: np.ndarray, done: int, wanted: np.ndarray, times: np.ndarray) -> FrameChunk:
-    start = done - len(frames)
-    return FrameChunk(start=start, frames=frames, times=times[wanted[start:done]])
+def _packets_from(container, stream, keys: _Keyframes, key: int) -> Iterator:
+    """The stream's packets from keyframe ``key`` on (to the flush packet at the end), after a
+    seek: packets before it are skipped undecoded. A seek that lands past it is retried from up to
+    two keyframes earlier; then ``_SeekMissed``."""
+    want = (int(keys.pts[key]), int(keys.dts[key]), int(keys.size[key]))
+    for earlier in range(3):
+        if key - earlier < 0:
+            break
+        j = key - earlier
+        SEEK_STATS["retried"] += earlier > 0
+        target = int(keys.dts[j]) if keys.dts[j] >= 0 else int(keys.pts[j])
+        try:
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        except av.error.FFmpegError:
+            raise _SeekMissed from None
+        packets = container.demux(stream)
+        for packet in packets:
+            if packet.size == 0:  # the end: it was never seen
+                break
+            dts = -1 if packet.dts is None else packet.dts
+            if packet.is_keyframe and (packet.pts, dts, packet.size) == want:
+                yield packet
+                yield from packets
+                return
+            if dts > want[1] >= 0:  # past it (the demuxer's jump landed late, or the packet came out damaged)
+                break
+    raise _SeekMissed
+
+
+def _chunk(plan: FramePlan, frames: np.ndarray, done: int) -> FrameChunk:
+    """The chunk of ``frames`` that ends at position ``done`` of the plan."""
+    first = done - len(frames)
+    return FrameChunk(start=plan.start + first, frames=frames, times=plan.times[first:done])
 
 
 def _native_index(frame, position: int, index: _Index) -> int:

@@ -11,7 +11,9 @@ import argparse
 from jobs.errors import UsageError
 
 # pipelines.extract.SamplingConfig's defaults, for the help (not imported: the parser stays light; a test keeps them equal)
-DEFAULT_SAMPLING = {"fps": 15.0, "window": 4, "stride": 4}
+DEFAULT_SAMPLING = {"fps": 15.0, "window": 4, "stride": 4, "decoder": "pyav"}
+# pipelines.decoders.DECODERS (a test keeps them equal)
+DECODERS = ("pyav", "decord", "torchcodec")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, help=f"sampling rate (default {DEFAULT_SAMPLING['fps']:g}; 0 = the video's own rate)")
     p.add_argument("--window", type=int, help=f"sampled frames per feature step (default {DEFAULT_SAMPLING['window']})")
     p.add_argument("--stride", type=int, help=f"sampled frames between steps (default {DEFAULT_SAMPLING['stride']})")
+    p.add_argument(
+        "--decoder",
+        choices=DECODERS,
+        help=f"video decoder (default {DEFAULT_SAMPLING['decoder']}); decord and torchcodec need "
+        "pip install 'tal-platform[decoders]' and decode with PyAV where they are not frame-exact (e.g. MPEG-PS); "
+        "recorded in the store, so tal detect/serve decode alike",
+    )
     p.add_argument("--num-workers", type=int, help="extraction actors (default: one per core)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per actor (default 1)")
     p.add_argument("--num-gpus", "--gpus-per-worker", dest="num_gpus", type=float, help="GPUs per actor (1, or 0.5 to share; default 0)")

@@ -69,6 +69,7 @@ def test_defaults_written_into_the_help_are_the_jobs():
     from jobs.cli import extract as extract_cli
     from jobs.cli import synth as synth_cli
     from pipelines import synth
+    from pipelines.decoders import DECODERS
     from pipelines.extract import SamplingConfig
 
     assert (detect_cli.DEFAULT_SCORE_THRESHOLD, detect_cli.DEFAULT_TIMELINE_VIDEOS) == (
@@ -82,6 +83,7 @@ def test_defaults_written_into_the_help_are_the_jobs():
     assert evaluate_cli.AUTO_RAY_VIDEOS == evaluate.AUTO_RAY_VIDEOS
     assert (export_cli.EXPORT_FORMATS, export_cli.DEFAULT_OPSET) == (export.EXPORT_FORMATS, export.DEFAULT_OPSET)
     assert SamplingConfig(**extract_cli.DEFAULT_SAMPLING) == SamplingConfig()
+    assert extract_cli.DECODERS == DECODERS
     assert (synth_cli.ACTIVITYNET_JSON, synth_cli.THUMOS14_JSON, synth_cli.SUBSETS, synth_cli.MAX_CLASSES) == (
         synth.ACTIVITYNET_JSON,
         synth.THUMOS14_JSON,

@@ -30,7 +30,7 @@ def write_yaml(path: Path, data: dict) -> str:
 
 def test_without_yaml_the_built_in_defaults_apply(capsys):
     got = printed(capsys)
-    assert got["sampling"] == {"fps": 15.0, "window": 4, "stride": 4, "chunk_frames": 64}
+    assert got["sampling"] == {"fps": 15.0, "window": 4, "stride": 4, "chunk_frames": 64, "decoder": "pyav"}
     assert got["backbone"]["name"] == "mobilenet_v2" and got["backbone"]["dtype"] == "float32" and got["backbone"]["batch_size"] == 64
     assert (got["num_workers"], got["cpus_per_worker"], got["gpus_per_worker"]) == (None, 1.0, 0.0)
     assert printed(capsys, "--num-gpus", "1")["backbone"]["dtype"] == "float16"  # the dtype follows the GPUs unless set
@@ -43,17 +43,25 @@ def test_precedence_defaults_yaml_flags_set(tmp_path, capsys):
         {"backbone": {"batch_size": 16}, "sampling": {"fps": 10, "window": 8, "stride": 8}, "num_workers": 3, "gpus_per_worker": 1},
     )
     got = printed(capsys, "--config", config)
-    assert got["sampling"] == {"fps": 10.0, "window": 8, "stride": 8, "chunk_frames": 64}
+    assert got["sampling"] == {"fps": 10.0, "window": 8, "stride": 8, "chunk_frames": 64, "decoder": "pyav"}
     assert (got["backbone"]["batch_size"], got["num_workers"], got["backbone"]["dtype"]) == (16, 3, "float16")
     # Explicit flags beat the YAML; flags left out (batch size, workers, fps) keep the YAML's values.
     got = printed(capsys, "--config", config, "--window", "2", "--stride", "2", "--dtype", "bfloat16")
-    assert got["sampling"] == {"fps": 10.0, "window": 2, "stride": 2, "chunk_frames": 64}
+    assert got["sampling"] == {"fps": 10.0, "window": 2, "stride": 2, "chunk_frames": 64, "decoder": "pyav"}
     assert (got["backbone"]["batch_size"], got["num_workers"], got["backbone"]["dtype"]) == (16, 3, "bfloat16")
     # --set beats both, values parsed as YAML.
     got = printed(capsys, "--config", config, "--fps", "12", "--set", "sampling.fps=5", "--set", "backbone.mean=[0.5, 0.5, 0.5]",
                   "--set", "num_workers=null")  # fmt: skip
     assert got["sampling"]["fps"] == 5.0 and got["backbone"]["mean"] == [0.5, 0.5, 0.5] and got["num_workers"] is None
     assert printed(capsys, "--config", config, "--fps", "12")["sampling"]["fps"] == 12.0
+
+
+def test_decoder_flag_yaml_and_set(tmp_path, capsys):
+    assert printed(capsys, "--decoder", "torchcodec")["sampling"]["decoder"] == "torchcodec"
+    config = write_yaml(tmp_path / "x.yaml", {"sampling": {"decoder": "decord"}})
+    assert printed(capsys, "--config", config)["sampling"]["decoder"] == "decord"
+    assert printed(capsys, "--config", config, "--decoder", "pyav")["sampling"]["decoder"] == "pyav"
+    assert printed(capsys, "--set", "sampling.decoder=torchcodec")["sampling"]["decoder"] == "torchcodec"
 
 
 def test_yaml_dtype_is_kept_with_gpus(tmp_path, capsys):
