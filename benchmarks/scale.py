@@ -18,7 +18,11 @@ plain loop they are compared with); ``ray_init_s`` is timed apart and excluded f
 - ``throughput``: the same 2,000 videos through ``features_for_video`` + ``PartWriter`` in a loop, one
   thread, in a fresh process (``loop``), against the 2-worker run above: ``per_core_ratio`` = (videos/s
   of the workers after start-up / 2) / loop videos/s (target >= 0.85). ``per_core_ratio_wall`` also
-  counts the job's start-up (actors loading the backbone, the first video).
+  counts the job's start-up (actors loading the backbone, the first video). ``two_loops``: two such
+  loops side by side on the two halves of the videos (no Ray): ``two_loops_per_core_ratio`` is what
+  two busy cores of this machine give per core at all, ``vs_two_loops`` = the workers' rate / theirs
+  (what Ray itself costs), ``worker_utilisation`` = time inside the workers' calls / (2 x seconds
+  after start-up).
 - ``long``: one 60-minute video (160x120, 10 fps) on 2 workers, ``split_seconds=300`` (12 pieces)
   vs unsplit; MobileNetV2 at ``--long-fps`` (default 2) sampled frames per second. ``wall_ratio`` =
   split / unsplit extraction seconds (target <= 0.6).
@@ -141,6 +145,7 @@ def child_extract(spec: dict) -> dict:
         "driver_peak_rss_mb": round(_peak_rss_mb(), 1),
         "driver_cpu_s": round(cpu1.user - cpu0.user + cpu1.system - cpu0.system, 2),
         "driver_bytes_received": summary.driver_bytes_received,
+        "worker_seconds": round(summary.worker_seconds, 2),
         "parts": len(summary.parts),
         "pieces": summary.pieces,
         "steps": summary.steps,
@@ -167,6 +172,9 @@ def child_loop(spec: dict) -> dict:
     machine = _cpu_times()
     t0 = time.perf_counter()
     videos = list_videos(spec["videos"])
+    if "shard" in spec:  # one of several loops running side by side
+        index, count = spec["shard"]
+        videos = videos[index::count]
     for v in videos:
         writer.add(features_for_video(backbone, v.uri, sampling, video_id=v.video_id))
     writer.flush()
@@ -181,16 +189,21 @@ def child_loop(spec: dict) -> dict:
 
 
 def _child(kind: str, spec: dict) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", kind, json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {kind} failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _children(kind, [spec])[0]
+
+
+def _children(kind: str, specs: list[dict]) -> list[dict]:
+    """Run one child per spec, side by side; their JSON results."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    argv = [[sys.executable, __file__, "--child", kind, json.dumps(spec)] for spec in specs]
+    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for a in argv]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"child {kind} failed ({proc.returncode}): {err[-3000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 # --- sections -------------------------------------------------------------------------------------------
@@ -207,16 +220,19 @@ def driver_and_throughput(cache: Path, quick: bool) -> dict:
         shutil.rmtree(store, ignore_errors=True)
     _log(f"plain loop over {large} videos")
     store = cache / "stores" / f"loop-{time.time_ns()}"
-    loop = _child(
-        "loop",
-        {
-            "videos": str(_archive(cache, f"short-{large}", large, SHORT)),
-            "out": str(store),
-            "backbone": backbone,
-            "sampling": SHORT_SAMPLING,
-        },
-    )
+    spec = {
+        "videos": str(_archive(cache, f"short-{large}", large, SHORT)),
+        "out": str(store),
+        "backbone": backbone,
+        "sampling": SHORT_SAMPLING,
+    }
+    loop = _child("loop", spec)
     shutil.rmtree(store, ignore_errors=True)
+    _log(f"two plain loops side by side over {large} videos")
+    pair = _children("loop", [{**spec, "shard": [i, 2], "out": f"{store}-{i}"} for i in range(2)])
+    for i in range(2):
+        shutil.rmtree(f"{store}-{i}", ignore_errors=True)
+    pair_rate = large / max(r["seconds"] for r in pair)
     big = runs[large]
     workers_rate = big["videos"] / max(big["seconds"] - big["startup_s"], 1e-9)
     out.update(
@@ -226,6 +242,10 @@ def driver_and_throughput(cache: Path, quick: bool) -> dict:
         driver_bytes_per_video=round(big["driver_bytes_received"] / big["videos"], 1),
         per_core_ratio=round(workers_rate / 2 / loop["videos_per_s"], 3),
         per_core_ratio_wall=round(big["videos"] / big["seconds"] / 2 / loop["videos_per_s"], 3),
+        two_loops=pair,
+        two_loops_per_core_ratio=round(pair_rate / 2 / loop["videos_per_s"], 3),  # what two busy cores give without Ray
+        vs_two_loops=round(workers_rate / pair_rate, 3),
+        worker_utilisation=round(big["worker_seconds"] / (2 * (big["seconds"] - big["startup_s"])), 3),
         loadavg_after=_loadavg(),
     )
     return out

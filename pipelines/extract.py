@@ -114,6 +114,7 @@ class ExtractSummary:
     pieces: int = 0
     worker_restarts: int = 0  # workers that died (and were replaced) during the run
     driver_bytes_received: int = 0  # what the workers sent the driver (pickled replies): metadata only, never features
+    worker_seconds: float = 0.0  # time the workers spent inside videos and pieces (vs workers x seconds: their utilisation)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -577,7 +578,8 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         return summary
 
     init_ray()
-    workers = max(1, min(config.num_workers, len(todo)))
+    # a single long video still uses every worker (its pieces); without splitting, more workers than videos would idle
+    workers = max(1, config.num_workers if config.split_seconds else min(config.num_workers, len(todo)))
     actor_class = ray.remote(ExtractionWorker).options(
         num_cpus=config.cpus_per_worker,
         num_gpus=config.gpus_per_worker or None,
@@ -693,8 +695,10 @@ class _Scheduler:
 
     def _handle(self, actor: int, task: _Task, reply: dict[str, Any]) -> None:
         s = self.summary
-        if self.summary.startup_seconds == 0.0 and "seconds" in reply:
-            s.startup_seconds = time.perf_counter() - self.t0 - float(reply["seconds"])
+        if "seconds" in reply:
+            s.worker_seconds += reply["seconds"]
+            if s.startup_seconds == 0.0:
+                s.startup_seconds = time.perf_counter() - self.t0 - float(reply["seconds"])
         self.pids[actor] = reply["pid"]
         vid = reply["video_id"]
         if reply["status"] == "ok" and task.method in ("video", "stitch"):
