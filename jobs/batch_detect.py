@@ -57,6 +57,7 @@ from jobs.detect import (
     _featurizer,
     _list_videos,
     _open_model,
+    check_result_flags,
     detect_video,
     format_report,
 )
@@ -504,12 +505,7 @@ def _batches(ds, poll_s: float) -> Iterator[pa.Table | None]:
 
 
 def _check_flags(request: BatchDetectRequest) -> None:
-    if not 0.0 <= request.score_threshold <= 1.0:
-        raise UsageError(f"--score-threshold must be in [0, 1] (scores are probabilities), got {request.score_threshold}")
-    if request.top_k is not None and request.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {request.top_k}")
-    if request.timeline_videos < 0:
-        raise UsageError(f"--timeline-videos must be >= 0, got {request.timeline_videos}")
+    check_result_flags(request.score_threshold, request.top_k, request.timeline_videos)
     for flag, value in (
         ("--workers", request.workers),
         ("--videos-per-call", request.videos_per_call),

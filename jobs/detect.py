@@ -178,13 +178,18 @@ def keep_detections(detections: Detections, score_threshold: float, top_k: int |
     return d if top_k is None else d[np.arange(min(top_k, len(d)))]
 
 
+def check_result_flags(score_threshold: float, top_k: int | None, timeline_videos: int) -> None:
+    """The flags that shape what is written, in process and on Ray alike."""
+    if not 0.0 <= score_threshold <= 1.0:
+        raise UsageError(f"--score-threshold must be in [0, 1] (scores are probabilities), got {score_threshold}")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    if timeline_videos < 0:
+        raise UsageError(f"--timeline-videos must be >= 0, got {timeline_videos}")
+
+
 def _check_flags(request: DetectRequest) -> None:
-    if not 0.0 <= request.score_threshold <= 1.0:
-        raise UsageError(f"--score-threshold must be in [0, 1] (scores are probabilities), got {request.score_threshold}")
-    if request.top_k is not None and request.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {request.top_k}")
-    if request.timeline_videos < 0:
-        raise UsageError(f"--timeline-videos must be >= 0, got {request.timeline_videos}")
+    check_result_flags(request.score_threshold, request.top_k, request.timeline_videos)
     if request.output.exists() and not request.output.is_dir():
         raise UsageError(f"--output {request.output} is a file; it names a directory (results.json, failed.json, timelines/)")
 
