@@ -22,6 +22,7 @@ the whole dataset; a dozen lines of scheduling over ``ray.wait`` do both (and re
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -590,14 +591,20 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     )
     actors = [actor_class.remote(config, provenance.to_dict()) for _ in range(workers)]
     bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not config.progress)
-    scheduler = _Scheduler(ray, actors, todo, summary, bar, t0)
+    scheduler = None
     try:
+        scheduler = _Scheduler(ray, actors, todo, summary, bar, t0)
         scheduler.run()
+    except BaseException:
+        # interrupted (Ctrl-C) or failed: what the workers finished but have not written yet is kept if they can write it now
+        with contextlib.suppress(BaseException):
+            ray.get([actor.flush.remote() for actor in actors], timeout=INTERRUPT_FLUSH_S)
+        raise
     finally:
         bar.close()
         for actor in actors:
             ray.kill(actor)
-        store.record_failures(list(scheduler.failures.values()))
+        store.record_failures(list(scheduler.failures.values()) if scheduler else [])
         summary.seconds = time.perf_counter() - t0
         final = store.status()
         store.write_summary({"done": sorted(final.done), "failed": final.failed, "provenance": provenance.to_dict(), "last_run": summary.to_dict()})
@@ -606,7 +613,8 @@ def extract(config: ExtractConfig) -> ExtractSummary:
 
 MAX_ATTEMPTS = 3  # tries per video (or piece) when its worker dies under it
 TASKS_PER_ACTOR = 2  # whole videos in flight per actor: the next one is queued there while it works
-PING_TIMEOUT_S = 300.0  # how long a replaced worker may take to start (it loads the backbone)
+PING_TIMEOUT_S = 300.0
+INTERRUPT_FLUSH_S = 60.0  # an interrupted job waits this long for its workers to write what they hold  # how long a replaced worker may take to start (it loads the backbone)
 
 
 @dataclass
@@ -781,6 +789,8 @@ class _Scheduler:
 
     def _retry(self, task: _Task, error: Exception) -> None:
         vid = task.video.video_id
+        if vid in self.failures:
+            return  # a piece of a video that has failed already
         if task.attempt >= MAX_ATTEMPTS:
             self._fail(vid, "crashed", f"failed {MAX_ATTEMPTS} times on this video, the last with {type(error).__name__}: {str(error)[:300]}")
         elif task.method == "stitch":  # the pieces may have died with it: do the video again

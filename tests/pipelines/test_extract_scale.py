@@ -215,3 +215,34 @@ def test_driver_killed_mid_job_then_rerun(tmp_path, ray_session):
     videos = [v for vs in after.values() for v in vs]
     assert sorted(videos) == sorted(synth.videos)  # each exactly once
     assert sorted(FeatureStore(str(store)).read_all()) == sorted(synth.videos)
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_keeps_what_the_workers_finished(tmp_path, ray_session):
+    """SIGINT to a ``tal extract`` driver whose workers hold finished videos in their buffers (parts of
+    1 GB: nothing written yet): the interrupted driver has them written before it exits."""
+    synth = synthesize(
+        tmp_path / "synth", videos=8, seed=4, classes=2, duration_range=(3.0, 5.0), size=(96, 64), fps=10.0, workers=1, progress=False
+    )
+    store = tmp_path / "store"
+    env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "jobs.cli", "extract", "--videos", str(tmp_path / "synth" / "videos"), "--out", str(store)]
+    argv += ["--fps", "10", "--window", "1", "--stride", "1", "--num-workers", "1", "--part-mb", "1000"]
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "wb") as log:
+        driver = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 200
+        while " 2/8 " not in log_path.read_text(errors="replace").replace("|", " "):  # the progress bar: two videos done
+            assert driver.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.1)
+        assert not (store / MANIFEST_DIR).exists() or not _manifests(store)  # buffered, not written
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=120) != 0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    written = [v for m in _manifests(store) for v in m["videos"]]
+    assert 2 <= len(written) < 8 and len(set(written)) == len(written)
+    assert set(written) <= set(synth.videos)
