@@ -35,24 +35,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._machine import loadavg, status_mb  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data" / "videos"
 BBB = SHARED / "bigbuckbunny_720p_h264.mp4"
 CITY = SHARED / "city_405p_mpeg2.mpg"
 BACKENDS = ("pyav", "decord", "torchcodec")
 RANGE_FRAMES = 64
 IDLE_SECONDS = 3.0
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
-
-
-def _loadavg() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def synthetic_video(cache: Path, seconds: float) -> Path:
@@ -94,9 +86,9 @@ def run_backend(name: str, videos: dict[str, str]) -> dict:
     # a caller that holds a chunk for a while: the reader must not decode ahead meanwhile
     _, chunks = decoder.iter_frames(Path(videos["synth"]), fps=None, chunk_frames=64, resize=None, num_threads=1, stop_index=640)
     next(chunks)
-    before = _status_mb("VmRSS")
+    before = status_mb("VmRSS")
     time.sleep(IDLE_SECONDS)
-    idle_growth = round(_status_mb("VmRSS") - before, 1)
+    idle_growth = round(status_mb("VmRSS") - before, 1)
     del chunks
 
     for key in ("synth", "city", "bbb"):
@@ -114,7 +106,7 @@ def run_backend(name: str, videos: dict[str, str]) -> dict:
             "from_start_s": round(from_start, 3),
             "speedup": round(from_start / ranged, 2),
         }
-    out["rss_mb"] = {"peak": _status_mb("VmHWM"), "after": _status_mb("VmRSS"), "idle_growth": idle_growth}
+    out["rss_mb"] = {"peak": status_mb("VmHWM"), "after": status_mb("VmRSS"), "idle_growth": idle_growth}
     if name == "decord":  # what the backend avoids: one reader kept across chunks, as decord is usually used
         out["rss_mb"]["kept_reader_idle_growth"] = _kept_reader_growth(decoder, Path(videos["synth"]))
     out["used"] = dict(decoder.used)
@@ -125,9 +117,9 @@ def _kept_reader_growth(decoder, path: Path) -> float:
     """VmRSS change (MB) in the idle seconds after one 16-frame ``get_batch`` of a decord reader that is kept."""
     reader = decoder._decord.VideoReader(str(path), num_threads=1)
     reader.get_batch(list(range(16))).asnumpy()
-    before = _status_mb("VmRSS")
+    before = status_mb("VmRSS")
     time.sleep(IDLE_SECONDS)
-    growth = round(_status_mb("VmRSS") - before, 1)
+    growth = round(status_mb("VmRSS") - before, 1)
     del reader
     return growth
 
@@ -139,7 +131,7 @@ def measure(quick: bool = False, cache: str | os.PathLike | None = None) -> dict
     cache.mkdir(parents=True, exist_ok=True)
     seconds = 30.0 if quick else 120.0
     videos = {"bbb": str(BBB), "city": str(CITY), "synth": str(synthetic_video(cache, seconds))}
-    result: dict = {"loadavg_start": _loadavg(), "quick": quick, "synthetic_seconds": seconds, "cpu_count": os.cpu_count(), "backends": {}}
+    result: dict = {"loadavg_start": loadavg(), "quick": quick, "synthetic_seconds": seconds, "cpu_count": os.cpu_count(), "backends": {}}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     for name in BACKENDS:
         started = time.perf_counter()
@@ -156,7 +148,7 @@ def measure(quick: bool = False, cache: str | os.PathLike | None = None) -> dict
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row["process_s"] = round(time.perf_counter() - started, 1)
         result["backends"][name] = row
-    result["loadavg_end"] = _loadavg()
+    result["loadavg_end"] = loadavg()
     return result
 
 

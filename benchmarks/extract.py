@@ -59,30 +59,15 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._machine import busy_since, cpu_times, loadavg, peak_rss_mb  # noqa: E402
 
 SIZE, FPS, SEED, WORKERS = (320, 240), 15.0, 0, 2
 SAMPLING = dict(fps=15.0, window=4, stride=4)
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def _cpu_times() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine."""
-    with open("/proc/stat") as f:
-        values = [float(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    total = sum(values[:8])  # guest time is already inside user
-    return total - idle, total
-
-
-def _busy_since(start: tuple[float, float]) -> float:
-    busy, total = _cpu_times()
-    return round((busy - start[0]) / max(total - start[1], 1e-9), 3)
-
-
-def _loadavg() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
-
-
 def _frames(seq) -> int:
     return int(round(seq.duration * seq.timing.fps))  # as ExtractSummary counts them
 
@@ -117,7 +102,7 @@ def plain_loop(videos: list[Path]) -> dict:
     backbone = build_backbone(BackboneConfig(), "cpu", num_threads=1)
     build_s = time.perf_counter() - t0
     sampling = SamplingConfig(**SAMPLING)
-    machine, cpu0 = _cpu_times(), os.times()
+    machine, cpu0 = cpu_times(), os.times()
     t0 = time.perf_counter()
     per_video = []
     for path in videos:
@@ -137,7 +122,7 @@ def plain_loop(videos: list[Path]) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_user_s": round(cpu1.user - cpu0.user, 1),
         "cpu_sys_s": round(cpu1.system - cpu0.system, 1),  # kernel time (page faults of the backbone's buffers)
-        "machine_busy": _busy_since(machine),
+        "machine_busy": busy_since(machine),
         "frames": frames,
     }
 
@@ -183,7 +168,7 @@ def pipeline(video_dir: Path, cache: Path, workers: int) -> dict:
     tag = uuid.uuid4().hex[:8]
     store, log_path = cache / "stores" / f"extract-{tag}", cache / "stores" / f"actors-{tag}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    machine = _cpu_times()
+    machine = cpu_times()
     t0 = time.perf_counter()
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     ray_init_s = time.perf_counter() - t0
@@ -201,7 +186,7 @@ def pipeline(video_dir: Path, cache: Path, workers: int) -> dict:
         extract_module.ExtractionWorker = original
         ray.shutdown()
         shutil.rmtree(store, ignore_errors=True)
-    busy = _busy_since(machine)
+    busy = busy_since(machine)
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     log_path.unlink()
     if summary.failed or summary.extracted != summary.listed:
@@ -246,13 +231,6 @@ def pipeline(video_dir: Path, cache: Path, workers: int) -> dict:
 
 
 # --- memory ----------------------------------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process image (VmHWM). Not ``ru_maxrss``: Linux carries that
-    across fork + exec, so a child started by a big parent reports the parent's size."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
 def memory_child(path: str) -> None:
     """One video in this (fresh) process -> a JSON line with its peak resident memory."""
     import resource
@@ -266,12 +244,12 @@ def memory_child(path: str) -> None:
 
     torch.set_num_threads(1)
     backbone = build_backbone(BackboneConfig(), "cpu", num_threads=1)
-    baseline = _peak_rss_mb()
+    baseline = peak_rss_mb()
     t0 = time.perf_counter()
     seq = features_for_video(backbone, path, SamplingConfig(**SAMPLING))
     seconds = time.perf_counter() - t0
     print(json.dumps({
-        "peak_mb": round(_peak_rss_mb(), 1),
+        "peak_mb": round(peak_rss_mb(), 1),
         "baseline_mb": round(baseline, 1),
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "seconds": round(seconds, 1),
@@ -322,7 +300,7 @@ def main() -> None:
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    load_start = _loadavg()
+    load_start = loadavg()
     t0 = time.perf_counter()
     out: dict = {"benchmark": "extract", "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start}}
     if not args.skip_throughput:
@@ -339,7 +317,7 @@ def main() -> None:
     if not args.skip_memory:
         out["memory"] = memory(cache, args.long_minutes)
         out["target_memory_met"] = out["memory"]["growth"] < 1.2
-    out["machine"]["loadavg_end"] = _loadavg()
+    out["machine"]["loadavg_end"] = loadavg()
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out))
 

@@ -50,6 +50,8 @@ os.environ.setdefault("RAY_worker_niceness", "0")  # read when Ray starts; Ray's
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._machine import busy_since, cpu_times, loadavg, peak_rss_mb  # noqa: E402
+
 SHORT = dict(size=(96, 64), fps=10.0, duration_range=(2.0, 4.0))
 SHORT_SAMPLING = dict(fps=10.0, window=4, stride=4, chunk_frames=64)
 LONG = dict(size=(160, 120), fps=10.0, duration_range=(3600.0, 3600.0))
@@ -57,21 +59,6 @@ LONG = dict(size=(160, 120), fps=10.0, duration_range=(3600.0, 3600.0))
 
 def _log(msg: str) -> None:
     print(f"[scale {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _loadavg() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
-
-
-def _cpu_times() -> tuple[float, float]:
-    with open("/proc/stat") as f:
-        values = [float(v) for v in f.readline().split()[1:]]
-    return sum(values[:8]) - values[3] - values[4], sum(values[:8])
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def _archive(cache: Path, name: str, videos: int, spec: dict) -> Path:
@@ -127,14 +114,14 @@ def child_extract(spec: dict) -> dict:
     t0 = time.perf_counter()
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     ray_init_s = time.perf_counter() - t0
-    machine, cpu0 = _cpu_times(), os.times()
+    machine, cpu0 = cpu_times(), os.times()
     config = ExtractConfig(
         videos=spec["videos"], out=spec["out"], backbone=BackboneConfig(**backbone), sampling=SamplingConfig(**spec["sampling"]),
         num_workers=2, progress=False, split_seconds=spec.get("split_seconds"),
     )  # fmt: skip
     summary = extract(config)
     cpu1 = os.times()
-    busy, total = _cpu_times()
+    machine_busy = busy_since(machine)
     ray.shutdown()
     return {
         "videos": summary.extracted,
@@ -142,14 +129,14 @@ def child_extract(spec: dict) -> dict:
         "seconds": round(summary.seconds, 2),
         "startup_s": round(summary.startup_seconds, 2),
         "ray_init_s": round(ray_init_s, 2),
-        "driver_peak_rss_mb": round(_peak_rss_mb(), 1),
+        "driver_peak_rss_mb": round(peak_rss_mb(), 1),
         "driver_cpu_s": round(cpu1.user - cpu0.user + cpu1.system - cpu0.system, 2),
         "driver_bytes_received": summary.driver_bytes_received,
         "worker_seconds": round(summary.worker_seconds, 2),
         "parts": len(summary.parts),
         "pieces": summary.pieces,
         "steps": summary.steps,
-        "machine_busy": round((busy - machine[0]) / max(total - machine[1], 1e-9), 3),
+        "machine_busy": machine_busy,
     }
 
 
@@ -169,7 +156,7 @@ def child_loop(spec: dict) -> dict:
     sampling = SamplingConfig(**spec["sampling"])
     backbone = build_backbone(config, "cpu", num_threads=1)
     writer = PartWriter(FeatureStore(spec["out"]), provenance_for(backbone, sampling, settings_json(config, sampling)))
-    machine = _cpu_times()
+    machine = cpu_times()
     t0 = time.perf_counter()
     videos = list_videos(spec["videos"])
     if "shard" in spec:  # one of several loops running side by side
@@ -179,12 +166,12 @@ def child_loop(spec: dict) -> dict:
         writer.add(features_for_video(backbone, v.uri, sampling, video_id=v.video_id))
     writer.flush()
     seconds = time.perf_counter() - t0
-    busy, total = _cpu_times()
+    machine_busy = busy_since(machine)
     return {
         "videos": len(videos),
         "seconds": round(seconds, 2),
         "videos_per_s": round(len(videos) / seconds, 2),
-        "machine_busy": round((busy - machine[0]) / max(total - machine[1], 1e-9), 3),
+        "machine_busy": machine_busy,
     }
 
 
@@ -210,7 +197,7 @@ def _children(kind: str, specs: list[dict]) -> list[dict]:
 def driver_and_throughput(cache: Path, quick: bool) -> dict:
     small, large = (20, 200) if quick else (100, 2000)
     backbone = _tiny_backbone(cache)
-    out: dict = {"loadavg_before": _loadavg(), "videos": [small, large]}
+    out: dict = {"loadavg_before": loadavg(), "videos": [small, large]}
     runs = {}
     for n in (small, large):
         videos = _archive(cache, f"short-{n}", n, SHORT)
@@ -246,7 +233,7 @@ def driver_and_throughput(cache: Path, quick: bool) -> dict:
         two_loops_per_core_ratio=round(pair_rate / 2 / loop["videos_per_s"], 3),  # what two busy cores give without Ray
         vs_two_loops=round(workers_rate / pair_rate, 3),
         worker_utilisation=round(big["worker_seconds"] / (2 * (big["seconds"] - big["startup_s"])), 3),
-        loadavg_after=_loadavg(),
+        loadavg_after=loadavg(),
     )
     return out
 
@@ -255,7 +242,7 @@ def long_video(cache: Path, quick: bool, fps: float) -> dict:
     spec = dict(LONG, duration_range=(600.0, 600.0)) if quick else LONG
     minutes = int(spec["duration_range"][0] // 60)
     videos = _archive(cache, f"long-{minutes}min", 1, spec)
-    out: dict = {"minutes": minutes, "backbone": "mobilenet_v2", "fps": fps, "loadavg_before": _loadavg()}
+    out: dict = {"minutes": minutes, "backbone": "mobilenet_v2", "fps": fps, "loadavg_before": loadavg()}
     sampling = {"fps": fps, "window": 2, "stride": 2, "chunk_frames": 64}
     for label, split in (("unsplit", None), ("split", 300.0 if not quick else 120.0)):
         store = cache / "stores" / f"long-{label}-{time.time_ns()}"
@@ -266,7 +253,7 @@ def long_video(cache: Path, quick: bool, fps: float) -> dict:
         )
         shutil.rmtree(store, ignore_errors=True)
     out["wall_ratio"] = round(out["split"]["seconds"] / out["unsplit"]["seconds"], 3)
-    out["loadavg_after"] = _loadavg()
+    out["loadavg_after"] = loadavg()
     return out
 
 
@@ -284,7 +271,7 @@ def main() -> None:
         return
     args.cache.mkdir(parents=True, exist_ok=True)
     sections = args.sections.split(",")
-    result: dict = {"benchmark": "scale", "quick": args.quick, "cpus": os.cpu_count(), "loadavg_start": _loadavg()}
+    result: dict = {"benchmark": "scale", "quick": args.quick, "cpus": os.cpu_count(), "loadavg_start": loadavg()}
     if "driver" in sections:
         result["driver"] = driver_and_throughput(args.cache, args.quick)
     if "long" in sections:
@@ -299,7 +286,7 @@ def main() -> None:
 
         _log("decoders")
         result["decoders"] = decoders_measure(quick=args.quick)
-    result["loadavg_end"] = _loadavg()
+    result["loadavg_end"] = loadavg()
     print(json.dumps(result))
 
 

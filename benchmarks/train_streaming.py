@@ -40,6 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._machine import status_mb  # noqa: E402
+
 DIM = 2048
 CLASSES = ["a", "b", "c", "d", "e"]
 WARMUP = 3
@@ -140,8 +142,6 @@ def run_case(store: str, annotations: str, preset: str, cache_bytes: int, iterat
     iteration_s = np.diff([*marks, ended])[WARMUP:]  # from one batch's hand-over to the next: the step + the next batch's wait
     iteration_cpu_s = np.diff([*cpu, ended_cpu])[WARMUP:]
     reader = shard.sequences
-    status = Path("/proc/self/status").read_text().splitlines()
-    kb = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmHWM", "VmRSS"))}
     return {
         "videos": len(planned.train) + len(planned.val),
         "shard_mb": round(reader.estimated_bytes / MIB, 1),
@@ -152,8 +152,8 @@ def run_case(store: str, annotations: str, preset: str, cache_bytes: int, iterat
         "iteration_s": round(float(np.mean(iteration_s)), 4),
         "iteration_cpu_s": round(float(np.mean(iteration_cpu_s)), 4),
         "batch_wait_s": round(float(np.mean(waits[WARMUP:])), 4),
-        "peak_rss_mb": round(kb["VmHWM"] / 1024, 1),
-        "end_rss_mb": round(kb["VmRSS"] / 1024, 1),
+        "peak_rss_mb": status_mb("VmHWM"),
+        "end_rss_mb": status_mb("VmRSS"),
         "reader": {
             "hits": reader.stats.hits,
             "misses": reader.stats.misses,

@@ -506,8 +506,8 @@ class ExtractionWorker:
             _, features = features_for_range(self.backbone, uri, self.config.sampling, first, stop, plan=plan, filesystem=self._filesystem(uri))
         except Exception as e:  # noqa: BLE001 - fails its video, not the job
             return self._reply(video_id, status="failed", **_failure(e), seconds=time.perf_counter() - start), np.zeros((0, 0), np.float32)
-        frames = int(np.ptp(plan.sampled_range(first, stop))) if stop > first else 0
-        return self._reply(video_id, status="ok", frames=frames, steps=stop - first, seconds=time.perf_counter() - start), features
+        start_frame, end_frame = plan.sampled_range(first, stop)
+        return self._reply(video_id, status="ok", frames=end_frame - start_frame, steps=stop - first, seconds=time.perf_counter() - start), features
 
     def stitch(self, video_id: str, uri: str, plan: VideoPlan, *pieces: np.ndarray) -> dict[str, Any]:
         """A split video's pieces (in order) -> one sequence, buffered for this actor's next part."""
@@ -641,7 +641,7 @@ class _Scheduler:
         self.running: dict[Any, tuple[int, _Task]] = {}  # reply ref -> (actor, task)
         self.pending: dict[int, set[str]] = {i: set() for i in range(len(actors))}  # buffered, not yet written
         self.pids: dict[int, int] = {}  # the process each actor last replied from
-        self.pieces: dict[str, dict] = {}  # video_id -> {"plan", "refs": [ref | None], "left": n}
+        self.pieces: dict[str, dict] = {}  # split video_id -> {"plan", "count", "running"/"done": {first step: features ref}, "frames"}
         self.failures: dict[str, dict[str, str]] = {}
         self.flushed: set[int] = set()
         for i, reply in enumerate(ray.get([a.ping.remote() for a in self.actors])):  # waits for every backbone to load
@@ -721,7 +721,7 @@ class _Scheduler:
             self._fail(vid, reply["reason"], reply["message"])
         elif reply["status"] == "split":
             ranges = reply["ranges"]
-            self.pieces[vid] = {"plan": reply["plan"], "running": {}, "done": {}, "count": len(ranges)}
+            self.pieces[vid] = {"plan": reply["plan"], "running": {}, "done": {}, "count": len(ranges), "frames": 0}
             s.split_videos += 1
             s.pieces += len(ranges)
             v = task.video
@@ -729,7 +729,7 @@ class _Scheduler:
         elif task.method == "piece":
             job = self.pieces[vid]
             job["done"][task.args[3]] = job["running"].pop(task.args[3])
-            job["frames"] = job.get("frames", 0) + reply["frames"]
+            job["frames"] += reply["frames"]
             if len(job["done"]) == job["count"]:
                 del self.pieces[vid]
                 refs = [job["done"][a] for a in sorted(job["done"])]
