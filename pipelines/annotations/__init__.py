@@ -9,6 +9,7 @@ integer labels indexing a ``LabelMap``) and written back where a format is used 
 | THUMOS14, ActionFormer's JSON | ``read_thumos14_json`` | ``write_thumos14_json`` |
 | THUMOS14, original per-class txt | ``read_thumos14_txt`` | |
 | MultiTHUMOS JSON | ``read_multithumos`` | |
+| FineAction JSON | ``read_fineaction`` | |
 | EPIC-Kitchens-100 CSV | ``read_epic_kitchens`` | |
 
 ``read_annotations`` picks the ground-truth reader from the file itself; every reader records
@@ -35,6 +36,7 @@ from .activitynet import (
 )
 from .epic_kitchens import parse_timestamp, read_epic_kitchens
 from .errors import AnnotationFormatError, load_json
+from .fineaction import FINEACTION_NUM_CLASSES, is_fineaction, parse_fineaction, read_fineaction
 from .multithumos import MULTITHUMOS_NUM_CLASSES, parse_multithumos, read_multithumos
 from .thumos14 import (
     parse_thumos14_json,
@@ -44,6 +46,7 @@ from .thumos14 import (
 )
 
 __all__ = [
+    "FINEACTION_NUM_CLASSES",
     "FORMATS",
     "MULTITHUMOS_NUM_CLASSES",
     "AnnotationFormatError",
@@ -55,6 +58,7 @@ __all__ = [
     "read_activitynet_results",
     "read_annotations",
     "read_epic_kitchens",
+    "read_fineaction",
     "read_multithumos",
     "read_thumos14_json",
     "read_thumos14_txt",
@@ -64,7 +68,7 @@ __all__ = [
     "write_thumos14_json",
 ]
 
-FORMATS = ("activitynet", "thumos14_json", "thumos14_txt", "multithumos", "epic_kitchens")
+FORMATS = ("activitynet", "thumos14_json", "thumos14_txt", "multithumos", "epic_kitchens", "fineaction")
 
 
 def read_annotations(path: str | os.PathLike, format: str = "auto") -> AnnotationSet:
@@ -91,13 +95,16 @@ def read_annotations(path: str | os.PathLike, format: str = "auto") -> Annotatio
             return parse_thumos14_json(data, path)
         case "multithumos":
             return parse_multithumos(data, path)
+        case "fineaction":
+            return parse_fineaction(data, path)
     raise ValueError(f"format {format!r} is not a JSON format")  # pragma: no cover
 
 
 def detect_format(data: object, path: str | os.PathLike = "<json>") -> str:
     """The JSON ground-truth format of parsed ``data``: ``"thumos14_json"`` if its annotations
     carry ``label_id``, ``"activitynet"`` if they don't (``database`` wrapper or not),
-    ``"multithumos"`` for ``actions`` lists; anything else is an ``AnnotationFormatError``."""
+    ``"multithumos"`` for ``actions`` lists, ``"fineaction"`` when the ``version`` names FineAction
+    (its layout is ActivityNet's, so nothing else tells it apart); anything else is an ``AnnotationFormatError``."""
     unknown = (
         "unknown annotation format: expected ActivityNet or ActionFormer-THUMOS14 JSON "
         "({'database': {video: {'annotations': [...]}}}), MultiTHUMOS JSON ({video: {'actions': [...]}}), "
@@ -107,6 +114,8 @@ def detect_format(data: object, path: str | os.PathLike = "<json>") -> str:
         raise AnnotationFormatError(path, f"{unknown}; the file holds a JSON {type(data).__name__}")
     if "results" in data and "database" not in data:
         raise AnnotationFormatError(path, "this is a results (predictions) file, not ground truth; read it with read_activitynet_results")
+    if is_fineaction(data):
+        return "fineaction"
     database = data.get("database", data)
     videos = [v for v in database.values() if isinstance(v, dict)] if isinstance(database, dict) else []
     if any("actions" in v for v in videos) and not any("annotations" in v for v in videos):

@@ -2,9 +2,11 @@
 
 - ``evaluate_detection``: AP per class and tIoU, mAP, average mAP, Recall@k x.
 - ``evaluate_proposals``: AR@AN and the area under the AR-AN curve.
+- ``evaluate_dense``: per-frame mAP of the dense multi-label protocols (MultiTHUMOS, Charades).
 - ``parse_tiou``: threshold lists and ``start:stop:step`` ranges as the references build them.
 """
 
+from tal_models.evaluation.dense import DenseMetrics, evaluate_dense, frame_labels, frame_times, scores_at
 from tal_models.evaluation.detection import (
     ACTIVITYNET_TIOU,
     THUMOS14_TIOU,
@@ -18,10 +20,15 @@ from tal_models.evaluation.thresholds import parse_tiou
 __all__ = [
     "ACTIVITYNET_TIOU",
     "THUMOS14_TIOU",
+    "DenseMetrics",
     "DetectionMetrics",
     "ProposalMetrics",
+    "evaluate_dense",
     "evaluate_detection",
     "evaluate_proposals",
+    "frame_labels",
+    "frame_times",
     "interpolated_ap",
     "parse_tiou",
+    "scores_at",
 ]
