@@ -102,7 +102,7 @@ class GCNeXtBlock(nn.Module):
 
     def temporal(self, x: Tensor, mask: Tensor) -> Tensor:
         """``x [B, C, T]`` (0 at invalid steps) -> ``[B, C, T]``, not masked."""
-        h = torch.relu(self.temporal_in(x)).masked_fill_(~mask, 0.0)  # the bias makes padded steps non-zero
+        h = torch.relu(self.temporal_in(x).masked_fill_(~mask, 0.0))  # the bias makes padded steps non-zero
         h = torch.relu(self.temporal_mid(h, mask, input_masked=True)[0])
         return self.temporal_out(h)
 
@@ -126,5 +126,5 @@ class GCNeXtBlock(nn.Module):
             x, mask = masked_max_pool(x, mask, 3, self.stride)
         else:
             x = x.masked_fill(~mask, 0.0)
-        out = torch.relu(x + self.drop_path(self.temporal(x, mask) + self.semantic(x, mask)))
-        return out.masked_fill_(~mask, 0.0), mask
+        out = x + self.drop_path(self.temporal(x, mask) + self.semantic(x, mask))
+        return torch.relu(out.masked_fill_(~mask, 0.0)), mask
