@@ -203,7 +203,7 @@ class DynamicAggregationBlock(nn.Module):
         return x + self.drop_path2(h), mask
 
 
-def _to_length(x: Tensor, length: int) -> Tensor:
+def resize_level(x: Tensor, length: int) -> Tensor:
     """Nearest-neighbour resize between adjacent pyramid levels: ``[B, C, 2 T_l]`` or ``[B, C, T_l / 2]`` -> ``[B, C, T_l]``.
 
     Index ``floor(t * T_src / T_l)``, as ``F.interpolate(mode="nearest")``; done by slicing so that
@@ -268,9 +268,9 @@ class DynamicConvTower(nn.Module):
         for level, (x, m) in enumerate(zip(feats, masks)):
             neighbours = torch.zeros_like(x)
             if level > 0:
-                neighbours = neighbours + _to_length(finer[level - 1], x.shape[-1])
+                neighbours = neighbours + resize_level(finer[level - 1], x.shape[-1])
             if level < len(feats) - 1:
-                neighbours = neighbours + _to_length(coarser[level], x.shape[-1])
+                neighbours = neighbours + resize_level(coarser[level], x.shape[-1])
             fused.append((x * self.level_weight[i] + neighbours * self.neighbour_weight[i]).masked_fill(~m, 0.0))
         return fused
 

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tal_models.layers.conv import MaskedConv1d
-from tal_models.layers.dynamic import DynamicAggregation, DynamicAggregationBlock, DynamicConvTower, ge_retanh, shift_taps
+from tal_models.layers.dynamic import DynamicAggregation, DynamicAggregationBlock, DynamicConvTower, ge_retanh, resize_level, shift_taps
 from tal_models.layers.graph import GCNeXtBlock, semantic_neighbours
 from tal_models.layers.masking import masked_max_pool
 
@@ -269,6 +269,14 @@ def pyramid(x: torch.Tensor, mask: torch.Tensor, levels: int):
         feats.append(y)
         masks.append(m)
     return feats, masks
+
+
+def test_adjacent_levels_are_resized_as_nearest_interpolation():
+    x = torch.randn(2, 3, 12)
+    for length in (6, 24):  # from the finer level, from the coarser one (DyFADet: F.interpolate(mode="nearest"))
+        torch.testing.assert_close(resize_level(x, length), F.interpolate(x, size=length, mode="nearest"), atol=0, rtol=0)
+    with pytest.raises(AssertionError, match="factor 2"):
+        resize_level(x, 5)
 
 
 def test_dynamic_tower_contract():
