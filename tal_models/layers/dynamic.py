@@ -34,8 +34,8 @@ truncation threshold 0.5; Gaussian noise of std 1e-5 on the padded input in trai
 embedding 2 masked convs (kernel 3, LN) to 512; encoder ``arch (2, 2, 5)``: 2 DynE layers at
 stride 1, then 5 at stride 2 -> 6 levels, regression ranges [0, 4], [4, 8], [8, 16], [16, 32],
 [32, 64], [64, inf); DynE ``kernel_size`` (window) 1, ``k`` 5 (wide kernel 11), MLP hidden 768
-(``mlp_ratio`` 1.5), GroupNorm 16, drop path 0.1 as LayerScale-DropPath (``AffineDropPath``, scale
-initialised to 1e-4); neck: identity + LN, 512; heads 512 wide, 3 layers (2 DyHead layers + the
+(``mlp_ratio`` 1.5), GroupNorm 16, drop path 0.1 on the 5 downsampling layers as LayerScale-DropPath
+(``AffineDropPath``, scale initialised to 1e-4); neck: identity + LN, 512; heads 512 wide, 3 layers (2 DyHead layers + the
 output conv), kernel 3, ReLU, GeReTanH ``tau`` 1.5, ``dyn_type 'c'``; sigmoid focal loss +
 centre-DIoU regression (loss weight 1, no label smoothing, no Trident head), centre sampling
 radius 1.5, prior 0.01, initial loss normaliser 100; AdamW lr 1e-4, weight decay 0.025, batch 2,
