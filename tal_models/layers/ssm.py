@@ -32,88 +32,90 @@ try:  # the official CUDA kernel, used for CUDA tensors when installed
 except ImportError:
     selective_scan_fn = None
 
-# Steps per scan chunk. Within a chunk the recurrence steps one [B, E, N] slice at a time (one
+# Steps per scan chunk. Within a chunk the recurrence steps one [B, N, E] slice at a time (one
 # fused multiply-add each) while everything else (the decays exp(delta A), the inputs delta B u,
 # the read-out C . h and every gradient) is computed for the whole chunk at once; only the state
-# at each chunk's start is kept for backward, which recomputes the chunk. Measured on CPU, 1
-# thread, T = 2304, E = 1024, N = 16, scan forward + backward: L = 4: 0.46 s, 8: 0.42 s,
-# 16: 0.44 s, 32: 0.48 s, 64: 0.54 s, 128: 0.59 s, 256: 0.79 s (forward alone 0.10 - 0.15 s);
-# 16 keeps the chunk's [L, B, E, N] tensors in cache and the saved start states at T E N / 16.
-# The closed form within a chunk (the [L, L] decays exp(S_l - S_s) of the cumulative sums S of
-# delta A, as Mamba-2's SSD) needs L times more exponentials than the recurrence, because A has a
-# state axis (exp(A_en (S_le - S_se)) differs for every e and n): forward alone took 1.9 s at
-# L = 8 and 5.4 s at L = 16.
+# at each chunk's start is kept for backward, which recomputes the chunk. Measured on CPU (CPU
+# time, 1 thread), T = 2304, E = 1024, N = 16, scan forward + backward: L = 4: 0.45 s,
+# 8: 0.38 s, 16: 0.35 s, 32: 0.37 s, 64: 0.39 s, 128: 0.47 s, 256: 0.69 s (forward alone
+# 0.08 s at 16). The closed form within a chunk (the [L, L] decays exp(S_l - S_s) of the
+# cumulative sums S of delta A, as Mamba-2's SSD) needs L times more exponentials than the
+# recurrence, because A has a state axis (exp(A_en (S_le - S_se)) differs for every e and n):
+# its forward alone took 1.6 s at L = 8 and 3.7 s at L = 16.
 SCAN_CHUNK = 16
 
 
 class _ChunkedScan(torch.autograd.Function):
     """``selective_scan`` without ``D``: forward and backward stepped chunk by chunk (see ``SCAN_CHUNK``).
 
-    Saves the inputs and the state at each chunk's start (``[T / L, B, E, N]``), not the
-    ``[T, B, E, N]`` states: backward recomputes each chunk from its start state, then runs the
-    adjoint recurrence ``g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}`` backwards through it.
+    Saves the inputs and the state at each chunk's start (``[T / L, B, N, E]``), not the
+    ``[T, B, N, E]`` states: backward recomputes each chunk from its start state, then runs the
+    adjoint recurrence ``g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}`` backwards through it. The
+    state is laid out ``[N, E]``, channels last, so every broadcast over the state axis runs
+    along contiguous channels and the read-outs over ``N`` or ``E`` are batched matrix products.
     """
 
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> Tensor:
         u_t, d_t = u.permute(2, 0, 1).contiguous(), delta.permute(2, 0, 1).contiguous()  # [B, E, T] -> [T, B, E]
         B_t, C_t = B.permute(2, 0, 1).contiguous(), C.permute(2, 0, 1).contiguous()  # [B, N, T] -> [T, B, N]
+        A_t = A.t().contiguous()  # [N, E]
         T, batch, E = u_t.shape
         starts = list(range(0, T, chunk))
-        states = u.new_zeros(len(starts), batch, E, A.shape[1])  # [T / L, B, E, N]
+        states = u.new_zeros(len(starts), batch, A_t.shape[0], E)  # [T / L, B, N, E]
         y = torch.empty_like(u_t)
         h = states[0]
         for i, t0 in enumerate(starts):
             t1 = min(t0 + chunk, T)
             states[i] = h
-            a, hs = _decays_and_inputs(d_t[t0:t1], u_t[t0:t1], A, B_t[t0:t1])
+            a, hs = _decays_and_inputs(d_t[t0:t1], u_t[t0:t1], A_t, B_t[t0:t1])
             _step(a, hs, h)
             h = hs[-1]
-            y[t0:t1] = (hs @ C_t[t0:t1, :, :, None]).squeeze(-1)  # [L, B, E, N] @ [L, B, N, 1] -> [L, B, E]
-        ctx.save_for_backward(u_t, d_t, A, B_t, C_t, states)
+            y[t0:t1] = (C_t[t0:t1, :, None, :] @ hs).squeeze(2)  # [L, B, 1, N] @ [L, B, N, E] -> [L, B, E]
+        ctx.save_for_backward(u_t, d_t, A_t, B_t, C_t, states)
         ctx.chunk = chunk
         return y.permute(1, 2, 0)  # [T, B, E] -> [B, E, T]
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        u_t, d_t, A, B_t, C_t, states = ctx.saved_tensors
-        gy_t = gy.permute(2, 0, 1)  # [T, B, E]
+        u_t, d_t, A_t, B_t, C_t, states = ctx.saved_tensors
+        gy_t = gy.permute(2, 0, 1).contiguous()  # [T, B, E]
         T = u_t.shape[0]
         gu, gd = torch.empty_like(u_t), torch.empty_like(d_t)
         gB, gC = torch.empty_like(B_t), torch.empty_like(C_t)
-        gA = torch.zeros_like(A)
+        gA = torch.zeros_like(A_t)
         carry = torch.zeros_like(states[0])  # exp(delta A) g at the first step of the chunk after this one
         for i in reversed(range(states.shape[0])):
             t0 = i * ctx.chunk
             t1 = min(t0 + ctx.chunk, T)
             d, u, Bc, gyc = d_t[t0:t1], u_t[t0:t1], B_t[t0:t1], gy_t[t0:t1]
-            a, hs = _decays_and_inputs(d, u, A, Bc)
+            a, hs = _decays_and_inputs(d, u, A_t, Bc)
             _step(a, hs, states[i])
-            g = gyc[..., None] * C_t[t0:t1, :, None, :]  # dL/dh_t from the read-out: [L, B, E, N]
+            g = C_t[t0:t1, :, :, None] * gyc[:, :, None, :]  # dL/dh_t from the read-out: [L, B, N, E]
             g[-1] += carry
             for k in range(g.shape[0] - 2, -1, -1):
                 torch.addcmul(g[k], a[k + 1], g[k + 1], out=g[k])
             carry = a[0] * g[0]
-            gC[t0:t1] = (gyc[:, :, None, :] @ hs).squeeze(-2)  # [L, B, 1, E] @ [L, B, E, N] -> [L, B, N]
+            gC[t0:t1] = (hs @ gyc[..., None]).squeeze(-1)  # [L, B, N, E] @ [L, B, E, 1] -> [L, B, N]
             du = d * u
-            g_du = (g @ Bc[..., None]).squeeze(-1)  # through delta B u: [L, B, E]
-            gB[t0:t1] = (du[:, :, None, :] @ g).squeeze(-2)
+            g_du = (Bc[:, :, None, :] @ g).squeeze(2)  # through delta B u: [L, B, 1, N] @ [L, B, N, E] -> [L, B, E]
+            gB[t0:t1] = (g @ du[..., None]).squeeze(-1)
             g_dA = g.mul_(a)  # through exp(delta A), times h_{t-1}; g is spent
             g_dA[1:] *= hs[:-1]
             g_dA[0] *= states[i]
-            gd[t0:t1] = g_du * u + (g_dA * A).sum(-1)
+            gd[t0:t1] = g_du * u + (g_dA * A_t).sum(2)
             gu[t0:t1] = g_du * d
-            gA += torch.einsum("lben,lbe->en", g_dA, d)
-        # [T, B, E] -> [B, E, T], [T, B, N] -> [B, N, T]
-        return gu.permute(1, 2, 0), gd.permute(1, 2, 0), gA, gB.permute(1, 2, 0), gC.permute(1, 2, 0), None
+            gA += (g_dA * d[:, :, None, :]).sum((0, 1))
+        # [T, B, E] -> [B, E, T], [N, E] -> [E, N], [T, B, N] -> [B, N, T]
+        return gu.permute(1, 2, 0), gd.permute(1, 2, 0), gA.t(), gB.permute(1, 2, 0), gC.permute(1, 2, 0), None
 
 
-def _decays_and_inputs(d: Tensor, u: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """``exp(delta A)`` and ``delta B u`` over a chunk: ``d, u [L, B, E]``, ``B [L, B, N]`` -> ``[L, B, E, N]`` each.
+def _decays_and_inputs(d: Tensor, u: Tensor, A_t: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``exp(delta A)`` and ``delta B u`` over a chunk: ``d, u [L, B, E]``, ``A_t [N, E]``, ``B [L, B, N]`` -> ``[L, B, N, E]`` each.
 
     ``delta >= 0`` and ``A < 0``: every exponent is <= 0, so nothing overflows.
     """
-    return torch.exp(d[..., None] * A), (d * u)[..., None] * B[:, :, None, :]
+    return torch.exp(d[:, :, None, :] * A_t), B[..., None] * (d * u)[:, :, None, :]
 
 
 def _step(a: Tensor, hs: Tensor, h: Tensor) -> None:
