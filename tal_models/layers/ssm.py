@@ -141,7 +141,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         installed, the official kernel ``selective_scan_fn`` computes the same thing.
     """
     if selective_scan_fn is not None and u.is_cuda:
-        return selective_scan_fn(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), D)
+        # the kernel wants delta, B and C in u's dtype (autocast leaves the softplus in fp32), A and D in fp32
+        dt = u.dtype
+        D = None if D is None else D.float()
+        return selective_scan_fn(
+            u.contiguous(), delta.to(dt).contiguous(), A.float().contiguous(), B.to(dt).contiguous(), C.to(dt).contiguous(), D
+        )
     if chunk < 1:
         raise ValueError(f"selective_scan chunk must be >= 1, got {chunk}")
     dtype = torch.promote_types(torch.promote_types(u.dtype, A.dtype), torch.float32)
