@@ -4,9 +4,8 @@ Legend: B batch, C channels, T steps, E inner channels (``expand * C``), H heads
 channels per head, W attention window (steps, odd), N state size.
 
 The published THUMOS14 I3D configuration (OpenTAD ``configs/causaltad/thumos_i3d.py``, ave. mAP
-69.75 over tIoU 0.3:0.1:0.7; ActionFormer in the same code base: 66.8 - 68.2 depending on the
-version): 2048-d I3D features, two 3-step convolutions to C = 512, then 2 stride-1 and 5 stride-2
-hybrid blocks (6 pyramid levels, strides 1 .. 32), each with ``expand=2``, ``conv_kernel=4``,
+69.75 over tIoU 0.3:0.1:0.7): 2048-d I3D features, two 3-step convolutions to C = 512, then 2
+stride-1 and 5 stride-2 hybrid blocks (6 pyramid levels, strides 1 .. 32), each with ``expand=2``, ``conv_kernel=4``,
 ``state_dim=16``, 4 heads (d = 256), full causal attention (no window), drop path 0.3 (with
 LayerScale, ``AffineDropPath``, init 1e-4) and no MLP. Input dropout 0.3 on the features.
 ActionFormer's head, losses (focal + DIoU), centre sampling (radius 1.5) and regression ranges

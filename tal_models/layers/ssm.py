@@ -11,8 +11,8 @@ zero-order hold (``A_bar = exp(delta A)``, ``B_bar u = delta B u``)::
 
 Padding: a step with ``delta = 0`` and ``u = 0`` has ``A_bar = 1`` and adds nothing, so the state
 passes through it unchanged (and stays exactly 0 before a video that starts late, as the backward
-scan's time-flipped padding does). ``SelectiveSSM`` zeroes both there, so a padded batch scans
-each video exactly as it would alone.
+scan's time-flipped padding does). ``MambaCore`` zeroes both at invalid steps, so a padded batch
+scans each video exactly as it would alone, and a hole in a mask is a skipped step.
 """
 
 from __future__ import annotations
@@ -141,7 +141,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         installed, the official kernel ``selective_scan_fn`` computes the same thing.
     """
     if selective_scan_fn is not None and u.is_cuda:
-        return selective_scan_fn(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), D)
+        # the kernel wants delta, B and C in u's dtype (autocast leaves the softplus in fp32), A and D in fp32
+        dt = u.dtype
+        D = None if D is None else D.float()
+        return selective_scan_fn(
+            u.contiguous(), delta.to(dt).contiguous(), A.float().contiguous(), B.to(dt).contiguous(), C.to(dt).contiguous(), D
+        )
     if chunk < 1:
         raise ValueError(f"selective_scan chunk must be >= 1, got {chunk}")
     dtype = torch.promote_types(torch.promote_types(u.dtype, A.dtype), torch.float32)
@@ -192,6 +197,8 @@ class MambaCore(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, state_dim + 1, dtype=torch.float32)).repeat(inner, 1))  # [E, N]
         self.D = nn.Parameter(torch.ones(inner))
+        # weight decay would pull A towards -1 for every state (the official module marks both so)
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True
 
     def forward(self, xz: Tensor, mask: Tensor) -> Tensor:
         x, z = xz.chunk(2, dim=1)

@@ -286,6 +286,7 @@ def test_initialisation_follows_mamba():
     assert float(dt.log().std()) > 0.5  # spread log-uniformly, not constant
     torch.testing.assert_close(-torch.exp(core.A_log), -torch.arange(1.0, 9.0).expand(128, 8))
     assert bool((core.D == 1).all()) and bool((core.conv1d.bias == 0).all())
+    assert core.A_log._no_weight_decay and core.D._no_weight_decay  # as the official module marks them
     assert core.dt_rank == 4 and core.x_proj.weight.shape == (4 + 16, 128)
 
 
