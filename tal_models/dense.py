@@ -47,12 +47,15 @@ Fusion = Literal["sum", "concat"]
 
 
 # --- targets and loss ---------------------------------------------------------------------------
-def dense_targets(segments: Tensor | Segments, labels: Tensor, num_classes: int, length: int, boundary: Boundary = "open") -> Tensor:
+def dense_targets(
+    segments: Tensor | Segments, labels: Tensor, num_classes: int, length: int, boundary: Boundary = "open", check_labels: bool = True
+) -> Tensor:
     """``[K, T]`` float 0/1 targets of one video: step ``t`` is positive for class ``k`` iff a
     segment of class ``k`` covers it (``start < t < end``, or ``<=`` for ``"closed"``).
 
     ``segments [N, 2]`` in feature steps (fractional; ``Segments`` must be in ``Unit.STEPS``),
-    ``labels [N]`` class columns ``0..K-1``; ``length`` is T.
+    ``labels [N]`` class columns ``0..K-1``; ``length`` is T. ``check_labels=False`` skips the range
+    check (two reads of device values: a training step whose batch ``collate`` checked skips it).
     """
     if isinstance(segments, Segments):
         if segments.unit is not Unit.STEPS:
@@ -61,7 +64,7 @@ def dense_targets(segments: Tensor | Segments, labels: Tensor, num_classes: int,
     labels = torch.as_tensor(labels, device=segments.device).long().reshape(-1)
     torch._assert(segments.ndim == 2 and segments.shape[1] == 2, f"segments must be [N, 2], got {tuple(segments.shape)}")
     torch._assert(labels.shape[0] == segments.shape[0], f"{segments.shape[0]} segments but {labels.shape[0]} labels")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if check_labels and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must be class columns 0..{num_classes - 1}, got {labels.min().item()}..{labels.max().item()}")
     t = torch.arange(length, device=segments.device, dtype=torch.float64)
     start, end = segments[:, 0:1].double(), segments[:, 1:2].double()  # float64: step positions are compared exactly

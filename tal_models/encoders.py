@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from tal_models.config import require_positive_int
 from tal_models.layers import LayerNormC, MaskedConv1d, check_inputs, check_odd
 
-EncoderKind = Literal["transformer", "sgp", "maxpool", "conv"]
-ENCODER_KINDS = ("transformer", "sgp", "maxpool", "conv")
+EncoderKind = Literal["transformer", "sgp", "maxpool", "conv", "mamba", "causal", "dfa", "graph", "mstemba"]
+ENCODER_KINDS = ("transformer", "sgp", "maxpool", "conv", "mamba", "causal", "dfa", "graph", "mstemba")
+FULL_RESOLUTION_KINDS = ("mstemba",)  # every level keeps T steps (scales by dilation, not by striding)
 
 # (level, stride, index in the stem) -> a block: ``forward(x [B, D, T], mask [B, 1, T]) -> (x, mask)`` at ``T / stride``
 BlockFactory = Callable[[int, int, int], nn.Module]
@@ -33,7 +34,11 @@ class EncoderConfig:
     """A multi-scale encoder: projection -> stride-1 stem -> one stride-2 block per further level.
 
     ``kind`` picks the blocks: ``transformer`` (ActionFormer), ``sgp`` (TriDet), ``maxpool``
-    (TemporalMaxer), ``conv`` (dilated TCN blocks; the stem's dilations are 1, 2, 4, ...).
+    (TemporalMaxer), ``conv`` (dilated TCN blocks; the stem's dilations are 1, 2, 4, ...),
+    ``mamba`` (ActionMamba's bidirectional selective-SSM blocks), ``causal`` (CausalTAD's hybrid
+    causal attention + causal Mamba), ``dfa`` (DyFADet's dynamic feature aggregation), ``graph``
+    (G-TAD's GCNeXt), ``mstemba`` (MS-Temba's Temba blocks: every level keeps all ``T`` steps and
+    level ``l`` works at dilation ``2**l``; for dense detectors only).
     ``window`` (transformer only) is per level, or one value for all; -1 = full attention; the
     stem uses level 0's. ``kernel_size`` is SGP's ``w``, the TCN's kernel, or the max-pool's.
     A ``maxpool`` stem, when ``stem_layers`` asks for one, is made of stride-1 max filters.
@@ -54,11 +59,15 @@ class EncoderConfig:
     sgp_k: float = 1.5
     sgp_groups: int = 16  # group norm of SGP's FFN
     kernel_size: int = 3
+    ssm_state: int = 16  # mamba / causal / mstemba: the SSM's state size N (Mamba: 16)
+    ssm_expand: int = 2  # mamba / causal / mstemba: inner width E = ssm_expand * embed_dim (Mamba: 2)
+    graph_k: int = 3  # graph: semantic neighbours per step (G-TAD: 3)
+    graph_groups: int = 32  # graph: groups of the bottleneck convolutions (G-TAD: 32)
 
     def __post_init__(self) -> None:
         if self.kind not in ENCODER_KINDS:
             raise ValueError(f"EncoderConfig.kind must be one of {ENCODER_KINDS}, got {self.kind!r}")
-        for name in ("input_dim", "embed_dim", "levels", "embed_layers"):
+        for name in ("input_dim", "embed_dim", "levels", "embed_layers", "ssm_state", "ssm_expand", "graph_k", "graph_groups"):
             value = getattr(self, name)
             require_positive_int(value, f"EncoderConfig.{name}")
         if self.stem_layers is not None and (not isinstance(self.stem_layers, int) or self.stem_layers < 0):
@@ -75,12 +84,15 @@ class EncoderConfig:
         for w in windows:
             if w != -1:
                 check_odd("EncoderConfig.window (or -1 for full attention)", w)
-        if not (self.mlp_ratio > 0 and math.isfinite(self.mlp_ratio)):
-            raise ValueError(f"EncoderConfig.mlp_ratio must be > 0, got {self.mlp_ratio} (ActionFormer: 4, TriDet: 1.5)")
+        no_mlp_allowed = self.kind in ("causal", "mstemba")  # blocks whose MLP is optional (CausalTAD has none)
+        if not (math.isfinite(self.mlp_ratio) and (self.mlp_ratio > 0 or (no_mlp_allowed and self.mlp_ratio == 0))):
+            raise ValueError(
+                f"EncoderConfig.mlp_ratio must be > 0{' (or 0: no MLP)' if no_mlp_allowed else ''}, got {self.mlp_ratio} (ActionFormer: 4, TriDet: 1.5)"
+            )
         for name in ("dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"EncoderConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.kind == "transformer" and (self.heads < 1 or self.embed_dim % self.heads != 0):
+        if self.kind in ("transformer", "causal") and (self.heads < 1 or self.embed_dim % self.heads != 0):
             raise ValueError(f"EncoderConfig.embed_dim ({self.embed_dim}) must be divisible by heads ({self.heads}): change either")
         if self.kind == "sgp":
             if not self.sgp_k > 0:
@@ -98,6 +110,11 @@ class EncoderConfig:
         if self.stem_layers is not None:
             return self.stem_layers
         return 0 if self.kind == "maxpool" else 2
+
+    @property
+    def downsamples(self) -> bool:
+        """True when level ``l`` has ``T / 2**l`` steps; False for full-resolution kinds (``mstemba``)."""
+        return self.kind not in FULL_RESOLUTION_KINDS
 
     @property
     def total_stride(self) -> int:
@@ -125,7 +142,8 @@ class PyramidEncoder(nn.Module):
         self.embed = nn.ModuleList(MaskedConv1d(a, b, config.embed_kernel) for a, b in zip(dims[:-1], dims[1:]))
         self.embed_norms = nn.ModuleList(LayerNormC(C) for _ in range(config.embed_layers))
         self.stem = nn.ModuleList(make_block(0, 1, i) for i in range(config.num_stem_layers()))
-        self.branch = nn.ModuleList(make_block(level, 2, 0) for level in range(1, config.levels))
+        stride = 2 if config.downsamples else 1
+        self.branch = nn.ModuleList(make_block(level, stride, 0) for level in range(1, config.levels))
         for m in self.modules():
             if isinstance(m, nn.Conv1d) and m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -147,7 +165,7 @@ class PyramidEncoder(nn.Module):
             x, mask = block(x, mask)
         feats, masks = [x], [mask]
         for block in self.branch:
-            x, mask = block(x, mask)  # [B, C, T_l] -> [B, C, T_l / 2]
+            x, mask = block(x, mask)  # [B, C, T_l] -> [B, C, T_l / 2] (full-resolution kinds: [B, C, T])
             feats.append(x)
             masks.append(mask)
         return feats, masks

@@ -22,9 +22,12 @@ from torch import Tensor, nn
 
 from tal_models.config import require_positive_int
 from tal_models.layers import LayerNormC, MaskedConv1d, check_odd
+from tal_models.layers.dynamic import DynamicConvTower
 
 RegressionKind = Literal["offsets", "trident"]
 _REGRESSION_KINDS = ("offsets", "trident")
+TowerKind = Literal["conv", "dynamic"]
+_TOWER_KINDS = ("conv", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class HeadConfig:
     prior_prob: float = 0.01
     regression: RegressionKind = "offsets"
     num_bins: int = 16  # trident only
+    tower: TowerKind = "conv"  # "dynamic": DyFADet's dynamic convolutions (tal_models.layers.dynamic)
 
     def __post_init__(self) -> None:
         for name in ("in_dim", "feat_dim", "num_layers", "num_bins"):
@@ -54,6 +58,8 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.prior_prob must be in (0, 1), got {self.prior_prob} (ActionFormer: 0.01)")
         if self.regression not in _REGRESSION_KINDS:
             raise ValueError(f"HeadConfig.regression must be one of {_REGRESSION_KINDS}, got {self.regression!r}")
+        if self.tower not in _TOWER_KINDS:
+            raise ValueError(f"HeadConfig.tower must be one of {_TOWER_KINDS}, got {self.tower!r}")
 
 
 class ConvTower(nn.Module):
@@ -77,6 +83,26 @@ class ConvTower(nn.Module):
         return self.out(x, mask, input_masked=len(self.hidden) > 0)[0]
 
 
+def make_tower(config: HeadConfig, out_dim: int) -> nn.Module:
+    """The tower ``config.tower`` names: ``ConvTower`` or DyFADet's ``DynamicConvTower`` (dynamic
+    convolutions, adjacent levels fused before each layer as in DyFADet's head); both end in a plain
+    ``MaskedConv1d`` ``out``, whose bias the classification head sets to the focal prior."""
+    match config.tower:
+        case "dynamic":
+            return DynamicConvTower(
+                config.in_dim, config.feat_dim, out_dim, config.num_layers, config.kernel_size, config.with_ln, cross_scale=True
+            )
+        case _:
+            return ConvTower(config.in_dim, config.feat_dim, out_dim, config.num_layers, config.kernel_size, config.with_ln)
+
+
+def tower_levels(tower: nn.Module, feats: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
+    """A tower over every level: one call when it mixes levels (``forward_levels``), else level by level."""
+    if hasattr(tower, "forward_levels"):
+        return tower.forward_levels(feats, masks)
+    return [tower(x, m) for x, m in zip(feats, masks)]
+
+
 class ClassificationHead(nn.Module):
     """Per-level features -> class logits: ``levels`` x ``[B, in_dim, T_l]`` -> ``[B, K, T_l]``
     (zero logits at invalid steps; they take no part in the loss or decoding)."""
@@ -84,11 +110,11 @@ class ClassificationHead(nn.Module):
     def __init__(self, config: HeadConfig, num_classes: int):
         super().__init__()
         require_positive_int(num_classes, "num_classes")
-        self.tower = ConvTower(config.in_dim, config.feat_dim, num_classes, config.num_layers, config.kernel_size, config.with_ln)
+        self.tower = make_tower(config, num_classes)
         nn.init.constant_(self.tower.out.conv.bias, -math.log((1.0 - config.prior_prob) / config.prior_prob))
 
     def forward(self, feats: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
-        return [self.tower(x, m) for x, m in zip(feats, masks)]
+        return tower_levels(self.tower, feats, masks)
 
 
 class OffsetRegressionHead(nn.Module):
@@ -97,9 +123,10 @@ class OffsetRegressionHead(nn.Module):
 
     def __init__(self, config: HeadConfig, levels: int):
         super().__init__()
-        self.tower = ConvTower(config.in_dim, config.feat_dim, 2, config.num_layers, config.kernel_size, config.with_ln)
+        self.tower = make_tower(config, 2)
         self.scales = nn.Parameter(torch.ones(levels))  # one learnt scale per level
 
     def forward(self, feats: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
         torch._assert(len(feats) == self.scales.shape[0], f"expected {self.scales.shape[0]} levels, got {len(feats)}")
-        return [torch.relu(self.tower(x, m) * self.scales[level]).masked_fill(~m, 0.0) for level, (x, m) in enumerate(zip(feats, masks))]
+        out = tower_levels(self.tower, feats, masks)
+        return [torch.relu(o * self.scales[level]).masked_fill(~m, 0.0) for level, (o, m) in enumerate(zip(out, masks))]

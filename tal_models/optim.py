@@ -79,7 +79,9 @@ def split_weight_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], lis
 
     No decay for biases, the weights of normalisation layers and any parameter with ``ndim <= 1``
     (scales, per-channel gains, embeddings of one vector): decaying these shrinks them towards 0,
-    which is not a prior anyone wants (ActionFormer's and detectron2's rule).
+    which is not a prior anyone wants (ActionFormer's and detectron2's rule); nor for a parameter
+    marked ``_no_weight_decay`` (Mamba's ``A_log`` and ``D``, as the official module marks them:
+    decay would pull every state's decay rate towards the same value).
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -90,7 +92,7 @@ def split_weight_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], lis
             if not param.requires_grad or id(param) in seen:  # shared parameters are listed once
                 continue
             seen.add(id(param))
-            if is_norm or name.endswith("bias") or param.ndim <= 1:
+            if is_norm or name.endswith("bias") or param.ndim <= 1 or getattr(param, "_no_weight_decay", False):
                 no_decay.append(param)
             else:
                 decay.append(param)

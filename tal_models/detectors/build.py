@@ -10,23 +10,38 @@ from __future__ import annotations
 
 from torch import nn
 
+from tal_models.dense import DenseHead
+from tal_models.detectors.dense import DenseDetector
 from tal_models.detectors.one_stage import OneStageConfig, OneStageDetector
 from tal_models.encoders import BlockFactory, EncoderConfig, PyramidEncoder
 from tal_models.heads import ClassificationHead, OffsetRegressionHead
-from tal_models.layers import DilatedTCNBlock, MaxPoolBlock, SGPBlock, TransformerBlock
+from tal_models.layers import (
+    CausalHybridBlock,
+    DilatedTCNBlock,
+    DynamicAggregationBlock,
+    GCNeXtBlock,
+    MambaBlock,
+    MaxPoolBlock,
+    SGPBlock,
+    TembaBlock,
+    TransformerBlock,
+)
 from tal_models.necks import FPNConfig, FPNNeck
+from tal_models.refine import build_refiner
 from tal_models.targets import CenterSamplingAssigner, DynamicAssigner
 from tal_models.trident import TridentHead, TridentHeadConfig
 
 # The config type of every detector family; a checkpoint names its family, and old checkpoints
 # (without the key) are one-stage.
-DetectorConfig = OneStageConfig
+DetectorConfig = OneStageConfig  # task "detection" -> OneStageDetector, "dense" -> DenseDetector
 CONFIG_TYPES: dict[str, type] = {OneStageConfig.family: OneStageConfig}
 
 
-def build_detector(config: DetectorConfig) -> OneStageDetector:
+def build_detector(config: DetectorConfig) -> OneStageDetector | DenseDetector:
     """The detector ``config`` describes, with fresh weights (seeded by the caller)."""
     match config:
+        case OneStageConfig(task="dense"):
+            return _dense(config)
         case OneStageConfig():
             return _one_stage(config)
     raise TypeError(f"build_detector: no detector family takes a {type(config).__name__}")
@@ -52,7 +67,24 @@ def _one_stage(config: OneStageConfig) -> OneStageDetector:
             assigner = DynamicAssigner(config.num_classes, config.loss.center_radius, min_k=config.loss.dynamic_min_k)
         case _:
             assigner = CenterSamplingAssigner(config.num_classes, config.loss.center_sample, config.loss.center_radius)
-    return OneStageDetector(config, encoder=encoder, neck=neck, cls_head=cls_head, reg_head=reg_head, assigner=assigner)
+    refiner = build_refiner(config.refine, config.head.in_dim, config.encoder.levels)
+    return OneStageDetector(config, encoder=encoder, neck=neck, cls_head=cls_head, reg_head=reg_head, assigner=assigner, refiner=refiner)
+
+
+def _dense(config: OneStageConfig) -> DenseDetector:
+    """A frame-level detector: the config's encoder and neck, then a dense head (MS-Temba's fuser for ``mstemba``)."""
+    encoder = build_encoder(config.encoder)
+    neck = build_neck(config.neck)
+    h = config.head
+    fuser = None
+    if config.arch == "mstemba":  # MS-Temba's Scale-aware State Fuser: a bidirectional Mamba over the fused scales
+        e = config.encoder
+        fuser = MambaBlock(h.feat_dim, 1, "bidirectional", state_dim=e.ssm_state, expand=e.ssm_expand)
+    head = DenseHead(
+        h.in_dim, config.num_classes, config.encoder.levels, fused_dim=h.feat_dim, fuser=fuser, num_layers=h.num_layers,
+        kernel_size=h.kernel_size, with_ln=h.with_ln, prior_prob=h.prior_prob,
+    )  # fmt: skip
+    return DenseDetector(config, encoder=encoder, neck=neck, head=head)
 
 
 def build_encoder(config: EncoderConfig) -> PyramidEncoder:
@@ -74,6 +106,28 @@ def encoder_blocks(cfg: EncoderConfig) -> BlockFactory:
                 return MaxPoolBlock(C, stride, cfg.kernel_size)
             case "conv":  # dilated TCN: the stem's dilations are 1, 2, 4, ...
                 return DilatedTCNBlock(C, cfg.kernel_size, 2**index if stride == 1 else 1, stride, cfg.dropout, cfg.drop_path)
+            case "mamba":  # ActionMamba: bidirectional (DBM) selective-SSM blocks
+                return MambaBlock(C, stride, "bidirectional", state_dim=cfg.ssm_state, expand=cfg.ssm_expand, drop_path=cfg.drop_path)
+            case "causal":  # CausalTAD: causal attention + causal Mamba, past and future branches
+                return CausalHybridBlock(
+                    C, cfg.heads, cfg.windows()[level], stride, cfg.mlp_ratio, cfg.drop_path, state_dim=cfg.ssm_state, expand=cfg.ssm_expand
+                )
+            case "dfa":  # DyFADet's DynE layer
+                return DynamicAggregationBlock(
+                    C, cfg.kernel_size, stride, cfg.mlp_ratio, cfg.drop_path, k=cfg.sgp_k, groups=cfg.sgp_groups, dropout=cfg.dropout
+                )
+            case "graph":  # G-TAD's GCNeXt
+                return GCNeXtBlock(C, cfg.graph_k, cfg.graph_groups, stride=stride, drop_path=cfg.drop_path)
+            case "mstemba":  # MS-Temba: full resolution, level l at dilation 2**l
+                return TembaBlock(
+                    C,
+                    2**level,
+                    cfg.kernel_size,
+                    mlp_ratio=cfg.mlp_ratio,
+                    drop_path=cfg.drop_path,
+                    state_dim=cfg.ssm_state,
+                    expand=cfg.ssm_expand,
+                )
         raise ValueError(f"unknown encoder kind {cfg.kind!r}")
 
     return make

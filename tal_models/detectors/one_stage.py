@@ -13,11 +13,21 @@ T_l = T / 2**l steps at level l, P = sum_l T_l points, K classes, N_i segments o
 The methods share this path and differ in their parts (``ARCH_PARTS``), which
 ``tal_models.detectors.build`` builds from the config and hands to ``OneStageDetector``:
 
-| arch            | encoder blocks                       | regression head             |
-|-----------------|--------------------------------------|-----------------------------|
-| ``actionformer``| local-window self-attention          | distances (``offsets``)     |
-| ``tridet``      | SGP (instant + window-level branches)| Trident (boundary bins)     |
-| ``temporalmaxer``| max-pooling, no stem                | distances (``offsets``)     |
+| arch             | encoder blocks                                   | regression head          |
+|------------------|--------------------------------------------------|--------------------------|
+| ``actionformer`` | local-window self-attention                      | distances (``offsets``)  |
+| ``tridet``       | SGP (instant + window-level branches)            | Trident (boundary bins)  |
+| ``temporalmaxer``| max-pooling, no stem                             | distances (``offsets``)  |
+| ``actionmamba``  | bidirectional selective SSM (DBM)                | distances (``offsets``)  |
+| ``causaltad``    | hybrid causal attention + causal Mamba           | distances (``offsets``)  |
+| ``dyfadet``      | dynamic feature aggregation (DFA); dynamic heads | distances (``offsets``)  |
+| ``gtad``         | GCNeXt graph blocks (temporal + semantic kNN)    | distances (``offsets``)  |
+| ``mstemba``      | Temba blocks at full resolution (dense task)     | none: per-step scores    |
+
+``config.task = "dense"`` makes a frame-level multi-label detector of the same encoder instead
+(``tal_models.detectors.dense``): per-step sigmoid scores, MultiTHUMOS / Charades style. Any
+arch can be made dense; ``mstemba`` is dense only. ``config.head.refine`` switches on boundary
+refinement (``tal_models.refine``) for any detection arch.
 
 A new one-stage method is a new block in ``tal_models.layers`` (or a head), a row of
 ``ARCH_PARTS``, a ``case`` in the builder, and a preset: nothing in this file's forward path.
@@ -37,32 +47,41 @@ from tal_models.config import require_positive_int
 from tal_models.decode import decode
 from tal_models.detectors.base import detect_sequence
 from tal_models.encoders import EncoderConfig, EncoderKind, PyramidEncoder
-from tal_models.heads import HeadConfig, RegressionKind
+from tal_models.heads import HeadConfig, RegressionKind, TowerKind
 from tal_models.losses import LossNormalizer, RegLoss, detection_losses
 from tal_models.necks import FPNConfig
 from tal_models.points import DEFAULT_REGRESSION_RANGES, Points, make_points
 from tal_models.postprocess import NMSConfig
+from tal_models.refine import BoundaryRefiner, RefineConfig, refine_losses
 from tal_models.structures import Detections
 from tal_models.targets import CenterSamplingAssigner, DynamicAssigner
 from tal_models.timing import STEP_TIMING, FeatureTiming
 
-Arch = Literal["actionformer", "tridet", "temporalmaxer"]
+Arch = Literal["actionformer", "tridet", "temporalmaxer", "actionmamba", "causaltad", "dyfadet", "gtad", "mstemba"]
 AssignerKind = Literal["center", "dynamic"]
+Task = Literal["detection", "dense"]
 
 
 class ArchParts(NamedTuple):
-    """The parts that make a method: its encoder's blocks and its regression head."""
+    """The parts that make a method: its encoder's blocks, its regression head and its heads' towers."""
 
     encoder: EncoderKind
     regression: RegressionKind
+    tower: TowerKind = "conv"
 
 
 ARCH_PARTS: dict[str, ArchParts] = {
     "actionformer": ArchParts("transformer", "offsets"),
     "tridet": ArchParts("sgp", "trident"),
     "temporalmaxer": ArchParts("maxpool", "offsets"),
+    "actionmamba": ArchParts("mamba", "offsets"),
+    "causaltad": ArchParts("causal", "offsets"),
+    "dyfadet": ArchParts("dfa", "offsets", "dynamic"),
+    "gtad": ArchParts("graph", "offsets"),
+    "mstemba": ArchParts("mstemba", "offsets"),
 }
 ARCHS: tuple[str, ...] = tuple(ARCH_PARTS)
+DENSE_ONLY_ARCHS = ("mstemba",)  # full-resolution encoders: no pyramid of points to regress from
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,7 @@ class InferenceConfig:
     pre_nms_threshold: float = 0.001
     pre_nms_topk: int = 2000  # per level
     min_length: float = 0.05  # input steps
+    dense_threshold: float = 0.5  # dense detectors: runs of steps scoring above it become detections
     nms: NMSConfig = field(default_factory=lambda: NMSConfig(method="soft_gaussian", sigma=0.5, max_detections=200, voting_threshold=0.7))
 
 
@@ -121,6 +141,7 @@ class OneStageConfig:
     family: ClassVar[str] = "one_stage"
 
     arch: Arch = "actionformer"
+    task: Task = "detection"  # "dense": per-step multi-label scores (tal_models.detectors.dense)
     num_classes: int = 20
     max_seq_len: int = 2304
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -129,16 +150,26 @@ class OneStageConfig:
     regression_ranges: tuple[tuple[float, float], ...] = DEFAULT_REGRESSION_RANGES
     loss: LossConfig = field(default_factory=LossConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)  # boundary refinement (BRN's scale-time features): off by default
 
     def __post_init__(self) -> None:
         if self.arch not in ARCH_PARTS:
             raise ValueError(f"DetectorConfig.arch must be one of {ARCHS}, got {self.arch!r}")
         parts = ARCH_PARTS[self.arch]
-        if (self.encoder.kind, self.head.regression) != parts:
+        if (self.encoder.kind, self.head.regression, self.head.tower) != parts:
             raise ValueError(
-                f"DetectorConfig: arch {self.arch!r} is encoder.kind={parts.encoder!r} with head.regression={parts.regression!r}, "
-                f"but this config has encoder.kind={self.encoder.kind!r} and head.regression={self.head.regression!r}: "
-                f"change the arch or the parts (archs: {', '.join(f'{a} = {p.encoder} + {p.regression}' for a, p in ARCH_PARTS.items())})"
+                f"DetectorConfig: arch {self.arch!r} is encoder.kind={parts.encoder!r} with head.regression={parts.regression!r} "
+                f"and head.tower={parts.tower!r}, but this config has encoder.kind={self.encoder.kind!r}, "
+                f"head.regression={self.head.regression!r} and head.tower={self.head.tower!r}: change the arch or the parts "
+                f"(archs: {', '.join(f'{a} = {p.encoder} + {p.regression} + {p.tower}' for a, p in ARCH_PARTS.items())})"
+            )
+        if self.task not in ("detection", "dense"):
+            raise ValueError(f"DetectorConfig.task must be 'detection' or 'dense' (per-step multi-label scores), got {self.task!r}")
+        if self.arch in DENSE_ONLY_ARCHS and self.task != "dense":
+            raise ValueError(f"DetectorConfig: arch {self.arch!r} is a dense (per-step) detector: set task: dense")
+        if self.task == "dense" and self.refine.kind != "none":
+            raise ValueError(
+                "DetectorConfig: boundary refinement (refine.kind) refines regressed distances; a dense detector has none: set refine.kind: none"
             )
         require_positive_int(self.num_classes, "DetectorConfig.num_classes", " (1 = class-agnostic)")
         levels = self.encoder.levels
@@ -170,12 +201,15 @@ class OneStageConfig:
 @dataclass
 class DenseOutputs:
     """The heads' outputs over all points: ``cls_logits [B, P, K]``, ``reg_offsets [B, P, 2]``
-    (distances in strides), ``valid [B, P]`` (False at padded steps)."""
+    (distances in strides; refined ones when the detector has a refiner), ``valid [B, P]`` (False
+    at padded steps); ``head_offsets [B, P, 2]`` the regression head's own distances before
+    refinement (``None`` without a refiner)."""
 
     points: Points
     cls_logits: Tensor
     reg_offsets: Tensor
     valid: Tensor
+    head_offsets: Tensor | None = None
 
 
 def decode_outputs(out: DenseOutputs, batch: Batch, inference: InferenceConfig) -> list[Detections]:
@@ -222,6 +256,7 @@ class OneStageDetector(nn.Module):
         cls_head: nn.Module,
         reg_head: nn.Module,
         assigner: CenterSamplingAssigner | DynamicAssigner,
+        refiner: BoundaryRefiner | None = None,
     ):
         super().__init__()
         self.config = config
@@ -230,6 +265,7 @@ class OneStageDetector(nn.Module):
         self.cls_head = cls_head
         self.reg_head = reg_head
         self.assigner = assigner
+        self.refiner = refiner
         self.loss_normalizer = LossNormalizer(config.loss.init_loss_norm, config.loss.loss_norm_momentum)
 
     @property
@@ -254,9 +290,13 @@ class OneStageDetector(nn.Module):
         cfg = self.config
         points = make_points([f.shape[-1] for f in feats], cfg.strides, cfg.regression_ranges, device=features.device)
         cls_logits = torch.cat([c.transpose(1, 2) for c in self.cls_head(feats, masks)], dim=1)  # L x [B, K, T_l] -> [B, P, K]
-        reg_offsets = torch.cat([r.transpose(1, 2) for r in self.reg_head(feats, masks)], dim=1)  # L x [B, 2, T_l] -> [B, P, 2]
+        reg = self.reg_head(feats, masks)  # L x [B, 2, T_l]
+        reg_offsets = torch.cat([r.transpose(1, 2) for r in reg], dim=1)  # L x [B, 2, T_l] -> [B, P, 2]
         valid = torch.cat([m[:, 0] for m in masks], dim=1)  # L x [B, 1, T_l] -> [B, P]
-        return DenseOutputs(points, cls_logits, reg_offsets, valid)
+        if self.refiner is None:
+            return DenseOutputs(points, cls_logits, reg_offsets, valid)
+        refined = torch.cat([r.transpose(1, 2) for r in self.refiner(feats, masks, reg)], dim=1)  # [B, P, 2]
+        return DenseOutputs(points, cls_logits, refined, valid, head_offsets=reg_offsets)
 
     def forward_training(self, batch: Batch) -> dict[str, Tensor]:
         """The losses of a batch (labels were checked by ``collate``: nothing here waits for the device)."""
@@ -265,10 +305,11 @@ class OneStageDetector(nn.Module):
         if cfg.loss.input_noise > 0:  # TriDet's; none at padded steps, so the batch stays zero-padded
             features = features + cfg.loss.input_noise * torch.randn_like(features).masked_fill_(~batch.mask, 0.0)
         out = self.dense(features, batch.mask, zero_padded=True)
-        targets = self.assigner(out.points, batch.segments, batch.labels, out.cls_logits, out.reg_offsets)
-        return detection_losses(
+        head_offsets = out.reg_offsets if out.head_offsets is None else out.head_offsets
+        targets = self.assigner(out.points, batch.segments, batch.labels, out.cls_logits, head_offsets)
+        losses = detection_losses(
             out.cls_logits,
-            out.reg_offsets,
+            head_offsets,
             targets.cls_targets,
             targets.reg_targets,
             out.valid,
@@ -278,6 +319,14 @@ class OneStageDetector(nn.Module):
             reg_loss=cfg.loss.reg_loss,
             iou_weight_power=cfg.loss.iou_weight_power,
         )
+        if out.head_offsets is not None:  # the refined distances get the same regression loss, on the same normaliser
+            positive = targets.positive() & out.valid
+            norm = self.loss_normalizer.value  # updated once, by detection_losses
+            norm = norm.to(out.reg_offsets.dtype) if isinstance(norm, Tensor) else norm
+            refine = refine_losses(out.reg_offsets, targets.reg_targets, positive, norm)["refine_loss"]
+            losses["refine_loss"] = refine
+            losses["final_loss"] = losses["final_loss"] + cfg.refine.loss_weight * refine
+        return losses
 
     @torch.no_grad()
     def forward_inference(self, batch: Batch) -> list[Detections]:

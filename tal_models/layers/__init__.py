@@ -3,7 +3,10 @@
 ``masking`` (the conventions below in code: checks, masked max-pool and mean, the residual path),
 ``conv`` (masked convolution, DropPath, MLP), ``norm`` (layer norm over channels, masked group norm),
 ``kernels`` (the hand-written autograd functions behind ``norm``), ``attention`` (local and full
-self-attention, ActionFormer's block), ``sgp`` (TriDet), ``maxpool`` (TemporalMaxer), ``tcn``.
+self-attention, ActionFormer's block), ``sgp`` (TriDet), ``maxpool`` (TemporalMaxer), ``tcn``,
+``ssm`` (Mamba's selective scan, pure PyTorch; ActionMamba's bidirectional and causal blocks),
+``causal`` (CausalTAD's hybrid causal attention + causal Mamba), ``dynamic`` (DyFADet's dynamic
+feature aggregation and dynamic head tower), ``graph`` (G-TAD's GCNeXt), ``temba`` (MS-Temba).
 A new temporal block is a new module here; ``tal_models.detectors.build`` names it.
 
 Legend: B batch, C channels, T steps, T_l steps at pyramid level l, H heads, d = C / H channels
@@ -30,17 +33,30 @@ Not included: ActionFormer's absolute/relative position embeddings and LayerScal
 """
 
 from tal_models.layers.attention import ATTENTION_BLOCK, LocalMultiHeadAttention, TransformerBlock, full_attention, local_attention
+from tal_models.layers.causal import CausalHybridBlock
 from tal_models.layers.conv import MLP, DropPath, MaskedConv1d, conv1d, drop_path
+from tal_models.layers.dynamic import DynamicAggregation, DynamicAggregationBlock, DynamicConvTower
+from tal_models.layers.graph import GCNeXtBlock, semantic_neighbours
 from tal_models.layers.masking import check_inputs, check_odd, check_stride, downsample_mask, masked_max_pool, masked_mean, residual
 from tal_models.layers.maxpool import MaxPoolBlock
 from tal_models.layers.norm import LayerNormC, MaskedGroupNorm, norm_mlp, norm_pointwise
 from tal_models.layers.sgp import SGPBlock, sgp_wide_kernel
+from tal_models.layers.ssm import MambaBlock, SelectiveSSM, selective_scan
 from tal_models.layers.tcn import DilatedTCNBlock
+from tal_models.layers.temba import TembaBlock
 
 __all__ = [
     "ATTENTION_BLOCK",
     "MLP",
+    "CausalHybridBlock",
     "DilatedTCNBlock",
+    "DynamicAggregation",
+    "DynamicAggregationBlock",
+    "DynamicConvTower",
+    "GCNeXtBlock",
+    "MambaBlock",
+    "SelectiveSSM",
+    "TembaBlock",
     "DropPath",
     "LayerNormC",
     "LocalMultiHeadAttention",
@@ -62,5 +78,7 @@ __all__ = [
     "norm_mlp",
     "norm_pointwise",
     "residual",
+    "selective_scan",
+    "semantic_neighbours",
     "sgp_wide_kernel",
 ]

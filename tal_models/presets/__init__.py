@@ -19,8 +19,9 @@ A file without ``base`` is a full preset (as ``dump_yaml(preset)`` writes it).
 are ``{dataset}-{arch}``: datasets ``thumos14`` (I3D two-stream, 2048-d, 30 fps, stride 4,
 window 16; 20 classes), ``anet`` (ActivityNet-1.3: TSP, 512-d, every video resized to 192 steps;
 class-agnostic, labelled afterwards by fusion with a video classifier) and ``demo`` (the embedded
-demo: MobileNetV2, 1280-d, 15 fps, stride 4; small); archs ``actionformer``, ``tridet``,
-``temporalmaxer``.
+demo: MobileNetV2, 1280-d, 15 fps, stride 4; small) and ``multithumos`` (dense multi-label, 65
+classes, I3D); archs ``actionformer``, ``tridet``, ``temporalmaxer``, ``actionmamba``,
+``causaltad``, ``dyfadet``, ``gtad`` and ``mstemba`` (dense).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import yaml
 
 from tal_models.config import config_from_dict, config_to_dict, require_positive_int
 from tal_models.detectors import ARCHS, InferenceConfig, LossConfig, OneStageConfig
-from tal_models.detectors.one_stage import Arch
+from tal_models.detectors.one_stage import DENSE_ONLY_ARCHS, Arch
 from tal_models.encoders import EncoderConfig
 from tal_models.heads import HeadConfig
 from tal_models.necks import FPNConfig
@@ -95,9 +96,40 @@ def paper_preset(
         case "temporalmaxer":  # TemporalMaxer (2023): max-pooling blocks, no stem; 60 + 5 epochs
             encoder = EncoderConfig(kind="maxpool", input_dim=input_dim, embed_dim=embed_dim, levels=levels, kernel_size=3)
             optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=5, epochs=65)
+        case "actionmamba":  # Video Mamba Suite's ActionMamba: ActionFormer with DBM blocks (expand 1), drop path 0.3; 45 + 5 epochs
+            encoder = EncoderConfig(
+                kind="mamba", input_dim=input_dim, embed_dim=embed_dim, levels=levels, ssm_state=16, ssm_expand=1, drop_path=0.3
+            )
+            optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=5, epochs=50)
+        case "causaltad":  # CausalTAD (2024, OpenTAD): hybrid causal blocks, full causal attention, no MLP; 50 epochs, 5 of warm-up
+            encoder = EncoderConfig(
+                kind="causal", input_dim=input_dim, embed_dim=embed_dim, levels=levels, heads=4, window=-1, mlp_ratio=0.0,
+                ssm_state=16, ssm_expand=2, drop_path=0.3,
+            )  # fmt: skip
+            loss = replace(loss, init_loss_norm=250.0)
+            inference = replace(inference, nms=replace(inference.nms, max_detections=2000))
+            optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=5, epochs=50)
+        case "dyfadet":  # DyFADet (ECCV 2024): DynE layers (w = 1, k = 5, MLP 768/512), dynamic heads; 20 + 20 epochs
+            encoder = EncoderConfig(
+                kind="dfa", input_dim=input_dim, embed_dim=embed_dim, levels=levels, kernel_size=1, sgp_k=5.0, mlp_ratio=1.5
+            )
+            head = replace(head, tower="dynamic")
+            loss = replace(loss, input_noise=1e-5)
+            inference = replace(inference, nms=replace(inference.nms, max_detections=2000))
+            optim = OptimConfig(lr=1e-4, weight_decay=0.025, warmup_epochs=20, epochs=40)
+        case "gtad":  # G-TAD's GCNeXt blocks (k = 3 semantic neighbours, 32 groups) in the one-stage detector; ActionFormer's recipe
+            encoder = EncoderConfig(kind="graph", input_dim=input_dim, embed_dim=embed_dim, levels=levels, graph_k=3, graph_groups=32)
+            optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=5, epochs=35)
+        case "mstemba":  # MS-Temba (dense): Temba blocks at dilations 1, 2, 4, ... at full resolution, a Mamba fuser, per-step scores
+            encoder = EncoderConfig(
+                kind="mstemba", input_dim=input_dim, embed_dim=embed_dim, levels=levels, stem_layers=1, kernel_size=3, mlp_ratio=1.0,
+                ssm_state=16, ssm_expand=1,
+            )  # fmt: skip
+            head = replace(head, num_layers=2)
+            optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=5, epochs=50)
     detector = OneStageConfig(
-        arch=arch, num_classes=num_classes, max_seq_len=max_seq_len, encoder=encoder, neck=neck, head=head,
-        regression_ranges=ranges, loss=loss, inference=inference,
+        arch=arch, task="dense" if arch in DENSE_ONLY_ARCHS else "detection", num_classes=num_classes, max_seq_len=max_seq_len,
+        encoder=encoder, neck=neck, head=head, regression_ranges=ranges, loss=loss, inference=inference,
     )  # fmt: skip
     return Preset(name=arch, description=f"{arch}: the paper's THUMOS14 configuration", features=THUMOS14_FEATURES, detector=detector,
                   optim=optim, batch_size=2)  # fmt: skip

@@ -30,7 +30,9 @@ def _tiny(arch: str):
 def test_every_detector_satisfies_the_protocol(arch):
     model = build_detector(_tiny(arch))
     assert isinstance(model, Detector)
-    batch = collate([{"features": np.ones((40, 8), np.float32), "segments": [[3.0, 20.0]], "labels": [1], "video_id": "a"}], model.pad_multiple)
+    batch = collate(
+        [{"features": np.ones((40, 8), np.float32), "segments": [[3.0, 20.0]], "labels": [1], "video_id": "a"}], model.pad_multiple
+    )
     losses = model.train().forward_training(batch)
     assert "final_loss" in losses and losses["final_loss"].ndim == 0
     assert len(model.eval().forward_inference(batch)) == 1
@@ -54,11 +56,13 @@ def test_a_detector_is_built_from_parts_and_the_builder_is_the_default_assembly(
     assert by_hand.state_dict().keys() == built.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(by_hand.state_dict().values(), built.state_dict().values()))  # same seed, same order
     assigner = CenterSamplingAssigner(config.num_classes, center_sample=False)
-    swapped = OneStageDetector(config, encoder=built.encoder, neck=built.neck, cls_head=built.cls_head, reg_head=built.reg_head, assigner=assigner)
+    swapped = OneStageDetector(
+        config, encoder=built.encoder, neck=built.neck, cls_head=built.cls_head, reg_head=built.reg_head, assigner=assigner
+    )
     assert swapped.assigner is assigner and swapped.encoder is built.encoder
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ("actionformer", "tridet", "temporalmaxer"))  # the archs that existed at ee34b1b
 def test_checkpoints_written_before_the_restructure_load_and_compute_the_same(arch):
     """Fixtures written by the code at ee34b1b (tests/fixtures/make_checkpoints.py), before the detectors
     became composed parts: same config, same state-dict keys, same dense outputs and detections."""
@@ -83,7 +87,12 @@ def test_a_training_step_never_reads_a_value_back_to_the_host(arch):
     7 values per step: label ranges, the encoder's padding check and the positives' count.)"""
     model = build_detector(_tiny(arch)).train()
     samples = [
-        {"features": np.random.default_rng(i).standard_normal((n, 8)).astype(np.float32), "segments": [[3.0, 20.0]], "labels": [i], "video_id": f"v{i}"}
+        {
+            "features": np.random.default_rng(i).standard_normal((n, 8)).astype(np.float32),
+            "segments": [[3.0, 20.0]],
+            "labels": [i],
+            "video_id": f"v{i}",
+        }
         for i, n in enumerate((50, 37))
     ]
     batch = collate(samples, model.pad_multiple, num_classes=3)
@@ -91,7 +100,8 @@ def test_a_training_step_never_reads_a_value_back_to_the_host(arch):
         losses = model(batch)
         losses["final_loss"].backward()
     assert reads.count == 0
-    assert float(model.loss_normalizer.state_dict()["value"]) != 100.0  # the normaliser did move (read here, outside the step)
+    if hasattr(model, "loss_normalizer"):  # one-stage detectors (a dense one averages over steps)
+        assert float(model.loss_normalizer.state_dict()["value"]) != 100.0  # the normaliser did move (read here, outside the step)
 
 
 def test_read_only_arrays_are_batched_and_detected_without_a_warning():

@@ -317,7 +317,7 @@ def test_drop_path():
 
 
 # --- encoders and necks -----------------------------------------------------------------------
-KINDS = ("transformer", "sgp", "maxpool", "conv")
+KINDS = ("transformer", "sgp", "maxpool", "conv", "mamba", "causal", "dfa", "graph")  # mstemba (full resolution): test_dense_detector.py
 
 
 def small_encoder(kind: str, **overrides) -> PyramidEncoder:

@@ -13,9 +13,11 @@ from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint
 from tal_models.config import config_from_dict, config_to_dict
 from tal_models.detectors import ARCHS, DetectorConfig, build_detector
+from tal_models.detectors.one_stage import DENSE_ONLY_ARCHS
 from tal_models.evaluation.detection import evaluate_detection
 from tal_models.optim import OptimConfig, build_optimizer
 from tal_models.presets import load_preset, make_config, preset_names
+from tal_models.refine import RefineConfig
 from tal_models.structures import AnnotationSet, LabelMap, Segments, Unit, VideoAnnotation
 from tal_models.timing import FeatureTiming
 from tal_models.training import train_one_epoch
@@ -23,7 +25,15 @@ from tal_models.training import train_one_epoch
 C, K = 16, 3
 
 
+# every detection arch, and two with boundary refinement switched on ("+brn")
+DETECTION_ARCHS = tuple(a for a in ARCHS if a not in DENSE_ONLY_ARCHS)
+VARIANTS = DETECTION_ARCHS + ("actionformer+brn", "tridet+brn")
+
+
 def _tiny(arch: str, levels: int = 4, **kw):
+    arch, _, refine = arch.partition("+")
+    if refine:
+        kw["refine"] = RefineConfig(kind=refine, hidden_dim=16)
     return make_config(arch, num_classes=K, input_dim=C, max_seq_len=128, embed_dim=32, levels=levels, **kw)
 
 
@@ -53,7 +63,7 @@ def _ground_truth(samples) -> AnnotationSet:
     return AnnotationSet(videos, LabelMap.from_names([f"c{k}" for k in range(K)]))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_dense_output_shapes_per_level(arch):
     model = build_detector(_tiny(arch)).eval()
     batch = collate(_samples(2, length=100), model.pad_multiple)  # T padded 100 -> 104 (multiple of 8)
@@ -68,7 +78,7 @@ def test_dense_output_shapes_per_level(arch):
     assert (out.cls_logits[~out.valid] == 0).all() and (out.reg_offsets[~out.valid] == 0).all()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_padding_changes_nothing_at_valid_points(arch):
     torch.manual_seed(0)
     model = build_detector(_tiny(arch)).eval()
@@ -87,7 +97,7 @@ def test_padding_changes_nothing_at_valid_points(arch):
         torch.testing.assert_close(b.reg_offsets[0, lb][:n], a.reg_offsets[0, la][:n], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_gradients_finite_with_empty_ground_truth(arch):
     model = build_detector(_tiny(arch)).train()
     samples = _samples(2)
@@ -112,7 +122,7 @@ def test_labels_outside_the_model_are_refused_when_batched():
         collate(samples, model.pad_multiple)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_each_detector_overfits_a_handful_of_sequences(arch):
     """A few synthetic videos, 60 full-batch steps on CPU: mAP@0.5 >= 0.95 (untrained: < 0.2)."""
     torch.manual_seed(0)
@@ -214,10 +224,18 @@ def test_unknown_preset_lists_the_shipped_ones():
 
 
 # --- checkpoints ---------------------------------------------------------------------------
-PROVENANCE = {"backbone": "i3d", "backbone_weights": "x.pt", "backbone_sha256": "ab", "feature_dim": C, "fps": 30.0, "stride": 4, "window": 16}
+PROVENANCE = {
+    "backbone": "i3d",
+    "backbone_weights": "x.pt",
+    "backbone_sha256": "ab",
+    "feature_dim": C,
+    "fps": 30.0,
+    "stride": 4,
+    "window": 16,
+}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_checkpoint_round_trip_reproduces_outputs_exactly(arch, tmp_path):
     torch.manual_seed(0)
     model = build_detector(_tiny(arch)).eval()

@@ -56,6 +56,17 @@ def test_build_optimizer_groups():
     assert all(g["lr"] == 1e-3 and g["betas"] == (0.9, 0.999) for g in opt.param_groups)
 
 
+def test_mambas_state_parameters_are_not_decayed():
+    """``A_log`` ([E, N]) and ``D`` are marked ``_no_weight_decay`` as in the official Mamba; the projections decay."""
+    from tal_models.layers import SelectiveSSM
+
+    ssm = SelectiveSSM(8, state_dim=4)
+    opt = build_optimizer(ssm, OptimConfig(lr=1e-3, weight_decay=0.05))
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert id(ssm.core.A_log) in groups["no_decay"] and id(ssm.core.D) in groups["no_decay"]
+    assert id(ssm.in_proj.weight) in groups["decay"] and id(ssm.core.x_proj.weight) in groups["decay"]
+
+
 def test_scheduler_warmup_then_cosine():
     config = OptimConfig(lr=0.1, warmup_epochs=2, epochs=10)
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=config.lr)
