@@ -25,8 +25,10 @@ from tal_models.checkpoint import CheckpointError
 from tal_models.evaluation import (
     ACTIVITYNET_TIOU,
     THUMOS14_TIOU,
+    DenseMetrics,
     DetectionMetrics,
     ProposalMetrics,
+    evaluate_dense,
     evaluate_detection,
     evaluate_proposals,
 )
@@ -162,6 +164,7 @@ class ModelEvaluationRequest:
     proposals: bool = False
     storage_options: dict | None = None  # fsspec options for s3:// stores and checkpoints
     progress: bool = True
+    dense: bool = False  # also the per-frame mAP (a dense, per-step multi-label detector's own metric)
 
 
 @dataclass(frozen=True)
@@ -177,9 +180,12 @@ class ModelEvaluationReport:
     workers: int  # 0: inferred in this process
     inference_seconds: float
     outputs: dict[str, Path]
+    dense_metrics: DenseMetrics | None = None
 
     def to_dict(self) -> dict:
         out = self.metrics.to_dict()
+        if self.dense_metrics is not None:
+            out["dense"] = self.dense_metrics.to_dict()
         out["unknown_labels"] = {}  # the checkpoint's labels are checked against the annotations first
         out["ground_truth_format"] = self.ground_truth_format
         if self.proposal_metrics is not None:
@@ -230,6 +236,11 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         scoped = ground_truth.subset(request.subset)
 
     checkpoint, checkpoint_uri = open_model(request.model, request.storage_options)
+    if request.dense and checkpoint.config.task != "dense":
+        raise UsageError(
+            f"--dense: {request.model} is a {checkpoint.config.arch} detector of segments, not a dense (per-step) one; "
+            "the per-frame mAP needs per-step scores (train a preset with task: dense, e.g. multithumos-mstemba)"
+        )
     unknown = [n for n in checkpoint.labels if n not in ground_truth.label_map]
     if unknown:
         raise UsageError(
@@ -288,6 +299,7 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         evaluated, detections, tiou, ignore_ambiguous=request.ignore_ambiguous, top_k=request.top_k, keep_curves=True
     )
     proposal_metrics = evaluate_proposals(evaluated, detections, tiou) if request.proposals else None
+    dense_metrics = _dense_metrics(checkpoint, store, store_id_of, evaluated) if request.dense else None
 
     out = request.output
     outputs = {"predictions": out / "predictions.json", "metrics": out / "metrics.json", "plot": out / "precision_recall.png"}
@@ -309,6 +321,7 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         workers=workers,
         inference_seconds=inference_seconds,
         outputs=outputs,
+        dense_metrics=dense_metrics,
     )
     write_json_atomic(outputs["metrics"], report.to_dict(), indent=2)
 
@@ -324,6 +337,27 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     if request.timeline_videos and store_id_of:
         outputs["timelines"] = out / "timelines"
     return report
+
+
+def _dense_metrics(checkpoint, store: FeatureStore, store_id_of: dict[str, str], ground_truth) -> DenseMetrics:
+    """The per-frame mAP of a dense checkpoint over the evaluated videos: every feature step's centre is a
+    frame, scored by the model's per-step probabilities (in this process; the columns are reordered to the
+    annotation's classes, and an annotated class the model lacks scores 0)."""
+    model = checkpoint.build().eval()
+    column_of = {name: i for i, name in enumerate(checkpoint.labels)}
+    columns = [column_of.get(ground_truth.label_map.name(i)) for i in ground_truth.label_map.ids]
+    wanted = {store_id: vid for vid, store_id in store_id_of.items()}
+    frames = {}
+    for seq in store:
+        if seq.video_id not in wanted:
+            continue
+        steps = model.sequence_scores(seq.features)  # [T, K_model]
+        scores = np.zeros((len(steps), len(columns)), np.float32)
+        for j, col in enumerate(columns):
+            if col is not None:
+                scores[:, j] = steps[:, col]
+        frames[wanted[seq.video_id]] = (seq.timing.centers(len(steps)), scores)
+    return evaluate_dense(ground_truth, frames)
 
 
 def safe_file_name(video_id: str) -> str:
@@ -355,6 +389,11 @@ def format_model_report(report: ModelEvaluationReport, request: ModelEvaluationR
         classes = report.unknown_classes
         lines.append(f"note          the model does not predict {len(classes)} annotated classes (their AP is 0): {classes[:5]}")
     lines += _metric_table(report.metrics, report.proposal_metrics)
+    if report.dense_metrics is not None:
+        d = report.dense_metrics
+        lines.append(
+            f"per-frame mAP {d.mAP:.4f}  ({d.num_frames:,} frames of {d.num_videos:,} videos, {d.num_classes_evaluated} classes with positives)"
+        )
     lines.append("")
     for name, path in report.outputs.items():
         lines.append(f"  {name:<11} -> {path}")

@@ -109,6 +109,9 @@ class ExportInfo:
         )  # fmt: skip
 
 
+NOT_EXPORTABLE_KINDS = ("mamba", "causal", "mstemba")  # encoders built on the pure-PyTorch selective scan
+
+
 def export_info(checkpoint: Checkpoint, fmt: ExportFormat, source: str = "", opset: int | None = None) -> ExportInfo:
     metadata = {k: v for k, v in checkpoint.metadata.items() if isinstance(v, str | int | float | bool | type(None) | dict | list)}
     return ExportInfo(
@@ -136,8 +139,14 @@ def export_checkpoint(
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    if not isinstance(checkpoint.config, OneStageConfig):
-        raise ExportError(f"only one-stage detectors export (their dense part); this checkpoint is a {checkpoint.config.family} detector")
+    if not isinstance(checkpoint.config, OneStageConfig) or checkpoint.config.task != "detection":
+        kind = checkpoint.config.family if not isinstance(checkpoint.config, OneStageConfig) else "dense (per-step)"
+        raise ExportError(f"only one-stage detectors of segments export (their dense part); this checkpoint is a {kind} detector")
+    if checkpoint.config.encoder.kind in NOT_EXPORTABLE_KINDS:
+        raise ExportError(
+            f"{checkpoint.config.arch} does not export: its selective scan (encoder.kind {checkpoint.config.encoder.kind!r}) is a loop over "
+            "time chunks that tracing unrolls at one length; serve the checkpoint with PyTorch (tal serve --runtime torch)"
+        )
     model = checkpoint.build("cpu")
     assert isinstance(model, OneStageDetector)
     graph = DenseGraph(model).eval()

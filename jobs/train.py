@@ -56,6 +56,7 @@ from tal_models.batch import Batch, collate, random_crop
 from tal_models.checkpoint import Checkpoint, save_checkpoint
 from tal_models.config import apply_overrides, config_from_dict, config_to_dict, dump_yaml
 from tal_models.detectors import Detector, DetectorConfig, build_detector
+from tal_models.evaluation import evaluate_dense
 from tal_models.evaluation.detection import THUMOS14_TIOU, evaluate_detection
 from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
 from tal_models.presets import Preset, load_preset
@@ -64,7 +65,13 @@ from tal_models.training import EpochTiming, train_one_epoch
 
 # Ray Train V2's controller polls slowly by default: ~20 s of fixed cost per fit on a small run (STACK_NOTES)
 _RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
-SCORE = "val_average_mAP"
+SCORE = "val_average_mAP"  # what picks and registers the best checkpoint of a detector
+DENSE_SCORE = "val_frame_mAP"  # ... of a dense (per-step, multi-label) detector: the per-frame mAP
+
+
+def score_key(detector) -> str:
+    """The validation metric that ranks checkpoints of this detector config."""
+    return DENSE_SCORE if detector.task == "dense" else SCORE
 
 
 @dataclass(frozen=True)
@@ -268,6 +275,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     planned = plan(job)
     epochs = planned.optim.epochs
     out = _storage_path(job.out)
+    key = score_key(planned.detector)
     run_name = job.resume or job.run_name or f"{planned.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     state_file = Path(out) / run_name / "tal_run.json" if "://" not in out else None
     uri = tracking.tracking_uri(job.mlflow_uri)
@@ -315,7 +323,7 @@ def train(job: TrainJob) -> dict[str, Any]:
                 name=run_name,
                 storage_path=out,
                 checkpoint_config=CheckpointConfig(
-                    num_to_keep=max(job.keep_best, 1), checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+                    num_to_keep=max(job.keep_best, 1), checkpoint_score_attribute=key, checkpoint_score_order="max"
                 ),  # fmt: skip
                 failure_config=FailureConfig(max_failures=job.max_failures),
                 logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines only in its log files
@@ -324,7 +332,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         fit_started = time.time()
         with console.printing():
             result = trainer.fit()
-        best = _best_checkpoint(result)
+        best = _best_checkpoint(result, key)
         summary: dict[str, Any] = {
             "run_name": run_name,
             "mlflow_run_id": run.run_id,
@@ -340,15 +348,15 @@ def train(job: TrainJob) -> dict[str, Any]:
             _log_validation_artifacts(run, Path(directory) / "val_predictions.json", job, planned)
         run.log_text(_preset_yaml(job), "config/preset.yaml")
         summary["best_score"] = score
-        run.log_metrics({f"best_{SCORE}": score}, step=0)
+        run.log_metrics({f"best_{key}": score}, step=0)
         stopped = job.stop_after is not None and job.stop_after < epochs
         if stopped:
             print(f"stopped after epoch {job.stop_after} of {epochs}: continue with --resume {run_name}")
         elif job.register:
-            registration = tracking.register_checkpoint(uri, run.run_id, "checkpoint/model.pt", score, planned.validation_key)
+            registration = tracking.register_checkpoint(uri, run.run_id, "checkpoint/model.pt", score, planned.validation_key, metric_name=key)
             summary["registration"] = asdict(registration)
             print(f"registered tal-detector version {registration.version}: {registration.reason}")
-    print(f"done in {summary['wall_s']:.0f} s: best {SCORE} {score:.4f}; MLflow run {summary['mlflow_run_id']} ({uri})")
+    print(f"done in {summary['wall_s']:.0f} s: best {key} {score:.4f}; MLflow run {summary['mlflow_run_id']} ({uri})")
     return summary
 
 
@@ -387,8 +395,8 @@ def _storage_path(out: str) -> str:
     return out if "://" in out else str(Path(out).resolve())
 
 
-def _best_checkpoint(result) -> tuple[Any, float] | None:
-    scored = [(c, m.get(SCORE)) for c, m in (result.best_checkpoints or []) if m.get(SCORE) is not None]
+def _best_checkpoint(result, key: str = SCORE) -> tuple[Any, float] | None:
+    scored = [(c, m.get(key)) for c, m in (result.best_checkpoints or []) if m.get(key) is not None]
     if not scored:
         return (result.checkpoint, float("nan")) if result.checkpoint is not None else None
     return max(scored, key=lambda cm: cm[1])
@@ -436,7 +444,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             val_started = time.perf_counter()
             scores, predictions = _validate(state.weights, shard, plan, rank, world, device)
             metrics.update(scores, val_seconds=time.perf_counter() - val_started)
-        shared = _gather((model.loss_normalizer.state_dict(), _peak_rss_mb()), world)  # every rank's normaliser: an exact resume
+        normalizer = model.loss_normalizer.state_dict() if hasattr(model, "loss_normalizer") else None  # dense detectors have none
+        shared = _gather((normalizer, _peak_rss_mb()), world)  # every rank's normaliser: an exact resume
         metrics["worker_peak_rss_mb"] = max(peak for _, peak in shared)
         checkpoint = None
         if rank == 0:
@@ -512,7 +521,8 @@ def _restore_state(state: _TrainingState, checkpoint: ray.train.Checkpoint | Non
     if state.ema is not None:
         state.ema.load_state_dict(saved["ema"])
     normalizers = saved["loss_normalizers"]  # one per rank: each counts its own positives
-    state.model.loss_normalizer.load_state_dict(normalizers[rank] if len(normalizers) == world else normalizers[0])
+    if hasattr(state.model, "loss_normalizer"):
+        state.model.loss_normalizer.load_state_dict(normalizers[rank] if len(normalizers) == world else normalizers[0])
     return int(saved["epoch"]) + 1
 
 
@@ -555,20 +565,29 @@ def _validate(
     ``(metrics, {video_id: Detections})``, the other ranks ``({}, None)``."""
     model.eval()
     local = []
+    dense = plan.detector.task == "dense"
     shard.expect(shard.val_ids)
     with torch.inference_mode():
         for vid in shard.val_ids:
             seq = shard.sequences[vid]
             det = model.detect(seq.features, seq.timing, plan.val[vid].duration or seq.duration, vid)
-            local.append((vid, det.segments.data.cpu().numpy(), det.scores.cpu().numpy(), det.labels.cpu().numpy()))
+            frames = None
+            if dense:  # each feature step's centre (s) and its class probabilities [T, K]
+                steps = model.sequence_scores(seq.features)
+                frames = (seq.timing.centers(len(steps)), steps)
+            local.append((vid, det.segments.data.cpu().numpy(), det.scores.cpu().numpy(), det.labels.cpu().numpy(), frames))
     gathered = _gather(local, world)
     if rank != 0:
         return {}, None
-    predictions = {vid: Detections(vid, Segments(s), sc, lab) for part in gathered for vid, s, sc, lab in part}
+    predictions = {vid: Detections(vid, Segments(s), sc, lab) for part in gathered for vid, s, sc, lab, _ in part}
+    labels = LabelMap.from_names(plan.labels)
     truth = {vid: VideoAnnotation(vid, Segments(t.segments_s), t.labels, t.duration) for vid, t in plan.val.items()}
-    result = evaluate_detection(AnnotationSet(truth, LabelMap.from_names(plan.labels)), predictions, THUMOS14_TIOU)
+    result = evaluate_detection(AnnotationSet(truth, labels), predictions, THUMOS14_TIOU)
     metrics = {f"val_mAP_{t:.2f}": float(m) for t, m in zip(result.tiou, result.mAP)}  # MLflow refuses "@" in names
     metrics[SCORE] = float(result.mAP.mean())
+    if dense:  # the per-frame mAP (MultiTHUMOS / Charades protocol) at every feature step's centre
+        frames = {vid: f for part in gathered for vid, _, _, _, f in part}
+        metrics[DENSE_SCORE] = float(evaluate_dense(AnnotationSet(truth, labels), frames).mAP)
     return metrics, predictions
 
 
@@ -628,6 +647,8 @@ def _progress_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
     parts.append(f"lr {m['lr']:.3g}")
     if SCORE in m:
         parts.append(f"val avg mAP {m[SCORE]:.4f}")
+    if DENSE_SCORE in m:
+        parts.append(f"val per-frame mAP {m[DENSE_SCORE]:.4f}")
     parts.append(f"{m['samples_per_second']:.1f} videos/s")
     return "  ".join(parts)
 

@@ -69,6 +69,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     model.add_argument("--batch-size", type=int, metavar="B", help="videos per forward pass (default 8)")
     model.add_argument("--timeline-videos", type=int, metavar="N", help="draw timelines/<video>.png for the first N videos (default 10)")
+    model.add_argument(
+        "--dense",
+        action="store_true",
+        help="also the per-frame mAP of the MultiTHUMOS / Charades protocol (a dense, per-step multi-label model: task dense)",
+    )
     model.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// stores and checkpoints (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=handle)
 
@@ -85,6 +90,8 @@ def handle(args: argparse.Namespace) -> int:
     if args.model is not None:
         return _handle_model(args, tiou)
     given = [f"--{name.replace('_', '-')}" for name in _MODEL_ONLY if getattr(args, name) is not None]
+    if args.dense:
+        given.append("--dense")
     if given:
         raise UsageError(f"{', '.join(given)} only apply with --model; --predictions scores an existing results file")
 
@@ -135,6 +142,7 @@ def _handle_model(args: argparse.Namespace, tiou) -> int:
         top_k=tuple(args.top_k),
         proposals=args.proposals,
         storage_options=storage_options(args.s3_endpoint),
+        dense=args.dense,
     )
     report = run_model(request)
     print(format_model_report(report, request))

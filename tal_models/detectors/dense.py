@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tal_models.batch import Batch
+from tal_models.batch import Batch, collate
 from tal_models.dense import DenseHead, dense_loss, dense_targets, segments_from_scores
-from tal_models.detectors.base import detect_sequence
+from tal_models.detectors.base import check_sequence, detect_sequence
 from tal_models.detectors.one_stage import OneStageConfig
 from tal_models.encoders import PyramidEncoder
 from tal_models.structures import Detections, Segments, Unit
@@ -104,6 +104,19 @@ class DenseDetector(nn.Module):
             order = np.argsort(-seg_scores, kind="stable")[: inference.nms.max_detections]
             out.append(Detections(vid, Segments(segs.data[order], segs.unit, check=False), seg_scores[order], labels[order]))
         return out
+
+    @torch.no_grad()
+    def sequence_scores(self, features: Tensor | np.ndarray) -> np.ndarray:
+        """Per-step class probabilities ``[T, K]`` of one feature sequence ``[T, C]`` (checked as ``detect``
+        checks it); the model's mode is kept."""
+        features = check_sequence(features, self.config.input_dim)
+        batch = collate([{"features": features, "video_id": "video"}], self.pad_multiple)
+        was_training = self.training
+        self.eval()
+        try:
+            return self.step_scores(batch.to(next(self.parameters()).device))[0]
+        finally:
+            self.train(was_training)
 
     def detect(
         self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"

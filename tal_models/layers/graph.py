@@ -39,7 +39,11 @@ def semantic_neighbours(x: Tensor, mask: Tensor, k: int, block_size: int = 256) 
         raise ValueError(f"k (neighbours per step) must be a positive int, got {k!r}")
     B, _, T = x.shape
     steps = torch.arange(T, device=x.device)
-    take = min(k, T)
+    # Traced for export, the query loop would be unrolled at the traced length: one block there (quadratic
+    # memory, but right at every length), and k columns of +inf appended so that topk never asks for more
+    # than the row has, whatever T the graph later sees.
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    block_size = T if tracing else block_size
     with torch.no_grad():
         x = x.detach().masked_fill(~mask, 0.0)  # padding may hold NaN/inf
         sq = x.pow(2).sum(dim=1)  # [B, T]
@@ -51,12 +55,11 @@ def semantic_neighbours(x: Tensor, mask: Tensor, k: int, block_size: int = 256) 
             dist = torch.baddbmm(sq[:, None, :], rows[:, start:stop], x, alpha=-2.0)  # [B, Q, T]: |b|^2 - 2 a.b
             dist.add_(sq[:, start:stop, None]).masked_fill_(padded_key, math.inf)
             dist.diagonal(offset=start, dim1=1, dim2=2).fill_(-math.inf)  # entry (i, start + i): the query itself
-            d, idx = dist.topk(take, dim=-1, largest=False)  # [B, Q, take]
+            dist = torch.cat([dist, dist.new_full((B, dist.shape[1], k), math.inf)], dim=-1)  # [B, Q, T + k]
+            d, idx = dist.topk(k, dim=-1, largest=False)  # [B, Q, k]
             own = steps[start:stop].view(1, -1, 1)
             blocks.append(torch.where(d == math.inf, own, idx))  # fewer valid steps than k: repeat the step itself
-        idx = torch.cat(blocks, dim=1)  # [B, T, take]
-        if take < k:  # fewer steps than k in the whole batch
-            idx = torch.cat([idx, steps.view(1, T, 1).expand(B, T, k - take)], dim=-1)
+        idx = torch.cat(blocks, dim=1)  # [B, T, k]
     return idx
 
 
