@@ -107,7 +107,9 @@ def train_ours(
     scaled = make_config(
         d.arch, num_classes=len(meta["classes"]), input_dim=meta["input_dim"], max_seq_len=max_seq_len, embed_dim=embed_dim
     )
-    config = replace(scaled, loss=d.loss, inference=d.inference, encoder=replace(scaled.encoder, **_encoder_extras(d.encoder)))
+    config = replace(
+        scaled, loss=d.loss, inference=d.inference, refine=d.refine, encoder=replace(scaled.encoder, **_encoder_extras(d.encoder))
+    )
     model = build_detector(config)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     epochs = max(1, round(steps / steps_per_epoch))
@@ -188,7 +190,10 @@ def _with_overrides(preset, overrides):
 
 def _encoder_extras(encoder) -> dict:
     """Settings of a preset's encoder that are not widths (kept when the benchmark rescales it)."""
-    return {"window": encoder.window, "mlp_ratio": encoder.mlp_ratio, "sgp_k": encoder.sgp_k, "kernel_size": encoder.kernel_size}
+    return {
+        "window": encoder.window, "mlp_ratio": encoder.mlp_ratio, "sgp_k": encoder.sgp_k, "kernel_size": encoder.kernel_size,
+        "ssm_state": encoder.ssm_state, "ssm_expand": encoder.ssm_expand, "graph_k": encoder.graph_k, "drop_path": encoder.drop_path,
+    }  # fmt: skip
 
 
 def write_results(predictions, classes: list[str], path: Path) -> None:

@@ -8,7 +8,6 @@ PyTorch model on padded batches at lengths other than the traced one (64 steps).
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import sys
 
