@@ -32,7 +32,7 @@ def interpolated_pr(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
 
 def plot_detection_metrics(metrics: DetectionMetrics, path: str | os.PathLike) -> None:
     """Left: class-averaged interpolated PR curve per tIoU. Right: per-class AP (mean over tIoU)."""
-    if not metrics.curves:
+    if not metrics.curves and metrics.num_predictions > 0:  # no predictions at all (e.g. a young dense model): empty curves
         raise ValueError("plotting needs the PR curves: evaluate with keep_curves=True")
     n_classes = len(metrics.class_names)
     fig, (ax_pr, ax_ap) = plt.subplots(1, 2, figsize=(14, max(5, 0.22 * n_classes + 1.5)), gridspec_kw={"width_ratios": [1, 1.2]})

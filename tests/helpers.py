@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from tal_models.timing import FeatureTiming
+
+SYNTHETIC_DIM, SYNTHETIC_TIMING, SYNTHETIC_CLASSES = 16, FeatureTiming(fps=15.0, stride=4, window=4), ["jump", "run", "throw"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,3 +31,47 @@ class HostReads(TorchDispatchMode):
         if func.overloadpacket.__name__ == "_local_scalar_dense":
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def synthetic_store(
+    root: Path, videos: int = 24, steps: int = 96, seed: int = 0, dim: int = SYNTHETIC_DIM, backbone: str = "synthetic"
+) -> tuple[str, Path]:
+    """A feature store of class-prototype features inside annotated segments (classes ``SYNTHETIC_CLASSES``,
+    timing ``SYNTHETIC_TIMING``, two thirds of the videos "training", the rest "validation"), and its
+    ActivityNet ground truth: ``(store uri, ground-truth path)``."""
+    import json
+
+    import numpy as np
+
+    from pipelines.store import FeatureSequence, FeatureStore, Provenance
+
+    K, TIMING, CLASSES = len(SYNTHETIC_CLASSES), SYNTHETIC_TIMING, SYNTHETIC_CLASSES
+    g = np.random.default_rng(seed)
+    protos = 2.0 * g.standard_normal((K, dim)).astype(np.float32)
+    sequences, database = [], {}
+    for i in range(videos):
+        vid = f"vid{i:02d}"
+        feats = 0.3 * g.standard_normal((steps, dim)).astype(np.float32)
+        annotations, t = [], int(g.integers(2, 8))
+        while True:
+            n = int(g.integers(6, 24))
+            if t + n >= steps - 2:
+                break
+            k = int(g.integers(K))
+            feats[t : t + n] += protos[k]
+            start, end = TIMING.step_to_seconds(np.array([t, t + n], np.float64))
+            annotations.append({"segment": [float(start), float(end)], "label": CLASSES[k]})
+            t += n + int(g.integers(3, 12))
+        duration = float(TIMING.step_to_seconds(steps))
+        sequences.append(
+            FeatureSequence(vid, feats, TIMING, TIMING.centers(steps), duration=duration, num_frames=steps * 4, native_fps=15.0)
+        )
+        database[vid] = {"subset": "training" if i < videos * 2 // 3 else "validation", "duration": duration, "annotations": annotations}
+    store_uri = str(root / "store")
+    store = FeatureStore(store_uri)
+    provenance = Provenance(backbone, "w.pth", "ab" * 32, dim, 15.0, 4, 4, "{}")
+    store.write_part(sequences[: videos // 2], provenance)
+    store.write_part(sequences[videos // 2 :], provenance)
+    gt = root / "gt.json"
+    gt.write_text(json.dumps({"version": "1.3", "database": database}))
+    return store_uri, gt

@@ -23,6 +23,8 @@ an ``actionformer`` turned dense fuses its pyramid by upsampling and summing.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -98,11 +100,11 @@ class DenseDetector(nn.Module):
         durations = batch.durations if batch.durations is not None else [None] * len(batch)
         out = []
         for vid, scores, timing, duration in zip(batch.video_ids, self.step_scores(batch), timings, durations):
-            segs, seg_scores, labels = (t.numpy() for t in segments_from_scores(torch.from_numpy(scores), inference.dense_threshold))
-            segs = timing.segments_to_seconds(Segments(segs.astype(np.float64).reshape(-1, 2), Unit.STEPS, check=False))
-            segs = segs.clip(0.0, float(duration) if duration is not None else np.inf)  # as decode: seconds, or steps under STEP_TIMING
-            order = np.argsort(-seg_scores, kind="stable")[: inference.nms.max_detections]
-            out.append(Detections(vid, Segments(segs.data[order], segs.unit, check=False), seg_scores[order], labels[order]))
+            segs, seg_scores, labels = segments_from_scores(torch.from_numpy(scores), inference.dense_threshold)  # steps
+            seconds = timing.segments_to_seconds(Segments(segs.double().reshape(-1, 2), Unit.STEPS, check=False))
+            seconds = seconds.clip(0.0, float(duration) if duration is not None else math.inf)  # as decode: seconds, or steps under STEP_TIMING
+            order = torch.argsort(-seg_scores, stable=True)[: inference.nms.max_detections]
+            out.append(Detections(vid, Segments(seconds.data[order], Unit.SECONDS, check=False), seg_scores[order].double(), labels[order]))
         return out
 
     @torch.no_grad()

@@ -91,3 +91,16 @@ def test_bad_flags_and_missing_files_exit_2(tmp_path):
         r = tal("evaluate", *args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_a_model_without_any_detection_still_gets_its_plot(tmp_path):
+    """A young dense model may report no segment at all: the plot is drawn (empty curves, AP 0), not an error."""
+    from jobs.plots import plot_detection_metrics
+    from tal_models.evaluation import evaluate_detection
+    from tal_models.structures import AnnotationSet, LabelMap, Segments, VideoAnnotation
+
+    gt = AnnotationSet({"v": VideoAnnotation("v", Segments(np.array([[1.0, 2.0]])), np.array([0]), 5.0)}, LabelMap.from_names(["a"]))
+    metrics = evaluate_detection(gt, {}, [0.5], keep_curves=True)
+    assert metrics.num_predictions == 0 and float(metrics.mAP[0]) == 0.0
+    plot_detection_metrics(metrics, tmp_path / "pr.png")
+    assert (tmp_path / "pr.png").stat().st_size > 0

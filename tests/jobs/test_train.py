@@ -13,58 +13,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SYNTHETIC_CLASSES, SYNTHETIC_DIM, SYNTHETIC_TIMING
+from helpers import synthetic_store as _dataset
 
 import pipelines.store
 from jobs.errors import UsageError
 from jobs.tracking import resolve_model
 from jobs.train import TrainJob, TrainPlan, VideoTargets, _epoch_batches, _read_shard, _Shard, _validate, plan, train
 from pipelines.shard_reader import ShardReader
-from pipelines.store import FeatureSequence, FeatureStore, Provenance
+from pipelines.store import FeatureStore
 from tal_models.checkpoint import load_checkpoint
 from tal_models.config import dump_yaml
 from tal_models.optim import OptimConfig
 from tal_models.presets import Preset, make_config
-from tal_models.timing import FeatureTiming
 
-C, K = 16, 3
-TIMING = FeatureTiming(fps=15.0, stride=4, window=4)
-CLASSES = ["jump", "run", "throw"]
-
-
-def _dataset(root: Path, videos: int = 24, steps: int = 96, seed: int = 0, dim: int = C, backbone: str = "synthetic") -> tuple[str, Path]:
-    """A store of class-prototype features inside annotated segments, and its ActivityNet ground truth."""
-    g = np.random.default_rng(seed)
-    protos = 2.0 * g.standard_normal((K, dim)).astype(np.float32)
-    sequences, database = [], {}
-    for i in range(videos):
-        vid = f"vid{i:02d}"
-        feats = 0.3 * g.standard_normal((steps, dim)).astype(np.float32)
-        annotations, t = [], int(g.integers(2, 8))
-        while True:
-            n = int(g.integers(6, 24))
-            if t + n >= steps - 2:
-                break
-            k = int(g.integers(K))
-            feats[t : t + n] += protos[k]
-            start, end = TIMING.step_to_seconds(np.array([t, t + n], np.float64))
-            annotations.append({"segment": [float(start), float(end)], "label": CLASSES[k]})
-            t += n + int(g.integers(3, 12))
-        duration = float(TIMING.step_to_seconds(steps))
-        sequences.append(FeatureSequence(vid, feats, TIMING, TIMING.centers(steps), duration=duration, num_frames=steps * 4, native_fps=15.0))
-        database[vid] = {"subset": "training" if i < videos * 2 // 3 else "validation", "duration": duration, "annotations": annotations}
-    store_uri = str(root / "store")
-    store = FeatureStore(store_uri)
-    provenance = Provenance(backbone, "w.pth", "ab" * 32, dim, 15.0, 4, 4, "{}")
-    store.write_part(sequences[: videos // 2], provenance)
-    store.write_part(sequences[videos // 2 :], provenance)
-    gt = root / "gt.json"
-    gt.write_text(json.dumps({"version": "1.3", "database": database}))
-    return store_uri, gt
+C, K = SYNTHETIC_DIM, len(SYNTHETIC_CLASSES)
+TIMING, CLASSES = SYNTHETIC_TIMING, SYNTHETIC_CLASSES
 
 
 def _preset(root: Path, epochs: int = 4) -> Path:
     detector = make_config("temporalmaxer", num_classes=K, input_dim=C, max_seq_len=64, embed_dim=32, levels=4)
-    preset = Preset("tiny-temporalmaxer", "test", "synthetic", detector, OptimConfig(lr=5e-3, weight_decay=0.0, warmup_epochs=1, epochs=epochs, ema_decay=0.7), 1)
+    preset = Preset(
+        "tiny-temporalmaxer",
+        "test",
+        "synthetic",
+        detector,
+        OptimConfig(lr=5e-3, weight_decay=0.0, warmup_epochs=1, epochs=epochs, ema_decay=0.7),
+        1,
+    )
     path = root / "tiny.yaml"
     path.write_text(dump_yaml(preset))
     return path
@@ -230,7 +206,9 @@ def test_a_stopped_run_resumes_to_the_same_final_state(job):
 
     def final_weights(run_name):
         folder = Path(job.out) / run_name
-        latest = max((p for p in folder.glob("checkpoint_*") if p.is_dir()), key=lambda p: load_checkpoint(p / "model.pt").metadata["epoch"])
+        latest = max(
+            (p for p in folder.glob("checkpoint_*") if p.is_dir()), key=lambda p: load_checkpoint(p / "model.pt").metadata["epoch"]
+        )
         return load_checkpoint(latest / "model.pt")
 
     straight = train(TrainJob(**{**job.__dict__, "run_name": "straight", "register": False}))

@@ -1,0 +1,123 @@
+"""The detectors of issue 15 through the jobs: ``tal train`` (real Ray Train, 2 DDP workers), the MLflow registry,
+``tal evaluate --model`` (``--dense`` for a dense model) and ``tal serve`` over real HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from helpers import SYNTHETIC_CLASSES, SYNTHETIC_DIM, SYNTHETIC_TIMING, free_port, synthetic_store
+
+from jobs.evaluate import ModelEvaluationRequest, run_model
+from jobs.train import DENSE_SCORE, SCORE, TrainJob, train
+from tal_models.config import dump_yaml
+from tal_models.optim import OptimConfig
+from tal_models.presets import Preset, make_config
+
+# the new one-stage archs (tiny widths), and MS-Temba, a dense (per-step) detector
+ARCHS = ("actionmamba", "causaltad", "dyfadet", "gtad", "mstemba")
+
+
+def _preset(root: Path, arch: str) -> Path:
+    detector = make_config(arch, num_classes=len(SYNTHETIC_CLASSES), input_dim=SYNTHETIC_DIM, max_seq_len=64, embed_dim=32, levels=3)
+    optim = OptimConfig(lr=5e-3, weight_decay=0.0, warmup_epochs=1, epochs=3, ema_decay=0.7)
+    path = root / f"tiny-{arch}.yaml"
+    path.write_text(dump_yaml(Preset(f"tiny-{arch}", "test", "synthetic", detector, optim, 1)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return synthetic_store(tmp_path_factory.mktemp("store"), videos=18)
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory, ray_session):
+    """arch -> (the train summary, the MLflow URI): every arch trained once for the tests below."""
+    out = {}
+    features, gt = store
+    for arch in ARCHS:
+        root = tmp_path_factory.mktemp(arch)
+        job = TrainJob(
+            config=str(_preset(root, arch)), features=features, annotations=str(gt), out=str(root / "runs"), workers=2,
+            mlflow_uri=f"sqlite:///{root}/mlflow.db", run_name=arch,
+        )  # fmt: skip
+        out[arch] = (train(job), job.mlflow_uri)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_new_detector_trains_on_two_workers_registers_and_evaluates(arch, trained, store, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    summary, uri = trained[arch]
+    client = MlflowClient(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    dense = arch == "mstemba"
+    key = DENSE_SCORE if dense else SCORE
+    assert run.info.status == "FINISHED" and run.data.params["detector.arch"] == arch and run.data.params["workers"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2]  # validated every epoch
+    assert 0.0 < summary["best_score"] <= 1.0 and summary["registration"]["promoted"]
+    version = client.get_model_version_by_alias("tal-detector", "champion")
+    assert version.run_id == run.info.run_id and version.tags["metric_name"] == key
+
+    features, gt = store
+    request = ModelEvaluationRequest(
+        model="models:/tal-detector@champion", features=features, annotations=gt, output=tmp_path / "eval", subset="validation",
+        workers=0, timeline_videos=1, dense=dense, progress=False,
+    )  # fmt: skip
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where models:/ resolves
+    report = run_model(request)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert len(report.videos) == 6 and report.metrics.num_ground_truth > 0
+    if dense:  # the per-frame mAP of the registered checkpoint is the one training reported for it
+        assert report.dense_metrics is not None and written["dense"]["mAP"] == pytest.approx(report.dense_metrics.mAP)
+        assert report.dense_metrics.mAP == pytest.approx(summary["best_score"], abs=1e-4)
+    else:
+        assert "dense" not in written and written["average_mAP"] == pytest.approx(summary["best_score"], abs=1e-4)
+
+
+def test_evaluate_dense_refuses_a_detector_of_segments(trained, store, tmp_path, monkeypatch):
+    from jobs.errors import UsageError
+
+    features, gt = store
+    summary, uri = trained["gtad"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = f"runs:/{summary['mlflow_run_id']}/checkpoint/model.pt"
+    with pytest.raises(UsageError, match="--dense: .* gtad detector of segments, not a dense"):
+        run_model(ModelEvaluationRequest(model=model, features=features, annotations=gt, output=tmp_path, dense=True, progress=False))
+
+
+def test_a_dense_and_a_mamba_detector_serve_over_http_as_in_process(trained, ray_session):
+    from ray import serve
+
+    from jobs.serve import run_app
+    from jobs.serve_config import ServeArgs
+    from jobs.tracking import resolve_model
+    from tal_models.checkpoint import load_checkpoint
+
+    features = np.random.default_rng(5).standard_normal((70, SYNTHETIC_DIM)).astype(np.float32)
+    for arch in ("mstemba", "actionmamba"):
+        _, uri = trained[arch]
+        checkpoint = load_checkpoint(resolve_model("models:/tal-detector@champion", uri))
+        model = checkpoint.build("cpu").eval()
+        duration = float(SYNTHETIC_TIMING.step_to_seconds(70))
+        expected = model.detect(features, SYNTHETIC_TIMING, duration).sorted_by_score()
+        port = free_port()
+        url = run_app(ServeArgs(model="models:/tal-detector@champion", mlflow_uri=uri, max_steps=300), "127.0.0.1", port)
+        try:
+            body = {"features": features.tolist(), "duration": duration, "video_id": "clip"}  # the timing is the checkpoint's features'
+
+            response = requests.post(url + "/v1/detect", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            got = response.json()
+            assert got["model"]["arch"] == arch and got["num_steps"] == 70
+            assert len(got["detections"]) == len(expected) > 0
+            for d, score, label, (a, b) in zip(got["detections"], expected.scores, expected.labels, np.asarray(expected.segments.data)):
+                assert d["label"] == SYNTHETIC_CLASSES[int(label)] and d["score"] == pytest.approx(float(score), abs=1e-5)
+                assert d["segment"] == pytest.approx([float(a), float(b)], abs=1e-4)
+        finally:
+            serve.shutdown()
