@@ -28,7 +28,9 @@ feature steps' centre times (``FeatureTiming.centers``) scored by the EMA weight
 Trainings run ``--jobs`` at a time with one thread each; with ``--workdir`` the data sets and each run's
 result are kept and reused when the same run is asked again. Prints one JSON line: per profile each
 model's mAP and training seconds (mean, std, min, max over seeds) and per-seed values, MS-Temba minus
-ActionFormer seed by seed, and ``target_mstemba_ahead`` (definition in the output's ``settings``).
+ActionFormer seed by seed, ``target_mstemba_ahead`` (definition in the output's ``settings``), and the
+``oracle_probe``: the training-free ``features @ prototypes.T`` with the generator's true prototypes, a
+yardstick of how much of the signal the budget lets the models learn.
 """
 
 from __future__ import annotations
@@ -186,6 +188,20 @@ def train_and_evaluate(preset_name: str, data_dir: Path, args) -> dict:
     }
 
 
+def oracle_probe_map(data_dir: Path) -> float:
+    """Per-frame mAP of the training-free probe ``features @ prototypes.T`` (the generator's true class
+    directions): a yardstick of how much of the signal the trained models pick up, not a competitor."""
+    from benchmarks._dense_like import NUM_CLASSES, class_directions
+    from pipelines.annotations.multithumos import read_multithumos
+    from tal_models.evaluation import evaluate_dense
+
+    test, meta = load_split(data_dir, "test")
+    prototypes = class_directions(NUM_CLASSES, meta["input_dim"], meta["seed"])  # [K, C]
+    scores = {s["video_id"]: (s["timing"].centers(len(s["features"])), s["features"] @ prototypes.T) for s in test}
+    gt = read_multithumos(data_dir / "annotations.json")
+    return round(evaluate_dense(replace(gt, videos={v: gt.videos[v] for v in meta["splits"]["test"]}), scores).mAP, 4)
+
+
 # --- the driver ----------------------------------------------------------------------------
 def _settings(args) -> dict:
     return {
@@ -209,7 +225,7 @@ def _worker_cmd(preset: str, args, data_dir: Path, seed: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _table(profiles, seeds, runs: list[dict]) -> dict:
+def _table(profiles, seeds, runs: list[dict], probes: dict) -> dict:
     table = {}
     for profile in profiles:
         per = {label: {r["seed"]: r["result"] for r in runs if r["profile"] == profile and r["label"] == label and "mAP" in r["result"]}
@@ -233,6 +249,8 @@ def _table(profiles, seeds, runs: list[dict]) -> dict:
             entry["mstemba_minus_actionformer"] = {"per_seed": diff, **summary}
             ahead = summary["mean"] > 0 and summary["mean"] > summary["std"] and summary["min"] > 0
             entry["target_mstemba_ahead"] = bool(ahead) if len(common) > 1 else None  # one seed has no spread to clear
+        probe = {s: probes[profile, s] for s in seeds}
+        entry["oracle_probe"] = {"mAP": _summary(list(probe.values())), "per_seed": probe}
         table[profile] = entry
     return table
 
@@ -270,7 +288,7 @@ def main() -> None:
     settings = _settings(args)
     settings_key = json.dumps(settings, sort_keys=True)
 
-    jobs = []
+    jobs, probes = [], {}
     for profile in args.profiles:
         for seed in args.seeds:
             data_dir = workdir / f"data-{profile}-{seed}-d{args.input_dim}-v{args.max_videos_per_split}"
@@ -278,6 +296,7 @@ def main() -> None:
                 make_dense_like(
                     data_dir, input_dim=args.input_dim, seed=seed, max_videos_per_split=args.max_videos_per_split, profile=profile
                 )
+            probes[profile, seed] = oracle_probe_map(data_dir)
             for label, preset in MODELS.items():
                 key = json.dumps([settings_key, preset, profile, seed])
                 name = f"{profile}-{seed}-{label}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
@@ -326,7 +345,7 @@ def main() -> None:
                     "target_mstemba_ahead": AHEAD_DEFINITION,
                     "cached_runs": sum(1 for r in runs if r.get("cached")),
                 },
-                "table": _table(args.profiles, args.seeds, runs),
+                "table": _table(args.profiles, args.seeds, runs, probes),
                 "failures": [f"{r['profile']}/{r['seed']} {r['label']}" for r in runs if "error" in r["result"]],
                 "machine": {"load_before": load_before, "load_after": loadavg(), "machine_busy_fraction": busy_since(cpu_start)},
                 "wall_s": round(time.perf_counter() - started, 1),
