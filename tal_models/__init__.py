@@ -6,7 +6,9 @@ Data and results
     ``timing`` (``FeatureTiming``: feature steps <-> seconds, the one formula), ``batch`` (``Batch``,
     ``collate``: the one place that pads; ``random_crop``).
 Detectors
-    ``detectors`` (the ``Detector`` protocol, ``build_detector``; one module per family: ``one_stage``),
+    ``detectors`` (the ``Detector`` protocol, ``build_detector``; one module per family: ``one_stage``,
+    ``dense`` (per-step multi-label)), ``refine`` (BRN boundary refinement, a one-stage head option),
+    ``dense`` (per-step targets, loss, the dense head, runs -> segments),
     ``layers`` (masked temporal blocks by concept, with the hand-written autograd ``kernels``),
     ``encoders`` (the feature pyramid), ``necks``, ``heads`` and ``trident`` (dense heads), ``points``
     (anchor points), ``targets`` (label assignment), ``losses``, ``decode`` (dense outputs -> detections),
@@ -16,5 +18,6 @@ Configuration and training
     ``presets`` (the papers' configurations and the shipped preset files), ``optim`` (AdamW, warm-up +
     cosine, EMA), ``training`` (the epoch loops), ``checkpoint`` (one ``torch.load(weights_only=True)`` file).
 Evaluation
-    ``evaluation`` (detection mAP with the ActivityNet reference semantics, Recall@k, proposal AR@AN).
+    ``evaluation`` (detection mAP with the ActivityNet reference semantics, Recall@k, proposal AR@AN,
+    the per-frame mAP of the dense protocols).
 """

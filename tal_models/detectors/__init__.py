@@ -2,7 +2,9 @@
 
 - ``base``: the ``Detector`` protocol every family satisfies (``forward_training``,
   ``forward_inference``, ``detect``) and the shared body of ``detect``;
-- ``one_stage``: multi-scale one-stage detectors (ActionFormer, TriDet, TemporalMaxer);
+- ``one_stage``: multi-scale one-stage detectors (ActionFormer, TriDet, TemporalMaxer, ActionMamba,
+  CausalTAD, DyFADet, G-TAD's blocks);
+- ``dense``: frame-level multi-label detectors (MS-Temba, or any encoder with ``task: dense``);
   later families add ``boundary_matching`` (two-stage, BMN) and ``set_prediction`` (DETR-style);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
