@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tal_models.timing import FeatureTiming
@@ -75,3 +77,19 @@ def synthetic_store(
     gt = root / "gt.json"
     gt.write_text(json.dumps({"version": "1.3", "database": database}))
     return store_uri, gt
+
+
+@pytest.fixture(autouse=True)
+def seed_zero():
+    """Import into a test module (``from helpers import seed_zero``): every test there starts from seed 0."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module: its tiny tensors run on one thread (on a busy 2-core machine each
+    parallel op waits at its barrier for a core: 30x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import one_thread, seed_zero  # noqa: F401 (autouse fixtures: seed 0, one thread)
+from test_layers import pad_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -20,29 +22,6 @@ from tal_models.layers.graph import GCNeXtBlock, semantic_neighbours
 from tal_models.layers.masking import masked_max_pool
 
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def pad_batch(videos: list[torch.Tensor], T: int, garbage: float = 1e4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Videos ``[C, n_i]`` -> ``x [B, C, T]`` (garbage beyond each ``n_i``), ``mask [B, 1, T]``."""
-    x = garbage * torch.randn(len(videos), videos[0].shape[0], T)
-    mask = torch.zeros(len(videos), 1, T, dtype=torch.bool)
-    for i, v in enumerate(videos):
-        x[i, :, : v.shape[1]] = v
-        mask[i, :, : v.shape[1]] = True
-    return x, mask
 
 
 def assert_prefix_equal(out: torch.Tensor, ref: torch.Tensor, n: int):
@@ -206,7 +185,8 @@ def test_gcnext_knn_memory_is_linear_in_T():
         with torch.no_grad(), LargestAllocation() as probe:
             block(x, mask)
         largest[T] = probe.largest
-        assert largest[T] <= 256 * T, f"T={T}: an allocation of {largest[T]} elements, more than a [1, 256, T] block"
+        # a [1, 256, T + k] block of distances (k columns of +inf let topk ask for k at any T)
+        assert largest[T] <= 256 * (T + 3), f"T={T}: an allocation of {largest[T]} elements, more than a [1, 256, T + k] block"
     assert 1.9 <= largest[2048] / largest[1024] <= 2.1, largest  # T x T distances would give 4
 
 

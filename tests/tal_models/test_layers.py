@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import one_thread, seed_zero  # noqa: F401 (autouse fixtures: seed 0, one thread)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -34,21 +35,6 @@ from tal_models.layers import (
 from tal_models.necks import FPNConfig, FPNNeck
 
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine each parallel op waits
-    at its barrier for a core (30x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pad_batch(videos: list[torch.Tensor], T: int, garbage: float = 1e4) -> tuple[torch.Tensor, torch.Tensor]:

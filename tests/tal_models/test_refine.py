@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import one_thread, seed_zero  # noqa: F401 (autouse fixtures: seed 0, one thread)
 from torch import nn
 
 from tal_models.layers import downsample_mask
@@ -23,19 +24,6 @@ from tal_models.refine import (
 
 D, L = 12, 4  # channels, levels (strides 1, 2, 4, 8)
 CONFIG = RefineConfig(kind="brn", hidden_dim=16, num_blocks=2)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pyramid(lengths: list[int], t0: int, garbage: float = math.nan) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:

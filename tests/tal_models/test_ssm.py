@@ -8,24 +8,12 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import one_thread, seed_zero  # noqa: F401 (autouse fixtures: seed 0, one thread)
 from test_layers import LargestAllocation, alone, assert_valid_prefix_equal, assert_zero_at_invalid, pad_batch
 
 from tal_models.layers import ssm
 from tal_models.layers.causal import CausalHybridBlock, CausalMixer, causal_local_attention
 from tal_models.layers.ssm import MambaBlock, SelectiveSSM, selective_scan
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the scan against the recurrence, one step at a time ------------------------------------
