@@ -18,10 +18,17 @@ import numpy as np
 
 from jobs.errors import UsageError
 from jobs.inference import detect_sequences, detect_store_on_ray, load_model
-from pipelines.annotations import read_activitynet_results, read_annotations, write_activitynet_results
+from pipelines.annotations import (
+    AnnotationFormatError,
+    read_activitynet_results,
+    read_annotations,
+    read_video_classification,
+    write_activitynet_results,
+)
 from pipelines.atomic import write_json_atomic
 from pipelines.store import FeatureStore, StoreError
-from tal_models.checkpoint import CheckpointError
+from tal_models.checkpoint import Checkpoint, CheckpointError
+from tal_models.detectors.fused import is_class_agnostic
 from tal_models.evaluation import (
     ACTIVITYNET_TIOU,
     THUMOS14_TIOU,
@@ -32,6 +39,7 @@ from tal_models.evaluation import (
     evaluate_detection,
     evaluate_proposals,
 )
+from tal_models.postprocess import fuse_video_classifier
 from tal_models.structures import Detections, video_id_candidates
 
 THUMOS_LIKE = {"thumos14_json", "thumos14_txt", "multithumos"}
@@ -165,6 +173,8 @@ class ModelEvaluationRequest:
     storage_options: dict | None = None  # fsspec options for s3:// stores and checkpoints
     progress: bool = True
     dense: bool = False  # also the per-frame mAP (a dense, per-step multi-label detector's own metric)
+    classifier: str | None = None  # a class-agnostic model's labeller: a video classifier (model reference) or a classification JSON
+    fuse_top_k: int = 2  # video classes each class-agnostic segment is labelled with
 
 
 @dataclass(frozen=True)
@@ -181,9 +191,11 @@ class ModelEvaluationReport:
     inference_seconds: float
     outputs: dict[str, Path]
     dense_metrics: DenseMetrics | None = None
+    notes: tuple[str, ...] = ()  # how the model was scored (class-agnostic, fused), videos left unlabelled
 
     def to_dict(self) -> dict:
         out = self.metrics.to_dict()
+        out["notes"] = list(self.notes)
         if self.dense_metrics is not None:
             out["dense"] = self.dense_metrics.to_dict()
         out["unknown_labels"] = {}  # the checkpoint's labels are checked against the annotations first
@@ -236,24 +248,31 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         scoped = ground_truth.subset(request.subset)
 
     checkpoint, checkpoint_uri = open_model(request.model, request.storage_options)
+    if checkpoint.config.task == "classification":
+        return run_classifier(request, checkpoint, checkpoint_uri, ground_truth, scoped)
+    labeller, labels, notes = _labeller(request, checkpoint)
+    if labeller is None and is_class_agnostic(checkpoint):  # scored as found: every annotated segment is an "action"
+        ground_truth, scoped = ground_truth.class_agnostic(checkpoint.labels[0]), scoped.class_agnostic(checkpoint.labels[0])
     if request.dense and checkpoint.config.task != "dense":
         raise UsageError(
             f"--dense: {request.model} is a {checkpoint.config.arch} detector of segments, not a dense (per-step) one; "
             "the per-frame mAP needs per-step scores (train a preset with task: dense, e.g. multithumos-mstemba)"
         )
-    unknown = [n for n in checkpoint.labels if n not in ground_truth.label_map]
+    unknown = [n for n in labels if n not in ground_truth.label_map]
     if unknown:
         raise UsageError(
             f"{len(unknown)} classes of the checkpoint are not in {request.annotations}: {unknown[:5]}"
             + (" ..." if len(unknown) > 5 else "")
             + "; evaluate against the annotations the model was trained for"
         )
-    to_gt_label = np.array([ground_truth.label_map.id(n) for n in checkpoint.labels], np.int64)  # checkpoint id -> annotation id
+    to_gt_label = np.array([ground_truth.label_map.id(n) for n in labels], np.int64)  # model (or labeller) id -> annotation id
 
     store = FeatureStore(request.features, options=request.storage_options)
     try:
         provenance = store.provenance
         checkpoint.check_features(provenance.feature_dim, provenance.to_dict())
+        if isinstance(labeller, Checkpoint):
+            labeller.check_features(provenance.feature_dim, provenance.to_dict())
         in_store = store.status().done
     except (CheckpointError, StoreError) as e:
         raise UsageError(f"{request.features}: {e}") from None
@@ -284,6 +303,12 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         found = detect_sequences(
             checkpoint, (s for s in store if s.video_id in wanted), request.batch_size, progress=request.progress, total=len(wanted)
         )
+    if labeller is not None:  # name the class-agnostic segments with the video's classes
+        class_scores = _video_class_scores(labeller, labels, store, store_id_of)
+        unlabelled = [vid for vid, sid in store_id_of.items() if sid not in class_scores]
+        found = {sid: fuse_video_classifier(d, class_scores[sid], request.fuse_top_k) if sid in class_scores else d[:0] for sid, d in found.items()}
+        if unlabelled:
+            notes.append(f"{len(unlabelled)} videos have no classification in {request.classifier} and so no detections, e.g. {unlabelled[:3]}")
     inference_seconds = time.perf_counter() - started
 
     # Detections under the annotation's video ids and label ids (names are the checkpoint's labels).
@@ -308,7 +333,7 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         outputs["predictions"], detections.values(), ground_truth.label_map,
         external_data={"used": False, "details": f"model {request.model}, features {request.features}"},
     )  # fmt: skip
-    model_classes = set(checkpoint.labels)
+    model_classes = set(labels)
     report = ModelEvaluationReport(
         metrics=metrics,
         proposal_metrics=proposal_metrics,
@@ -322,6 +347,7 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         inference_seconds=inference_seconds,
         outputs=outputs,
         dense_metrics=dense_metrics,
+        notes=tuple(notes),
     )
     write_json_atomic(outputs["metrics"], report.to_dict(), indent=2)
 
@@ -337,6 +363,66 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     if request.timeline_videos and store_id_of:
         outputs["timelines"] = out / "timelines"
     return report
+
+
+def _labeller(request: ModelEvaluationRequest, checkpoint: Checkpoint) -> tuple[Checkpoint | dict | None, list[str], list[str]]:
+    """What names a class-agnostic model's segments: ``(a classifier checkpoint or {video: {label: score}} of a
+    classification JSON, or None; the labels detections will carry; notes for the report)``."""
+    agnostic = is_class_agnostic(checkpoint)
+    if request.classifier is None:
+        notes = []
+        if agnostic:
+            notes.append(
+                f"{request.model} is class-agnostic: scored against the annotations with every class as {checkpoint.labels[0]!r} "
+                "(name its segments with --classifier: a video classifier or a classification JSON)"
+            )
+        return None, list(checkpoint.labels), notes
+    if not agnostic:
+        raise UsageError(
+            f"--classifier names the segments of a class-agnostic detector; {request.model} is a {checkpoint.config.arch} of "
+            f"{checkpoint.config.num_classes} classes that names its own"
+        )
+    if request.fuse_top_k < 1:
+        raise UsageError(f"--fuse-top-k must be >= 1, got {request.fuse_top_k} (ActivityNet practice: 2)")
+    if request.classifier.endswith(".json"):
+        try:
+            scores = read_video_classification(request.classifier)
+        except FileNotFoundError:
+            raise UsageError(f"--classifier {request.classifier}: no such file") from None
+        except AnnotationFormatError as e:
+            raise UsageError(f"--classifier {request.classifier}: {e}") from None
+        labels = sorted({name for video in scores.values() for name in video})
+        how = f"fused with the video classes of {request.classifier} (top {request.fuse_top_k} per video)"
+        return scores, labels, [how]
+    try:
+        classifier, where = load_model(request.classifier, request.storage_options)
+    except FileNotFoundError as e:
+        raise UsageError(f"--classifier {request.classifier}: no such checkpoint file {e.filename or request.classifier}") from None
+    except ValueError as e:
+        raise UsageError(f"--classifier {request.classifier}: {e}") from None
+    if classifier.config.task != "classification":
+        raise UsageError(f"--classifier {request.classifier} is a {classifier.config.arch} detector, not a video classifier")
+    how = f"fused with the video classifier {request.classifier} ({where}; top {request.fuse_top_k} classes per video)"
+    return classifier, list(classifier.labels), [how]
+
+
+def _video_class_scores(labeller: Checkpoint | dict, labels: list[str], store: FeatureStore, store_id_of: dict[str, str]) -> dict[str, np.ndarray]:
+    """``{store id: [K] class scores in the order of labels}`` of the evaluated videos: from the classifier (in this
+    process: one pass over the features) or from the classification JSON (a class a video's entry lacks scores 0)."""
+    wanted = set(store_id_of.values())
+    if isinstance(labeller, Checkpoint):
+        model = labeller.build()
+        return {seq.video_id: model.classify(seq.features) for seq in store if seq.video_id in wanted}
+    column = {name: i for i, name in enumerate(labels)}
+    out = {}
+    for vid, store_id in store_id_of.items():
+        entry = next((labeller[c] for c in video_id_candidates(vid) if c in labeller), None)
+        if entry is not None:
+            scores = np.zeros(len(labels), np.float64)
+            for name, score in entry.items():
+                scores[column[name]] = score
+            out[store_id] = scores
+    return out
 
 
 def _dense_metrics(checkpoint, store: FeatureStore, store_id_of: dict[str, str], ground_truth) -> DenseMetrics:
@@ -385,6 +471,7 @@ def format_model_report(report: ModelEvaluationReport, request: ModelEvaluationR
         )
     if request.subset is None and len(report.subsets) > 1:
         lines.append(f"note          the annotations have subsets {report.subsets}; all were evaluated (use --subset)")
+    lines += [f"note          {n}" for n in report.notes]
     if report.unknown_classes:
         classes = report.unknown_classes
         lines.append(f"note          the model does not predict {len(classes)} annotated classes (their AP is 0): {classes[:5]}")

@@ -74,6 +74,7 @@ from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, filesystem_for, storage_options
 from pipelines.video import VideoDecodeError
 from tal_models.config import apply_overrides
+from tal_models.detectors.fused import FusedDetector, is_class_agnostic
 
 MB = 2**20
 
@@ -103,16 +104,46 @@ def describe_model(args: ServeArgs) -> ModelInfo:
     if args.runtime == "torch" and isinstance(checkpoint, ExportedModel):
         raise ExportError(f"{args.model} is an exported {checkpoint.info.format} file: serve it with runtime onnx (--runtime onnx)")
     metadata = {k: v for k, v in checkpoint.metadata.items() if isinstance(v, str | int | float | bool | type(None) | dict | list)}
+    labels, classifier = list(checkpoint.labels), None
+    if args.classifier is not None or is_class_agnostic(checkpoint):
+        classifier = _describe_classifier(args, checkpoint)
+        labels = classifier.pop("labels")
     return ModelInfo(
         reference=args.model,
         pinned=pinned,
-        labels=list(checkpoint.labels),
+        labels=labels,
+        classifier=classifier,
         arch=checkpoint.config.arch,
         input_dim=checkpoint.config.input_dim,
         provenance=dict(checkpoint.provenance),
         registry=registry,
         metadata=metadata,
     )
+
+
+def _describe_classifier(args: ServeArgs, checkpoint) -> dict[str, Any]:
+    """The video classifier a class-agnostic ``checkpoint`` is fused with, pinned: ``{reference, pinned, registry, labels}``.
+    Without ``args.classifier``, a model from the registry takes the registry's champion classifier."""
+    from jobs.tracking import CLASSIFIER_MODEL, pin_model
+
+    if not is_class_agnostic(checkpoint):
+        raise ValueError(f"classifier: {args.model} names its own {checkpoint.config.num_classes} classes; a classifier labels class-agnostic models")
+    if args.runtime != "torch":
+        raise ExportError("a class-agnostic model fused with a classifier is served with runtime torch")
+    reference = args.classifier
+    if reference is None:
+        if not args.model.startswith("models:/"):
+            raise ValueError(f"{args.model} is class-agnostic: give the video classifier that names its segments (--classifier)")
+        reference = f"models:/{CLASSIFIER_MODEL}@champion"
+    if reference.startswith("models:/"):
+        pinned, registry = pin_model(reference, args.mlflow_uri)
+    else:
+        pinned, registry = (reference if "://" in reference else str(Path(reference).expanduser().resolve())), {}
+    classifier = load_served_checkpoint(pinned, args.mlflow_uri, _storage_options(args))
+    if getattr(classifier.config, "task", None) != "classification":
+        raise ValueError(f"classifier: {reference} is a {classifier.config.arch} detector, not a video classifier")
+    classifier.check_features(checkpoint.config.input_dim, checkpoint.provenance)
+    return {"reference": reference, "pinned": pinned, "registry": registry, "top_k": args.fuse_top_k, "labels": list(classifier.labels)}
 
 
 def _storage_options(args: ServeArgs) -> dict[str, Any]:
@@ -372,7 +403,11 @@ class DetectorIngress:
         def load_model():
             checkpoint = load_served_checkpoint(info.pinned, mlflow_uri, storage_options)
             # onnx: ONNX Runtime with as many intra-op threads as torch has here (a checkpoint is exported in memory first)
-            return build_for_runtime(checkpoint, runtime, _device(use_gpu), num_threads=max(1, num_threads))
+            model = build_for_runtime(checkpoint, runtime, _device(use_gpu), num_threads=max(1, num_threads))
+            if info.classifier is None:
+                return model
+            classifier = load_served_checkpoint(info.classifier["pinned"], mlflow_uri, storage_options).build(_device(use_gpu))
+            return FusedDetector(model, classifier, info.classifier["top_k"]).eval()
 
         self.model = self.torch.run(load_model)
         self.arriving = 0  # feature requests being received or parsed: a batch may wait for them, never for nobody

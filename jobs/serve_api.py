@@ -133,6 +133,7 @@ class ModelInfo:
     provenance: dict[str, Any]
     registry: dict[str, Any] = field(default_factory=dict)  # name, version, alias, run_id
     metadata: dict[str, Any] = field(default_factory=dict)
+    classifier: dict[str, Any] | None = None  # a class-agnostic model's labeller: reference, pinned, registry (labels are its)
 
     @property
     def timing(self) -> FeatureTiming | None:
@@ -161,6 +162,7 @@ class ModelInfo:
             "provenance": provenance,
             "extract_config": self.provenance.get("extract_config"),
             "metadata": self.metadata,
+            "classifier": self.classifier,
         }
 
 

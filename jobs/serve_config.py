@@ -23,6 +23,12 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="models:/tal-detector@champion, models:/NAME/VERSION, runs:/ID/PATH, a local path or an s3:// URI")
+    classifier: str | None = Field(
+        None,
+        description="the video classifier that names a class-agnostic model's segments (models:/tal-classifier@champion, a path, "
+        "s3://); default for a class-agnostic model from the registry: models:/tal-classifier@champion",
+    )
+    fuse_top_k: int = Field(2, ge=1, description="video classes each class-agnostic segment is labelled with")
     mlflow_uri: str | None = Field(None, description="tracking/registry URI for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI)")
     s3_endpoint: str | None = Field(None, description="S3 endpoint URL (default: $AWS_ENDPOINT_URL or AWS)")
     video_roots: list[str] = Field(

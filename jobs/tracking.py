@@ -45,6 +45,8 @@ TRUNCATED = "...[truncated]"  # ends a param value cut at MLflow's length limit 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 # Version tags written by ``register_checkpoint`` and read back to compare against the champion.
+DETECTOR_MODEL = "tal-detector"  # the registered model of detectors (tal train registers every run)
+CLASSIFIER_MODEL = "tal-classifier"  # ... of video-level classifiers, which class-agnostic detectors are fused with
 SCORE_TAG, METRIC_TAG, VALIDATION_TAG = "score", "metric_name", "validation_key"
 
 
@@ -321,7 +323,7 @@ def register_checkpoint(
     artifact_path: str,
     score: float,
     validation_key: str,
-    model_name: str = "tal-detector",
+    model_name: str = DETECTOR_MODEL,
     alias: str = "champion",
     metric_name: str = "val_average_mAP",
 ) -> Registration:

@@ -48,18 +48,18 @@ from ray.train.torch import TorchTrainer
 from jobs import tracking
 from jobs.errors import UsageError
 from jobs.plots import plot_detection_metrics
-from pipelines.annotations import read_activitynet_results, read_annotations, write_activitynet_results
+from pipelines.annotations import read_activitynet_results, read_annotations, write_activitynet_results, write_video_classification
 from pipelines.ray_runtime import DriverConsole, init_ray
 from pipelines.shard_reader import ShardReader, default_cache_bytes
 from pipelines.store import FeatureSequence, FeatureStore, Provenance, StoreError
 from tal_models.batch import Batch, collate, random_crop
 from tal_models.checkpoint import Checkpoint, save_checkpoint
-from tal_models.config import apply_overrides, config_from_dict, config_to_dict, dump_yaml
+from tal_models.config import apply_overrides, config_to_dict, dump_yaml
 from tal_models.detectors import Detector, DetectorConfig, build_detector
-from tal_models.evaluation import evaluate_dense
+from tal_models.evaluation import evaluate_classification, evaluate_dense
 from tal_models.evaluation.detection import THUMOS14_TIOU, evaluate_detection
 from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
-from tal_models.presets import Preset, load_preset
+from tal_models.presets import Preset, load_preset, preset_from_dict
 from tal_models.structures import AnnotationSet, Detections, LabelMap, Segments, VideoAnnotation
 from tal_models.training import EpochTiming, train_one_epoch
 
@@ -67,11 +67,19 @@ from tal_models.training import EpochTiming, train_one_epoch
 _RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
 SCORE = "val_average_mAP"  # what picks and registers the best checkpoint of a detector
 DENSE_SCORE = "val_frame_mAP"  # ... of a dense (per-step, multi-label) detector: the per-frame mAP
+CLASSIFICATION_SCORE = "val_classification_mAP"  # ... of a video-level classifier: ActivityNet's classification mAP
+CLASSIFICATION_FILE = "val_classification.json"  # a classifier's validation scores, in ActivityNet's classification JSON
+AGNOSTIC_LABEL = "action"  # the one class of a class-agnostic model (Preset.class_agnostic)
 
 
 def score_key(detector) -> str:
     """The validation metric that ranks checkpoints of this detector config."""
-    return DENSE_SCORE if detector.task == "dense" else SCORE
+    return {"dense": DENSE_SCORE, "classification": CLASSIFICATION_SCORE}.get(detector.task, SCORE)
+
+
+def registered_name(detector) -> str:
+    """The MLflow registered model a trained model joins: classifiers have their own, since detectors are fused with one."""
+    return tracking.CLASSIFIER_MODEL if detector.task == "classification" else tracking.DETECTOR_MODEL
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ class TrainPlan:
     detector: DetectorConfig  # num_classes set from the annotations
     optim: OptimConfig  # epochs and warm-up as this job runs them
     batch_size: int  # videos per worker and step
-    labels: tuple[str, ...]  # class names, in model class order
+    labels: tuple[str, ...]  # class names, in model class order ((AGNOSTIC_LABEL,) for a class-agnostic model)
     provenance: Provenance  # of the feature store
     features: str  # store URI, absolute for a local store: workers run elsewhere
     storage_options: dict[str, Any]
@@ -139,6 +147,7 @@ class TrainPlan:
     stop_after: int | None
     cache_bytes: int | None = None  # per worker; None: shard_reader.default_cache_bytes(workers on the machine)
     cache_dir: str | None = None
+    class_agnostic: bool = False  # every ground-truth label was mapped to AGNOSTIC_LABEL
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -162,6 +171,8 @@ def plan(job: TrainJob) -> TrainPlan:
     if job.cache_gb is not None and not job.cache_gb > 0:
         raise UsageError(f"--cache-gb must be > 0, got {job.cache_gb}")
     annotations = read_annotations(job.annotations)
+    if preset.class_agnostic:
+        annotations = annotations.class_agnostic(AGNOSTIC_LABEL)
     store = FeatureStore(job.features, options=job.storage_options or None)
     try:
         provenance = store.provenance
@@ -222,6 +233,7 @@ def plan(job: TrainJob) -> TrainPlan:
         stop_after=job.stop_after,
         cache_bytes=max(int(job.cache_gb * 2**30), 1) if job.cache_gb is not None else None,
         cache_dir=job.cache_dir,
+        class_agnostic=preset.class_agnostic,
     )
 
 
@@ -235,7 +247,7 @@ def _apply_overrides(preset, overrides):
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
-        return config_from_dict(Preset, data, where="--set")
+        return preset_from_dict(data, where="--set")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -345,6 +357,8 @@ def train(job: TrainJob) -> dict[str, Any]:
         checkpoint, score = best
         with checkpoint.as_directory() as directory:
             run.log_artifact(str(Path(directory) / "model.pt"), "checkpoint")
+            if (Path(directory) / CLASSIFICATION_FILE).exists():
+                run.log_artifact(str(Path(directory) / CLASSIFICATION_FILE), "validation")
             _log_validation_artifacts(run, Path(directory) / "val_predictions.json", job, planned)
         run.log_text(_preset_yaml(job), "config/preset.yaml")
         summary["best_score"] = score
@@ -353,9 +367,11 @@ def train(job: TrainJob) -> dict[str, Any]:
         if stopped:
             print(f"stopped after epoch {job.stop_after} of {epochs}: continue with --resume {run_name}")
         elif job.register:
-            registration = tracking.register_checkpoint(uri, run.run_id, "checkpoint/model.pt", score, planned.validation_key, metric_name=key)
+            registration = tracking.register_checkpoint(
+                uri, run.run_id, "checkpoint/model.pt", score, planned.validation_key, model_name=registered_name(planned.detector), metric_name=key
+            )  # fmt: skip
             summary["registration"] = asdict(registration)
-            print(f"registered tal-detector version {registration.version}: {registration.reason}")
+            print(f"registered {registered_name(planned.detector)} version {registration.version}: {registration.reason}")
     print(f"done in {summary['wall_s']:.0f} s: best {key} {score:.4f}; MLflow run {summary['mlflow_run_id']} ({uri})")
     return summary
 
@@ -379,7 +395,8 @@ def _log_validation_artifacts(run, predictions_file: Path, job: TrainJob, planne
     """The best checkpoint's validation predictions, its metrics JSON and precision/recall + per-class AP plots."""
     if not predictions_file.exists():
         return
-    truth = read_annotations(job.annotations).subset(planned.val_subset)
+    truth = read_annotations(job.annotations)
+    truth = (truth.class_agnostic(AGNOSTIC_LABEL) if planned.class_agnostic else truth).subset(planned.val_subset)
     truth = type(truth)({v: truth[v] for v in planned.val}, truth.label_map, truth.source, truth.format)
     predictions = read_activitynet_results(predictions_file, truth.label_map)
     metrics = evaluate_detection(truth, predictions.detections, THUMOS14_TIOU, keep_curves=True)
@@ -564,6 +581,8 @@ def _validate(
     """Detections of this rank's validation videos, gathered on rank 0 and evaluated once: rank 0 gets
     ``(metrics, {video_id: Detections})``, the other ranks ``({}, None)``."""
     model.eval()
+    if plan.detector.task == "classification":
+        return _validate_classifier(model, shard, plan, rank, world)
     local = []
     dense = plan.detector.task == "dense"
     shard.expect(shard.val_ids)
@@ -591,6 +610,22 @@ def _validate(
     return metrics, predictions
 
 
+def _validate_classifier(model, shard: _Shard, plan: TrainPlan, rank: int, world: int) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+    """A video classifier's class probabilities of this rank's validation videos, gathered on rank 0 and scored as
+    ActivityNet's classification task (mAP over classes, hit@k): rank 0 gets ``(metrics, {video_id: scores [K]})``."""
+    shard.expect(shard.val_ids)
+    with torch.inference_mode():
+        local = {vid: model.classify(shard.sequences[vid].features) for vid in shard.val_ids}
+    gathered = _gather(local, world)
+    if rank != 0:
+        return {}, None
+    scores = {vid: s for part in gathered for vid, s in part.items()}
+    truth = {vid: VideoAnnotation(vid, Segments(t.segments_s), t.labels, t.duration) for vid, t in plan.val.items()}
+    result = evaluate_classification(AnnotationSet(truth, LabelMap.from_names(plan.labels)), scores)
+    metrics = {CLASSIFICATION_SCORE: float(result.mAP), **{f"val_hit_at_{k}": float(v) for k, v in result.hit_at_k.items()}}
+    return metrics, scores
+
+
 def _gather(obj: Any, world: int) -> list[Any]:
     """``obj`` from every rank, in rank order, on every rank (one ``all_gather_object`` over the DDP group)."""
     if world == 1:
@@ -605,15 +640,17 @@ def _save_state(
     normalizers: list[dict],
     epoch: int,
     metrics: dict[str, Any],
-    predictions: dict[str, Detections] | None,
+    predictions: dict[str, Detections] | dict[str, np.ndarray] | None,
     plan: TrainPlan,
 ) -> ray.train.Checkpoint:
     """This epoch's checkpoint folder: ``model.pt`` (the shipped weights), ``state.pt`` (what ``_restore_state`` loads,
     every rank's loss normaliser included) and, when validated, ``val_predictions.json``."""
     directory = Path(tempfile.mkdtemp(prefix="tal-ckpt-"))
-    if predictions is not None:
+    if predictions is not None and plan.detector.task == "classification":  # the official classification JSON
+        write_video_classification(directory / CLASSIFICATION_FILE, predictions, LabelMap.from_names(plan.labels))
+    elif predictions is not None:
         write_activitynet_results(directory / "val_predictions.json", predictions.values(), LabelMap.from_names(plan.labels))
-    meta = {"epoch": epoch, "preset": plan.preset, **_scalars(metrics)}
+    meta = {"epoch": epoch, "preset": plan.preset, "class_agnostic": plan.class_agnostic, **_scalars(metrics)}
     save_checkpoint(Checkpoint.from_model(state.weights, plan.labels, plan.provenance.to_dict(), meta), directory / "model.pt")
     torch.save(
         {
@@ -643,12 +680,16 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _progress_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m.get('train_final_loss', float('nan')):.4f}"]
-    parts.append(f"(cls {m.get('train_cls_loss', float('nan')):.4f}, reg {m.get('train_reg_loss', float('nan')):.4f})")
+    parts_of_loss = [f"{k[6:-5]} {v:.4f}" for k, v in m.items() if k.startswith("train_") and k.endswith("_loss") and k != "train_final_loss"]
+    if parts_of_loss:  # the family's own terms: cls/reg, tem/pem, the set criterion's
+        parts.append("(" + ", ".join(parts_of_loss) + ")")
     parts.append(f"lr {m['lr']:.3g}")
     if SCORE in m:
         parts.append(f"val avg mAP {m[SCORE]:.4f}")
     if DENSE_SCORE in m:
         parts.append(f"val per-frame mAP {m[DENSE_SCORE]:.4f}")
+    if CLASSIFICATION_SCORE in m:
+        parts.append(f"val classification mAP {m[CLASSIFICATION_SCORE]:.4f}")
     parts.append(f"{m['samples_per_second']:.1f} videos/s")
     return "  ".join(parts)
 

@@ -421,3 +421,8 @@ class AnnotationSet:
             raise ValueError(f"subset {sorted(missing)} not in {self.source or 'the annotations'}; it has {self.subsets}")
         kept = {k: v for k, v in self.videos.items() if v.subset is not None and v.subset.lower() in wanted}
         return replace(self, videos=kept)
+
+    def class_agnostic(self, name: str = "action") -> AnnotationSet:
+        """The same segments, all of one class ``name`` (id 0): what a class-agnostic model is trained and scored on."""
+        videos = {k: replace(v, labels=np.zeros(len(v.labels), np.int64)) for k, v in self.videos.items()}
+        return replace(self, videos=videos, label_map=LabelMap({name: 0}))

@@ -8,7 +8,7 @@ from pathlib import Path
 from jobs.errors import UsageError
 
 AUTO_RAY_VIDEOS = 200  # jobs.evaluate.AUTO_RAY_VIDEOS, for the help (not imported: the parser stays light; a test keeps them equal)
-_MODEL_ONLY = ("features", "workers", "batch_size", "timeline_videos", "s3_endpoint")
+_MODEL_ONLY = ("features", "workers", "batch_size", "timeline_videos", "s3_endpoint", "classifier", "fuse_top_k")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also the per-frame mAP of the MultiTHUMOS / Charades protocol (a dense, per-step multi-label model: task dense)",
     )
+    model.add_argument(
+        "--classifier",
+        metavar="CLASSIFIER",
+        help="name a class-agnostic model's segments with the video's classes: a video classifier (models:/tal-classifier@champion, "
+        "a path, s3://) or an ActivityNet classification JSON (*.json)",
+    )
+    model.add_argument("--fuse-top-k", type=int, metavar="K", help="with --classifier: video classes per segment (default 2)")
     model.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// stores and checkpoints (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=handle)
 
@@ -143,6 +150,8 @@ def _handle_model(args: argparse.Namespace, tiou) -> int:
         proposals=args.proposals,
         storage_options=storage_options(args.s3_endpoint),
         dense=args.dense,
+        classifier=args.classifier,
+        fuse_top_k=2 if args.fuse_top_k is None else args.fuse_top_k,
     )
     report = run_model(request)
     print(format_model_report(report, request))

@@ -26,6 +26,7 @@ _FLAG_FIELDS = {
     "mlflow_uri": "mlflow_uri",
     "s3_endpoint": "s3_endpoint",
     "runtime": "runtime",
+    "classifier": "classifier",
 }
 
 
@@ -60,6 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, help=fields["max_upload_mb"].description + " (default 512)")
     p.add_argument("--max-steps", type=int, help=fields["max_steps"].description + " (default 16384)")
     p.add_argument("--runtime", choices=("torch", "onnx"), help=fields["runtime"].description + " (default torch)")
+    p.add_argument("--classifier", help=fields["classifier"].description)
     p.add_argument("--backbone-weights", help=fields["backbone_weights"].description)
     p.add_argument("--mlflow-uri", help=fields["mlflow_uri"].description)
     p.add_argument("--s3-endpoint", help=fields["s3_endpoint"].description)

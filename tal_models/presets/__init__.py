@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from tal_models.config import config_from_dict, config_to_dict, require_positive_int
-from tal_models.detectors import ARCHS, InferenceConfig, LossConfig, OneStageConfig
+from tal_models.detectors import ARCHS, CONFIG_TYPES, InferenceConfig, LossConfig, OneStageConfig, config_type
 from tal_models.detectors.one_stage import DENSE_ONLY_ARCHS, Arch
 from tal_models.encoders import EncoderConfig
 from tal_models.heads import HeadConfig
@@ -57,12 +57,22 @@ class Preset:
     name: str
     description: str = ""
     features: str = ""  # what features the input must be (backbone, dims, sampling)
-    detector: OneStageConfig = field(default_factory=OneStageConfig)
+    detector: Any = field(default_factory=OneStageConfig)  # a config of any family (tal_models.detectors.CONFIG_TYPES)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 2
+    family: str = ""  # the detector's family (its config type); "" = the detector's own
+    class_agnostic: bool = False  # train on one class "action" (ActivityNet practice: labelled by a video classifier)
 
     def __post_init__(self) -> None:
         require_positive_int(self.batch_size, "Preset.batch_size")
+        family = getattr(self.detector, "family", None)
+        if family is None or type(self.detector) is not CONFIG_TYPES.get(family):
+            raise ValueError(f"Preset.detector must be a detector config ({', '.join(CONFIG_TYPES)}), got {type(self.detector).__name__}")
+        if self.family and self.family != family:
+            raise ValueError(f"Preset.family is {self.family!r} but its detector is a {family!r} config")
+        object.__setattr__(self, "family", family)
+        if self.class_agnostic and getattr(self.detector, "task", "detection") != "detection":
+            raise ValueError(f"Preset.class_agnostic: a {family} model ({self.detector.task}) needs its classes")
 
 
 # --- the papers' THUMOS14 configurations -----------------------------------------------------
@@ -178,19 +188,71 @@ def preset_from_dict(data: Mapping[str, Any], where: str = "preset", default_nam
     if default_name is not None:
         data.setdefault("name", default_name)
     if base is None:
-        return config_from_dict(Preset, data, where=where)
+        return _from_full(data, where)
     if isinstance(base, str):
         base = {"arch": base}
+    known = ", ".join((*ARCHS, *FAMILY_BASES))
     if not isinstance(base, Mapping) or "arch" not in base:
-        raise ValueError(f"{where}: base must be an arch name ({', '.join(ARCHS)}) or a mapping with 'arch' and sizes {_BASE_KEYS[1:]}")
-    unknown = sorted(set(base) - set(_BASE_KEYS))
+        raise ValueError(f"{where}: base must be an arch name ({known}) or a mapping with 'arch' and sizes {_BASE_KEYS[1:]}")
+    base_keys = _BASE_KEYS if base["arch"] not in FAMILY_BASES else FAMILY_BASES[base["arch"]][1]
+    unknown = sorted(set(base) - set(base_keys))
     if unknown:
-        raise ValueError(f"{where}: base: unknown key(s) {unknown}; known keys: {list(_BASE_KEYS)}")
+        raise ValueError(f"{where}: base: unknown key(s) {unknown}; known keys: {list(base_keys)}")
     try:
-        merged = _merge(config_to_dict(paper_preset(**base)), data)
+        made = paper_preset(**base) if base["arch"] not in FAMILY_BASES else FAMILY_BASES[base["arch"]][0](**base)
+        merged = _merge(config_to_dict(made), data)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: base: {exc}") from exc
-    return config_from_dict(Preset, merged, where=where)
+    return _from_full(merged, where)
+
+
+def _from_full(data: Mapping[str, Any], where: str) -> Preset:
+    """A full preset's dict: its ``detector`` read as the config of its ``family`` (default: one-stage)."""
+    data = dict(data)
+    family = data.pop("family", None) or "one_stage"
+    try:
+        cls = config_type(family)
+    except ValueError as exc:
+        raise ValueError(f"{where}: family: {exc}") from None
+    detector = config_from_dict(cls, data.pop("detector", {}) or {}, where=f"{where}.detector")
+    return replace(config_from_dict(Preset, data, where=where), detector=detector, family=family)
+
+
+def _two_stage_preset(arch: str, **sizes: Any) -> Preset:
+    """The published configuration of a BMN, TadTR or video-classifier model (``base: {arch: bmn, protocol: thumos14, ...}``)."""
+    from tal_models.detectors.bmn import bmn_config
+    from tal_models.detectors.classifier import VideoClassifierConfig
+    from tal_models.detectors.tadtr import tadtr_config
+
+    protocol = sizes.pop("protocol", "thumos14")
+    input_dim = sizes.pop("input_dim", 2048)
+    num_classes = sizes.pop("num_classes", 20)
+    match arch:
+        case "bmn":  # BMN (ICCV 2019): Adam at 1e-3 with weight decay 1e-4, batch 16, 9 epochs on ActivityNet
+            detector = bmn_config(protocol=protocol, num_classes=num_classes, input_dim=input_dim, **sizes)
+            optim = OptimConfig(lr=1e-3, weight_decay=1e-4, warmup_epochs=0, epochs=9 if protocol == "activitynet" else 10, ema_decay=None)
+            batch_size = 16
+        case "tadtr":  # TadTR (TIP 2022): AdamW at 2e-4, weight decay 1e-4, clip 0.1, batch 16
+            detector = tadtr_config(protocol=protocol, num_classes=num_classes, input_dim=input_dim, **sizes)
+            optim = OptimConfig(lr=2e-4, weight_decay=1e-4, warmup_epochs=0, epochs=16 if protocol == "activitynet" else 30, clip_grad_norm=0.1,
+                                ema_decay=None)  # fmt: skip
+            batch_size = 16
+        case "video_classifier":  # ours: pooled temporal features + a light head, multi-label
+            detector = VideoClassifierConfig(num_classes=num_classes, input_dim=input_dim, **sizes)
+            optim = OptimConfig(lr=1e-3, weight_decay=0.05, warmup_epochs=1, epochs=20)
+            batch_size = 16
+        case _:
+            raise ValueError(f"unknown arch {arch!r}")
+    described = f"the published {protocol} configuration" if arch != "video_classifier" else "a video-level multi-label classifier"
+    return Preset(name=arch, description=f"{arch}: {described}", detector=detector, optim=optim, batch_size=batch_size)
+
+
+# arch -> (the function making its preset, the keys its ``base`` takes)
+FAMILY_BASES: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "bmn": (_two_stage_preset, ("arch", "protocol", "num_classes", "input_dim")),
+    "tadtr": (_two_stage_preset, ("arch", "protocol", "num_classes", "input_dim")),
+    "video_classifier": (_two_stage_preset, ("arch", "num_classes", "input_dim")),
+}
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
