@@ -24,6 +24,7 @@ from pipelines.annotations import (
     read_annotations,
     read_video_classification,
     write_activitynet_results,
+    write_video_classification,
 )
 from pipelines.atomic import write_json_atomic
 from pipelines.store import FeatureStore, StoreError
@@ -32,15 +33,17 @@ from tal_models.detectors.fused import is_class_agnostic
 from tal_models.evaluation import (
     ACTIVITYNET_TIOU,
     THUMOS14_TIOU,
+    ClassificationMetrics,
     DenseMetrics,
     DetectionMetrics,
     ProposalMetrics,
+    evaluate_classification,
     evaluate_dense,
     evaluate_detection,
     evaluate_proposals,
 )
 from tal_models.postprocess import fuse_video_classifier
-from tal_models.structures import Detections, video_id_candidates
+from tal_models.structures import Detections, LabelMap, video_id_candidates
 
 THUMOS_LIKE = {"thumos14_json", "thumos14_txt", "multithumos"}
 
@@ -267,26 +270,7 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         )
     to_gt_label = np.array([ground_truth.label_map.id(n) for n in labels], np.int64)  # model (or labeller) id -> annotation id
 
-    store = FeatureStore(request.features, options=request.storage_options)
-    try:
-        provenance = store.provenance
-        checkpoint.check_features(provenance.feature_dim, provenance.to_dict())
-        if isinstance(labeller, Checkpoint):
-            labeller.check_features(provenance.feature_dim, provenance.to_dict())
-        in_store = store.status().done
-    except (CheckpointError, StoreError) as e:
-        raise UsageError(f"{request.features}: {e}") from None
-    store_id_of = {}  # annotation id -> store id (ActivityNet's v_ prefix may differ)
-    missing = []
-    for vid in scoped.videos:
-        store_id = next((c for c in video_id_candidates(vid) if c in in_store), None)
-        if store_id is None:
-            missing.append(vid)
-        else:
-            store_id_of[vid] = store_id
-    where = f"{request.annotations}" + (f" (subset {request.subset})" if request.subset else "")
-    if not store_id_of:
-        raise UsageError(f"none of the {len(scoped)} videos of {where} is in the feature store {request.features}")
+    store, store_id_of, missing = _store_videos(request, checkpoint, scoped, labeller if isinstance(labeller, Checkpoint) else None)
 
     workers = request.workers
     if workers is None:
@@ -306,9 +290,14 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     if labeller is not None:  # name the class-agnostic segments with the video's classes
         class_scores = _video_class_scores(labeller, labels, store, store_id_of)
         unlabelled = [vid for vid, sid in store_id_of.items() if sid not in class_scores]
-        found = {sid: fuse_video_classifier(d, class_scores[sid], request.fuse_top_k) if sid in class_scores else d[:0] for sid, d in found.items()}
+        found = {
+            sid: fuse_video_classifier(d, class_scores[sid], request.fuse_top_k) if sid in class_scores else d[:0]
+            for sid, d in found.items()
+        }
         if unlabelled:
-            notes.append(f"{len(unlabelled)} videos have no classification in {request.classifier} and so no detections, e.g. {unlabelled[:3]}")
+            notes.append(
+                f"{len(unlabelled)} videos have no classification in {request.classifier} and so no detections, e.g. {unlabelled[:3]}"
+            )
     inference_seconds = time.perf_counter() - started
 
     # Detections under the annotation's video ids and label ids (names are the checkpoint's labels).
@@ -365,6 +354,104 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     return report
 
 
+@dataclass(frozen=True)
+class ClassifierEvaluationReport:
+    """``tal evaluate --model`` of a video classifier: ActivityNet's classification task."""
+
+    metrics: ClassificationMetrics
+    ground_truth_format: str
+    checkpoint: str
+    videos: list[str]  # evaluated (annotation ids)
+    missing_from_store: list[str]
+    inference_seconds: float
+    outputs: dict[str, Path]
+
+    def to_dict(self) -> dict:
+        return {
+            **self.metrics.to_dict(),
+            "ground_truth_format": self.ground_truth_format,
+            "model": self.checkpoint,
+            "missing_from_store": self.missing_from_store,
+            "inference_seconds": round(self.inference_seconds, 3),
+        }
+
+
+def run_classifier(
+    request: ModelEvaluationRequest, checkpoint: Checkpoint, checkpoint_uri: str, ground_truth, scoped
+) -> ClassifierEvaluationReport:
+    """A video classifier over the store's annotated videos: ActivityNet's classification mAP and hit@k, and its
+    scores as the official classification JSON (``classification.json``: what ``--classifier FILE.json`` reads)."""
+    wrong = [
+        flag for flag, on in (("--dense", request.dense), ("--proposals", request.proposals), ("--classifier", request.classifier)) if on
+    ]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)}: {request.model} is a video classifier, which has no segments")
+    unknown = [n for n in checkpoint.labels if n not in ground_truth.label_map]
+    if unknown:
+        raise UsageError(f"{len(unknown)} classes of the classifier are not in {request.annotations}: {unknown[:5]}")
+    store, store_id_of, missing = _store_videos(request, checkpoint, scoped)
+    started = time.perf_counter()
+    by_store_id = _video_class_scores(checkpoint, list(checkpoint.labels), store, store_id_of)
+    inference_seconds = time.perf_counter() - started
+    gt_id = [ground_truth.label_map.id(n) for n in checkpoint.labels]
+    scores = {vid: dict(zip(gt_id, by_store_id[sid].tolist())) for vid, sid in store_id_of.items()}
+    evaluated = replace(scoped, videos={vid: scoped.videos[vid] for vid in store_id_of})
+    metrics = evaluate_classification(evaluated, scores, top_k=request.top_k)
+    out = request.output
+    out.mkdir(parents=True, exist_ok=True)
+    outputs = {"classification": out / "classification.json", "metrics": out / "metrics.json"}
+    write_video_classification(outputs["classification"], {vid: by_store_id[sid] for vid, sid in store_id_of.items()},
+                               LabelMap.from_names(checkpoint.labels))  # fmt: skip
+    report = ClassifierEvaluationReport(
+        metrics, ground_truth.format or "activitynet", checkpoint_uri, list(store_id_of), missing, inference_seconds, outputs
+    )
+    write_json_atomic(outputs["metrics"], report.to_dict(), indent=2)
+    return report
+
+
+def format_classifier_report(report: ClassifierEvaluationReport, request: ModelEvaluationRequest) -> str:
+    m = report.metrics
+    lines = [
+        f"model         {request.model} (a video classifier" + (f", {report.checkpoint})" if report.checkpoint != request.model else ")"),
+        f"annotations   {request.annotations}: {m.num_videos:,} labelled videos of {len(m.class_names)} classes evaluated "
+        f"({report.inference_seconds:.1f} s of inference)",
+    ]
+    if report.missing_from_store:
+        lines.append(
+            f"warning       {len(report.missing_from_store)} annotated videos are not in the feature store: {report.missing_from_store[:5]}"
+        )
+    lines.append(f"  classification mAP: {100 * m.mAP:.2f}%  " + "  ".join(f"hit@{k} {100 * v:.2f}%" for k, v in m.hit_at_k.items()))
+    lines.append("")
+    lines += [f"  {name:<14} -> {path}" for name, path in report.outputs.items()]
+    return "\n".join(lines)
+
+
+def _store_videos(request: ModelEvaluationRequest, checkpoint: Checkpoint, scoped, labeller: Checkpoint | None = None):
+    """``(store, {annotation id: store id}, annotated videos missing from the store)``, after checking that the store's
+    features fit the checkpoint (and its labeller): ``UsageError`` otherwise, or when no annotated video is in the store."""
+    store = FeatureStore(request.features, options=request.storage_options)
+    try:
+        provenance = store.provenance
+        for model in (checkpoint, labeller):
+            if model is not None:
+                model.check_features(provenance.feature_dim, provenance.to_dict())
+        in_store = store.status().done
+    except (CheckpointError, StoreError) as e:
+        raise UsageError(f"{request.features}: {e}") from None
+    store_id_of = {}  # annotation id -> store id (ActivityNet's v_ prefix may differ)
+    missing = []
+    for vid in scoped.videos:
+        store_id = next((c for c in video_id_candidates(vid) if c in in_store), None)
+        if store_id is None:
+            missing.append(vid)
+        else:
+            store_id_of[vid] = store_id
+    where = f"{request.annotations}" + (f" (subset {request.subset})" if request.subset else "")
+    if not store_id_of:
+        raise UsageError(f"none of the {len(scoped)} videos of {where} is in the feature store {request.features}")
+    return store, store_id_of, missing
+
+
 def _labeller(request: ModelEvaluationRequest, checkpoint: Checkpoint) -> tuple[Checkpoint | dict | None, list[str], list[str]]:
     """What names a class-agnostic model's segments: ``(a classifier checkpoint or {video: {label: score}} of a
     classification JSON, or None; the labels detections will carry; notes for the report)``."""
@@ -406,7 +493,9 @@ def _labeller(request: ModelEvaluationRequest, checkpoint: Checkpoint) -> tuple[
     return classifier, list(classifier.labels), [how]
 
 
-def _video_class_scores(labeller: Checkpoint | dict, labels: list[str], store: FeatureStore, store_id_of: dict[str, str]) -> dict[str, np.ndarray]:
+def _video_class_scores(
+    labeller: Checkpoint | dict, labels: list[str], store: FeatureStore, store_id_of: dict[str, str]
+) -> dict[str, np.ndarray]:
     """``{store id: [K] class scores in the order of labels}`` of the evaluated videos: from the classifier (in this
     process: one pass over the features) or from the classification JSON (a class a video's entry lacks scores 0)."""
     wanted = set(store_id_of.values())

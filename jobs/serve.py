@@ -127,7 +127,9 @@ def _describe_classifier(args: ServeArgs, checkpoint) -> dict[str, Any]:
     from jobs.tracking import CLASSIFIER_MODEL, pin_model
 
     if not is_class_agnostic(checkpoint):
-        raise ValueError(f"classifier: {args.model} names its own {checkpoint.config.num_classes} classes; a classifier labels class-agnostic models")
+        raise ValueError(
+            f"classifier: {args.model} names its own {checkpoint.config.num_classes} classes; a classifier labels class-agnostic models"
+        )
     if args.runtime != "torch":
         raise ExportError("a class-agnostic model fused with a classifier is served with runtime torch")
     reference = args.classifier

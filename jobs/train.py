@@ -151,7 +151,9 @@ class TrainPlan:
 
 
 # --- the driver ------------------------------------------------------------------------------
-def effective_preset(config: str, overrides: tuple[str, ...] | list[str] = (), epochs: int | None = None, batch_size: int | None = None) -> Preset:
+def effective_preset(
+    config: str, overrides: tuple[str, ...] | list[str] = (), epochs: int | None = None, batch_size: int | None = None
+) -> Preset:
     """The preset as a job trains it: ``config`` (a name or a YAML path) with ``--set`` overrides, ``--epochs``
     (the warm-up shortened to fit) and ``--batch-size`` applied; ``UsageError`` naming what to fix.
     (``num_classes`` is the annotations' and is set by ``plan``.)"""
@@ -610,7 +612,9 @@ def _validate(
     return metrics, predictions
 
 
-def _validate_classifier(model, shard: _Shard, plan: TrainPlan, rank: int, world: int) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+def _validate_classifier(
+    model, shard: _Shard, plan: TrainPlan, rank: int, world: int
+) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
     """A video classifier's class probabilities of this rank's validation videos, gathered on rank 0 and scored as
     ActivityNet's classification task (mAP over classes, hit@k): rank 0 gets ``(metrics, {video_id: scores [K]})``."""
     shard.expect(shard.val_ids)
@@ -680,7 +684,9 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _progress_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m.get('train_final_loss', float('nan')):.4f}"]
-    parts_of_loss = [f"{k[6:-5]} {v:.4f}" for k, v in m.items() if k.startswith("train_") and k.endswith("_loss") and k != "train_final_loss"]
+    parts_of_loss = [
+        f"{k[6:-5]} {v:.4f}" for k, v in m.items() if k.startswith("train_") and k.endswith("_loss") and k != "train_final_loss"
+    ]
     if parts_of_loss:  # the family's own terms: cls/reg, tem/pem, the set criterion's
         parts.append("(" + ", ".join(parts_of_loss) + ")")
     parts.append(f"lr {m['lr']:.3g}")

@@ -233,7 +233,9 @@ class LabelMap:
         try:
             return self._name_of[int(cid)]
         except KeyError:
-            raise UnknownLabelError(f"unknown label id {cid} (known ids {min(self._name_of, default=None)}..{max(self._name_of, default=None)})") from None
+            raise UnknownLabelError(
+                f"unknown label id {cid} (known ids {min(self._name_of, default=None)}..{max(self._name_of, default=None)})"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._id_of
@@ -361,7 +363,9 @@ class VideoAnnotation:
         if labels.shape[0] != len(self.segments):
             raise ValueError(f"video {self.video_id!r}: {len(self.segments)} segments but {labels.shape[0]} labels")
         if self.segments.unit != self.ambiguous.unit:
-            raise ValueError(f"video {self.video_id!r}: ambiguous segments in {self.ambiguous.unit.value}, ground truth in {self.segments.unit.value}")
+            raise ValueError(
+                f"video {self.video_id!r}: ambiguous segments in {self.ambiguous.unit.value}, ground truth in {self.segments.unit.value}"
+            )
 
     def __len__(self) -> int:
         return len(self.segments)

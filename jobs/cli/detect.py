@@ -116,8 +116,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--shard-seconds",
         type=float,
         metavar="T",
-        help=f"... or when the oldest unwritten video has waited T seconds (default {DEFAULT_SHARD_SECONDS:g}): "
-        "what a killed job can lose",
+        help=f"... or when the oldest unwritten video has waited T seconds (default {DEFAULT_SHARD_SECONDS:g}): what a killed job can lose",
     )
     ray.add_argument(
         "--features-out",

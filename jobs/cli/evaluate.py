@@ -132,7 +132,7 @@ def _handle_model(args: argparse.Namespace, tiou) -> int:
     if args.plot is not None:
         raise UsageError(f"--plot applies to --predictions; with --model the plots are written into --output ({args.output})")
 
-    from jobs.evaluate import ModelEvaluationRequest, format_model_report, run_model
+    from jobs.evaluate import ClassifierEvaluationReport, ModelEvaluationRequest, format_classifier_report, format_model_report, run_model
     from pipelines.store import storage_options
 
     request = ModelEvaluationRequest(
@@ -154,5 +154,8 @@ def _handle_model(args: argparse.Namespace, tiou) -> int:
         fuse_top_k=2 if args.fuse_top_k is None else args.fuse_top_k,
     )
     report = run_model(request)
-    print(format_model_report(report, request))
+    if isinstance(report, ClassifierEvaluationReport):
+        print(format_classifier_report(report, request))
+    else:
+        print(format_model_report(report, request))
     return 0

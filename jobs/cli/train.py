@@ -16,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="preset name (e.g. thumos14-actionformer, demo-actionformer) or a preset YAML")
     p.add_argument("--features", help="feature store (local folder or s3://...); required unless --print-config")
-    p.add_argument("--annotations", help="ground truth (ActivityNet / THUMOS14 / MultiTHUMOS / EPIC formats); required unless --print-config")
+    p.add_argument(
+        "--annotations", help="ground truth (ActivityNet / THUMOS14 / MultiTHUMOS / EPIC formats); required unless --print-config"
+    )
     p.add_argument(
         "--print-config",
         action="store_true",

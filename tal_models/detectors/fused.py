@@ -42,7 +42,9 @@ class FusedDetector(nn.Module):
         super().__init__()
         require_positive_int(top_k, "top_k", " (ActivityNet practice: 2)")
         if detector.config.num_classes != 1:
-            raise ValueError(f"FusedDetector labels class-agnostic detectors; this {detector.config.arch} has {detector.config.num_classes} classes")
+            raise ValueError(
+                f"FusedDetector labels class-agnostic detectors; this {detector.config.arch} has {detector.config.num_classes} classes"
+            )
         if getattr(classifier.config, "task", None) != "classification":
             raise ValueError(f"FusedDetector needs a video classifier, got a {classifier.config.arch} ({classifier.config.task})")
         if detector.config.input_dim != classifier.config.input_dim:
