@@ -12,6 +12,7 @@ Presets (the papers' configurations) are in ``tal_models.presets``.
 """
 
 from tal_models.detectors.base import Detector, check_sequence, detect_sequence
+from tal_models.detectors.bmn import BMNConfig, BMNDetector, BMNInferenceConfig, BMNLossConfig, bmn_config
 from tal_models.detectors.build import CONFIG_TYPES, DetectorConfig, build_detector, build_encoder, config_type, encoder_blocks
 from tal_models.detectors.one_stage import (
     ARCH_PARTS,
@@ -26,6 +27,11 @@ from tal_models.detectors.one_stage import (
 
 __all__ = [
     "ARCHS",
+    "BMNConfig",
+    "BMNDetector",
+    "BMNInferenceConfig",
+    "BMNLossConfig",
+    "bmn_config",
     "ARCH_PARTS",
     "CONFIG_TYPES",
     "ArchParts",

@@ -33,6 +33,7 @@ Not included: ActionFormer's absolute/relative position embeddings and LayerScal
 """
 
 from tal_models.layers.attention import ATTENTION_BLOCK, LocalMultiHeadAttention, TransformerBlock, full_attention, local_attention
+from tal_models.layers.boundary_matching import BoundaryMatching, boundary_matching_weights, proposal_validity
 from tal_models.layers.causal import CausalHybridBlock
 from tal_models.layers.conv import MLP, DropPath, MaskedConv1d, conv1d, drop_path
 from tal_models.layers.dynamic import DynamicAggregation, DynamicAggregationBlock, DynamicConvTower
@@ -46,6 +47,9 @@ from tal_models.layers.tcn import DilatedTCNBlock
 from tal_models.layers.temba import TembaBlock
 
 __all__ = [
+    "BoundaryMatching",
+    "boundary_matching_weights",
+    "proposal_validity",
     "ATTENTION_BLOCK",
     "MLP",
     "CausalHybridBlock",
