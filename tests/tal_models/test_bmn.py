@@ -221,7 +221,8 @@ def test_overfits_windows_with_the_classifier_and_places_later_windows_in_time()
         losses["final_loss"].backward()
         opt.step()
         first = first if first is not None else float(losses["final_loss"].detach())
-    assert float(losses["final_loss"]) < 0.25 * first, (first, {k: float(v) for k, v in losses.items()})
+    losses = {k: float(v.detach()) for k, v in losses.items()}
+    assert losses["final_loss"] < 0.25 * first, (first, losses)
     model.eval()
     dets = model(batch)
     for s, d in zip(samples, dets):
