@@ -5,7 +5,8 @@
 - ``one_stage``: multi-scale one-stage detectors (ActionFormer, TriDet, TemporalMaxer, ActionMamba,
   CausalTAD, DyFADet, G-TAD's blocks);
 - ``dense``: frame-level multi-label detectors (MS-Temba, or any encoder with ``task: dense``);
-  later families add ``boundary_matching`` (two-stage, BMN) and ``set_prediction`` (DETR-style);
+- ``bmn``: BMN's boundary-matching proposals on fixed-scale pieces (resize or windows), with a
+  proposal classifier when ``num_classes > 1``; later families add ``set_prediction`` (DETR-style);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
 Presets (the papers' configurations) are in ``tal_models.presets``.
