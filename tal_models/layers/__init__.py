@@ -6,7 +6,8 @@
 self-attention, ActionFormer's block), ``sgp`` (TriDet), ``maxpool`` (TemporalMaxer), ``tcn``,
 ``ssm`` (Mamba's selective scan, pure PyTorch; ActionMamba's bidirectional and causal blocks),
 ``causal`` (CausalTAD's hybrid causal attention + causal Mamba), ``dynamic`` (DyFADet's dynamic
-feature aggregation and dynamic head tower), ``graph`` (G-TAD's GCNeXt), ``temba`` (MS-Temba).
+feature aggregation and dynamic head tower), ``graph`` (G-TAD's GCNeXt), ``temba`` (MS-Temba),
+``boundary_matching`` (BMN's BM layer: the sampled features of every proposal, one matmul).
 A new temporal block is a new module here; ``tal_models.detectors.build`` names it.
 
 Legend: B batch, C channels, T steps, T_l steps at pyramid level l, H heads, d = C / H channels
