@@ -5,13 +5,15 @@
 - ``one_stage``: multi-scale one-stage detectors (ActionFormer, TriDet, TemporalMaxer, ActionMamba,
   CausalTAD, DyFADet, G-TAD's blocks);
 - ``dense``: frame-level multi-label detectors (MS-Temba, or any encoder with ``task: dense``);
-  later families add ``boundary_matching`` (two-stage, BMN) and ``set_prediction`` (DETR-style);
+- ``bmn``: BMN's boundary-matching proposals on fixed-scale pieces (resize or windows), with a
+  proposal classifier when ``num_classes > 1``; later families add ``set_prediction`` (DETR-style);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
 Presets (the papers' configurations) are in ``tal_models.presets``.
 """
 
 from tal_models.detectors.base import Detector, check_sequence, detect_sequence
+from tal_models.detectors.bmn import BMNConfig, BMNDetector, BMNInferenceConfig, BMNLossConfig, bmn_config
 from tal_models.detectors.build import CONFIG_TYPES, DetectorConfig, build_detector, build_encoder, config_type, encoder_blocks
 from tal_models.detectors.one_stage import (
     ARCH_PARTS,
@@ -26,6 +28,11 @@ from tal_models.detectors.one_stage import (
 
 __all__ = [
     "ARCHS",
+    "BMNConfig",
+    "BMNDetector",
+    "BMNInferenceConfig",
+    "BMNLossConfig",
+    "bmn_config",
     "ARCH_PARTS",
     "CONFIG_TYPES",
     "ArchParts",

@@ -6,7 +6,8 @@
 self-attention, ActionFormer's block), ``sgp`` (TriDet), ``maxpool`` (TemporalMaxer), ``tcn``,
 ``ssm`` (Mamba's selective scan, pure PyTorch; ActionMamba's bidirectional and causal blocks),
 ``causal`` (CausalTAD's hybrid causal attention + causal Mamba), ``dynamic`` (DyFADet's dynamic
-feature aggregation and dynamic head tower), ``graph`` (G-TAD's GCNeXt), ``temba`` (MS-Temba).
+feature aggregation and dynamic head tower), ``graph`` (G-TAD's GCNeXt), ``temba`` (MS-Temba),
+``boundary_matching`` (BMN's BM layer: the sampled features of every proposal, one matmul).
 A new temporal block is a new module here; ``tal_models.detectors.build`` names it.
 
 Legend: B batch, C channels, T steps, T_l steps at pyramid level l, H heads, d = C / H channels
@@ -33,6 +34,7 @@ Not included: ActionFormer's absolute/relative position embeddings and LayerScal
 """
 
 from tal_models.layers.attention import ATTENTION_BLOCK, LocalMultiHeadAttention, TransformerBlock, full_attention, local_attention
+from tal_models.layers.boundary_matching import BoundaryMatching, boundary_matching_weights, proposal_validity
 from tal_models.layers.causal import CausalHybridBlock
 from tal_models.layers.conv import MLP, DropPath, MaskedConv1d, conv1d, drop_path
 from tal_models.layers.dynamic import DynamicAggregation, DynamicAggregationBlock, DynamicConvTower
@@ -46,6 +48,9 @@ from tal_models.layers.tcn import DilatedTCNBlock
 from tal_models.layers.temba import TembaBlock
 
 __all__ = [
+    "BoundaryMatching",
+    "boundary_matching_weights",
+    "proposal_validity",
     "ATTENTION_BLOCK",
     "MLP",
     "CausalHybridBlock",
