@@ -23,6 +23,7 @@ from tal_models.detectors.one_stage import (
     OneStageConfig,
     OneStageDetector,
 )
+from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector, TadTRInferenceConfig, TadTRLossConfig, tadtr_config
 
 __all__ = [
     "ARCHS",
@@ -36,10 +37,15 @@ __all__ = [
     "LossConfig",
     "OneStageConfig",
     "OneStageDetector",
+    "TadTRConfig",
+    "TadTRDetector",
+    "TadTRInferenceConfig",
+    "TadTRLossConfig",
     "build_detector",
     "build_encoder",
     "check_sequence",
     "config_type",
     "detect_sequence",
     "encoder_blocks",
+    "tadtr_config",
 ]

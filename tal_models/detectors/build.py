@@ -13,6 +13,7 @@ from torch import nn
 from tal_models.dense import DenseHead
 from tal_models.detectors.dense import DenseDetector
 from tal_models.detectors.one_stage import OneStageConfig, OneStageDetector
+from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector
 from tal_models.encoders import BlockFactory, EncoderConfig, PyramidEncoder
 from tal_models.heads import ClassificationHead, OffsetRegressionHead
 from tal_models.layers import (
@@ -34,16 +35,18 @@ from tal_models.trident import TridentHead, TridentHeadConfig
 # The config type of every detector family; a checkpoint names its family, and old checkpoints
 # (without the key) are one-stage.
 DetectorConfig = OneStageConfig  # task "detection" -> OneStageDetector, "dense" -> DenseDetector
-CONFIG_TYPES: dict[str, type] = {OneStageConfig.family: OneStageConfig}
+CONFIG_TYPES: dict[str, type] = {OneStageConfig.family: OneStageConfig, TadTRConfig.family: TadTRConfig}
 
 
-def build_detector(config: DetectorConfig) -> OneStageDetector | DenseDetector:
+def build_detector(config: DetectorConfig | TadTRConfig) -> OneStageDetector | DenseDetector | TadTRDetector:
     """The detector ``config`` describes, with fresh weights (seeded by the caller)."""
     match config:
         case OneStageConfig(task="dense"):
             return _dense(config)
         case OneStageConfig():
             return _one_stage(config)
+        case TadTRConfig():
+            return TadTRDetector(config)
     raise TypeError(f"build_detector: no detector family takes a {type(config).__name__}")
 
 

@@ -6,7 +6,8 @@
 self-attention, ActionFormer's block), ``sgp`` (TriDet), ``maxpool`` (TemporalMaxer), ``tcn``,
 ``ssm`` (Mamba's selective scan, pure PyTorch; ActionMamba's bidirectional and causal blocks),
 ``causal`` (CausalTAD's hybrid causal attention + causal Mamba), ``dynamic`` (DyFADet's dynamic
-feature aggregation and dynamic head tower), ``graph`` (G-TAD's GCNeXt), ``temba`` (MS-Temba).
+feature aggregation and dynamic head tower), ``graph`` (G-TAD's GCNeXt), ``temba`` (MS-Temba),
+``deformable`` (TadTR's temporal deformable attention and its transformer layers, ``[B, T, D]`` layout).
 A new temporal block is a new module here; ``tal_models.detectors.build`` names it.
 
 Legend: B batch, C channels, T steps, T_l steps at pyramid level l, H heads, d = C / H channels
@@ -35,6 +36,7 @@ Not included: ActionFormer's absolute/relative position embeddings and LayerScal
 from tal_models.layers.attention import ATTENTION_BLOCK, LocalMultiHeadAttention, TransformerBlock, full_attention, local_attention
 from tal_models.layers.causal import CausalHybridBlock
 from tal_models.layers.conv import MLP, DropPath, MaskedConv1d, conv1d, drop_path
+from tal_models.layers.deformable import DeformableDecoderLayer, DeformableEncoderLayer, TemporalDeformableAttention, sample_linear
 from tal_models.layers.dynamic import DynamicAggregation, DynamicAggregationBlock, DynamicConvTower
 from tal_models.layers.graph import GCNeXtBlock, semantic_neighbours
 from tal_models.layers.masking import check_inputs, check_odd, check_stride, downsample_mask, masked_max_pool, masked_mean, residual
@@ -49,6 +51,8 @@ __all__ = [
     "ATTENTION_BLOCK",
     "MLP",
     "CausalHybridBlock",
+    "DeformableDecoderLayer",
+    "DeformableEncoderLayer",
     "DilatedTCNBlock",
     "DynamicAggregation",
     "DynamicAggregationBlock",
@@ -57,6 +61,7 @@ __all__ = [
     "MambaBlock",
     "SelectiveSSM",
     "TembaBlock",
+    "TemporalDeformableAttention",
     "DropPath",
     "LayerNormC",
     "LocalMultiHeadAttention",
@@ -79,6 +84,7 @@ __all__ = [
     "norm_pointwise",
     "residual",
     "selective_scan",
+    "sample_linear",
     "semantic_neighbours",
     "sgp_wide_kernel",
 ]
