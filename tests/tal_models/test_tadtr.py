@@ -16,12 +16,12 @@ from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, checkpoint_bytes, load_checkpoint
 from tal_models.config import config_from_dict, config_to_dict
 from tal_models.detectors import CONFIG_TYPES, Detector, TadTRConfig, TadTRDetector, build_detector, tadtr_config
-from tal_models.detectors.tadtr import TadTRLossConfig, sine_positions
+from tal_models.detectors.tadtr import SetOutputs, TadTRLossConfig, sine_positions
 from tal_models.layers import DeformableEncoderLayer, TemporalDeformableAttention, sample_linear
 from tal_models.matching import MatchCosts, center_width_to_bounds, hungarian_match, match_cost
 from tal_models.optim import OptimConfig, build_optimizer
 from tal_models.structures import tiou
-from tal_models.windows import TemporalScaleConfig
+from tal_models.windows import TemporalScaleConfig, split
 
 C, K, L = 16, 3, 32
 
@@ -179,6 +179,43 @@ def test_a_video_alone_and_batched_with_a_longer_one_and_nan_padding_gives_ident
     together = model(batch)
     _equal_detections(together[1], alone)
     assert len(alone) > 0 and bool(torch.isfinite(together[0].scores).all())
+
+
+def test_a_long_video_alone_and_batched_gives_identical_detections():
+    model = build_detector(_tiny()).eval()
+    short, long = _samples(1, length=20)[0], _samples(1, length=70, seed=1)[0]
+    alone = model(collate([long], 1))[0]
+    _equal_detections(model(collate([short, long], 1))[1], alone)
+
+
+@pytest.mark.parametrize(
+    "scale,length,segment",
+    [
+        (TemporalScaleConfig("window", L, 0.25), 70, [40.5, 50.5]),  # windows at 0, 24, 38: inside the last two
+        (TemporalScaleConfig("window", L, 0.25), 20, [3.5, 9.5]),  # one window, padded
+        (TemporalScaleConfig("resize", L), 57, [11.5, 30.5]),
+    ],
+)
+def test_piece_targets_fed_back_as_predictions_give_the_ground_truth_in_video_steps(scale, length, segment):
+    """The unit-time plumbing both ways: a model whose queries predict exactly each piece's targets detects the segment."""
+    model = build_detector(_tiny(scale=scale, max_seq_len=L, actionness=False)).eval()
+    sample = {"features": np.zeros((length, C), np.float32), "segments": np.array([segment], np.float32), "labels": np.array([1])}
+    batch = collate([{**sample, "video_id": "v"}], 1)
+    _, _, pieces = split(batch.features, batch.mask, model.config.scale)
+    targets, labels = model._piece_targets(batch, pieces)
+    assert sum(len(t) for t in targets) >= 1
+
+    def predict_targets(x, mask, all_logits=False):
+        M, Q = x.shape[0], model.config.num_queries
+        segs, logits = torch.full((M, Q, 2), 0.5), torch.full((M, Q, K), -20.0)
+        for m, (t, lab) in enumerate(zip(targets, labels)):
+            segs[m, : len(t)], logits[m, torch.arange(len(t)), lab] = t, 20.0
+        return SetOutputs([logits], [segs], None)
+
+    model.forward_pieces = predict_targets
+    dets = model(batch)[0]
+    torch.testing.assert_close(dets.segments.data[0], torch.tensor(segment, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert int(dets.labels[0]) == 1
 
 
 def test_losses_are_finite_with_empty_ground_truth_and_every_parameter_gets_a_gradient():
