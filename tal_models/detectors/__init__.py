@@ -5,7 +5,8 @@
 - ``one_stage``: multi-scale one-stage detectors (ActionFormer, TriDet, TemporalMaxer, ActionMamba,
   CausalTAD, DyFADet, G-TAD's blocks);
 - ``dense``: frame-level multi-label detectors (MS-Temba, or any encoder with ``task: dense``);
-  later families add ``boundary_matching`` (two-stage, BMN) and ``set_prediction`` (DETR-style);
+  later families add ``boundary_matching`` (two-stage, BMN);
+- ``tadtr``: TadTR, DETR-style set prediction on fixed-scale pieces (``tal_models.windows``);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
 Presets (the papers' configurations) are in ``tal_models.presets``.

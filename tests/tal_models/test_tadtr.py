@@ -232,6 +232,17 @@ def test_losses_are_finite_with_empty_ground_truth_and_every_parameter_gets_a_gr
     assert float(empty["seg_loss"].detach()) == 0.0 and bool(torch.isfinite(empty["final_loss"]))
 
 
+@pytest.mark.parametrize(
+    "variant", [dict(segment_refine=False), dict(segment_refine=False, loss=TadTRLossConfig(aux_loss=False)), dict(actionness=False)]
+)
+def test_every_variant_uses_every_parameter(variant):
+    model = build_detector(_tiny(**variant)).train()
+    losses = model(collate(_samples(2), 1))
+    assert ("actionness_loss" in losses) == model.config.actionness and ("aux_loss" in losses) == model.config.loss.aux_loss
+    losses["final_loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 def test_overfits_a_few_videos_and_finds_their_segments():
     cfg = _tiny(dropout=0.0, num_queries=6)
     model = build_detector(cfg).train()
