@@ -6,7 +6,8 @@
   CausalTAD, DyFADet, G-TAD's blocks);
 - ``dense``: frame-level multi-label detectors (MS-Temba, or any encoder with ``task: dense``);
 - ``bmn``: BMN's boundary-matching proposals on fixed-scale pieces (resize or windows), with a
-  proposal classifier when ``num_classes > 1``; later families add ``set_prediction`` (DETR-style);
+  proposal classifier when ``num_classes > 1`` (two-stage);
+- ``tadtr``: TadTR, DETR-style set prediction on fixed-scale pieces (``tal_models.windows``);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
 Presets (the papers' configurations) are in ``tal_models.presets``.
@@ -25,6 +26,7 @@ from tal_models.detectors.one_stage import (
     OneStageConfig,
     OneStageDetector,
 )
+from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector, TadTRInferenceConfig, TadTRLossConfig, tadtr_config
 
 __all__ = [
     "ARCHS",
@@ -43,10 +45,15 @@ __all__ = [
     "LossConfig",
     "OneStageConfig",
     "OneStageDetector",
+    "TadTRConfig",
+    "TadTRDetector",
+    "TadTRInferenceConfig",
+    "TadTRLossConfig",
     "build_detector",
     "build_encoder",
     "check_sequence",
     "config_type",
     "detect_sequence",
     "encoder_blocks",
+    "tadtr_config",
 ]

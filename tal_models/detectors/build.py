@@ -14,6 +14,7 @@ from tal_models.dense import DenseHead
 from tal_models.detectors.bmn import BMNConfig, BMNDetector
 from tal_models.detectors.dense import DenseDetector
 from tal_models.detectors.one_stage import OneStageConfig, OneStageDetector
+from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector
 from tal_models.encoders import BlockFactory, EncoderConfig, PyramidEncoder
 from tal_models.heads import ClassificationHead, OffsetRegressionHead
 from tal_models.layers import (
@@ -35,10 +36,10 @@ from tal_models.trident import TridentHead, TridentHeadConfig
 # The config type of every detector family; a checkpoint names its family, and old checkpoints
 # (without the key) are one-stage.
 DetectorConfig = OneStageConfig  # task "detection" -> OneStageDetector, "dense" -> DenseDetector
-CONFIG_TYPES: dict[str, type] = {OneStageConfig.family: OneStageConfig, BMNConfig.family: BMNConfig}
+CONFIG_TYPES: dict[str, type] = {OneStageConfig.family: OneStageConfig, BMNConfig.family: BMNConfig, TadTRConfig.family: TadTRConfig}
 
 
-def build_detector(config: DetectorConfig | BMNConfig) -> OneStageDetector | DenseDetector | BMNDetector:
+def build_detector(config: DetectorConfig | BMNConfig | TadTRConfig) -> OneStageDetector | DenseDetector | BMNDetector | TadTRDetector:
     """The detector ``config`` describes, with fresh weights (seeded by the caller)."""
     match config:
         case OneStageConfig(task="dense"):
@@ -47,6 +48,8 @@ def build_detector(config: DetectorConfig | BMNConfig) -> OneStageDetector | Den
             return _one_stage(config)
         case BMNConfig():
             return BMNDetector(config)
+        case TadTRConfig():
+            return TadTRDetector(config)
     raise TypeError(f"build_detector: no detector family takes a {type(config).__name__}")
 
 

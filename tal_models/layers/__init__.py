@@ -7,7 +7,8 @@ self-attention, ActionFormer's block), ``sgp`` (TriDet), ``maxpool`` (TemporalMa
 ``ssm`` (Mamba's selective scan, pure PyTorch; ActionMamba's bidirectional and causal blocks),
 ``causal`` (CausalTAD's hybrid causal attention + causal Mamba), ``dynamic`` (DyFADet's dynamic
 feature aggregation and dynamic head tower), ``graph`` (G-TAD's GCNeXt), ``temba`` (MS-Temba),
-``boundary_matching`` (BMN's BM layer: the sampled features of every proposal, one matmul).
+``boundary_matching`` (BMN's BM layer: the sampled features of every proposal, one matmul),
+``deformable`` (TadTR's temporal deformable attention and its transformer layers, ``[B, T, D]`` layout).
 A new temporal block is a new module here; ``tal_models.detectors.build`` names it.
 
 Legend: B batch, C channels, T steps, T_l steps at pyramid level l, H heads, d = C / H channels
@@ -37,6 +38,7 @@ from tal_models.layers.attention import ATTENTION_BLOCK, LocalMultiHeadAttention
 from tal_models.layers.boundary_matching import BoundaryMatching, boundary_matching_weights, proposal_validity
 from tal_models.layers.causal import CausalHybridBlock
 from tal_models.layers.conv import MLP, DropPath, MaskedConv1d, conv1d, drop_path
+from tal_models.layers.deformable import DeformableDecoderLayer, DeformableEncoderLayer, TemporalDeformableAttention, sample_linear
 from tal_models.layers.dynamic import DynamicAggregation, DynamicAggregationBlock, DynamicConvTower
 from tal_models.layers.graph import GCNeXtBlock, semantic_neighbours
 from tal_models.layers.masking import check_inputs, check_odd, check_stride, downsample_mask, masked_max_pool, masked_mean, residual
@@ -54,6 +56,8 @@ __all__ = [
     "ATTENTION_BLOCK",
     "MLP",
     "CausalHybridBlock",
+    "DeformableDecoderLayer",
+    "DeformableEncoderLayer",
     "DilatedTCNBlock",
     "DynamicAggregation",
     "DynamicAggregationBlock",
@@ -62,6 +66,7 @@ __all__ = [
     "MambaBlock",
     "SelectiveSSM",
     "TembaBlock",
+    "TemporalDeformableAttention",
     "DropPath",
     "LayerNormC",
     "LocalMultiHeadAttention",
@@ -84,6 +89,7 @@ __all__ = [
     "norm_pointwise",
     "residual",
     "selective_scan",
+    "sample_linear",
     "semantic_neighbours",
     "sgp_wide_kernel",
 ]
