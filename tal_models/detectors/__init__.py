@@ -6,6 +6,8 @@
   CausalTAD, DyFADet, G-TAD's blocks);
 - ``dense``: frame-level multi-label detectors (MS-Temba, or any encoder with ``task: dense``);
   later families add ``boundary_matching`` (two-stage, BMN) and ``set_prediction`` (DETR-style);
+- ``classifier``: a video-level multi-label classifier (task ``classification``) whose top classes
+  name a class-agnostic detector's detections (``tal_models.postprocess.fuse_video_classifier``);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
 Presets (the papers' configurations) are in ``tal_models.presets``.
@@ -13,6 +15,7 @@ Presets (the papers' configurations) are in ``tal_models.presets``.
 
 from tal_models.detectors.base import Detector, check_sequence, detect_sequence
 from tal_models.detectors.build import CONFIG_TYPES, DetectorConfig, build_detector, build_encoder, config_type, encoder_blocks
+from tal_models.detectors.classifier import ClassifierInferenceConfig, VideoClassifier, VideoClassifierConfig, video_classifier_config
 from tal_models.detectors.one_stage import (
     ARCH_PARTS,
     ARCHS,
@@ -29,6 +32,7 @@ __all__ = [
     "ARCH_PARTS",
     "CONFIG_TYPES",
     "ArchParts",
+    "ClassifierInferenceConfig",
     "DenseOutputs",
     "Detector",
     "DetectorConfig",
@@ -36,10 +40,13 @@ __all__ = [
     "LossConfig",
     "OneStageConfig",
     "OneStageDetector",
+    "VideoClassifier",
+    "VideoClassifierConfig",
     "build_detector",
     "build_encoder",
     "check_sequence",
     "config_type",
     "detect_sequence",
     "encoder_blocks",
+    "video_classifier_config",
 ]

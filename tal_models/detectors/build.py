@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from tal_models.dense import DenseHead
+from tal_models.detectors.classifier import VideoClassifier, VideoClassifierConfig
 from tal_models.detectors.dense import DenseDetector
 from tal_models.detectors.one_stage import OneStageConfig, OneStageDetector
 from tal_models.encoders import BlockFactory, EncoderConfig, PyramidEncoder
@@ -34,16 +35,18 @@ from tal_models.trident import TridentHead, TridentHeadConfig
 # The config type of every detector family; a checkpoint names its family, and old checkpoints
 # (without the key) are one-stage.
 DetectorConfig = OneStageConfig  # task "detection" -> OneStageDetector, "dense" -> DenseDetector
-CONFIG_TYPES: dict[str, type] = {OneStageConfig.family: OneStageConfig}
+CONFIG_TYPES: dict[str, type] = {OneStageConfig.family: OneStageConfig, VideoClassifierConfig.family: VideoClassifierConfig}
 
 
-def build_detector(config: DetectorConfig) -> OneStageDetector | DenseDetector:
+def build_detector(config: DetectorConfig | VideoClassifierConfig) -> OneStageDetector | DenseDetector | VideoClassifier:
     """The detector ``config`` describes, with fresh weights (seeded by the caller)."""
     match config:
         case OneStageConfig(task="dense"):
             return _dense(config)
         case OneStageConfig():
             return _one_stage(config)
+        case VideoClassifierConfig():
+            return VideoClassifier(config)
     raise TypeError(f"build_detector: no detector family takes a {type(config).__name__}")
 
 
