@@ -158,6 +158,7 @@ def test_reference_numbers_on_noisy_scores_through_the_json(tmp_path):
     reference_ap |= {"Assembling bicycle": 0.3340864204919504, "BMX": 0.5874060150375939}
     for name, ap in reference_ap.items():
         assert m.per_class_ap[name] == pytest.approx(ap, abs=1e-12), name
+    assert float(m.ap.sum()) == pytest.approx(89.20919258358849, abs=1e-12)  # the reference's 200 APs summed (each agrees within 2e-16)
     assert m.num_videos == 4926 and m.unknown_videos == [f"not_a_video_{i}" for i in range(20)]
 
 

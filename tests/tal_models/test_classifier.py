@@ -200,6 +200,17 @@ def test_detect_classify_and_fusion():
     assert len(fused) == 4 and set(fused.labels.tolist()) == set(det.labels.tolist())
 
 
+def test_empty_video_in_a_batch():
+    """A sample without steps (a batch may carry one): finite probabilities, its own neighbour unchanged."""
+    model = VideoClassifier(small_config()).eval()
+    other = sample("b", 6, seed=7)
+    batch = collate([{"video_id": "empty", "features": np.zeros((0, C), np.float32), "duration": 1.5}, other])
+    probs = model.class_scores(batch)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs[1], model.class_scores(collate([other]))[0])
+    np.testing.assert_allclose(model(batch)[0].segments.data, [[0.0, 1.5]] * 3)
+
+
 def test_one_step_and_bf16():
     model = VideoClassifier(small_config()).eval()
     one = model.classify(torch.randn(1, C))
