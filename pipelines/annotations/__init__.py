@@ -5,7 +5,7 @@ integer labels indexing a ``LabelMap``) and written back where a format is used 
 |---|---|---|
 | ActivityNet-1.3 ground truth JSON (with or without ``database``) | ``read_activitynet`` | ``write_activitynet`` |
 | ActivityNet results JSON (our predictions) | ``read_activitynet_results`` | ``write_activitynet_results`` |
-| ActivityNet video classification JSON | ``read_video_classification`` | |
+| ActivityNet video classification JSON | ``read_video_classification`` | ``write_video_classification`` |
 | THUMOS14, ActionFormer's JSON | ``read_thumos14_json`` | ``write_thumos14_json`` |
 | THUMOS14, original per-class txt | ``read_thumos14_txt`` | |
 | MultiTHUMOS JSON | ``read_multithumos`` | |
@@ -31,8 +31,10 @@ from .activitynet import (
     read_activitynet,
     read_activitynet_results,
     read_video_classification,
+    video_classification_results,
     write_activitynet,
     write_activitynet_results,
+    write_video_classification,
 )
 from .epic_kitchens import parse_timestamp, read_epic_kitchens
 from .errors import AnnotationFormatError, load_json
@@ -63,9 +65,11 @@ __all__ = [
     "read_thumos14_json",
     "read_thumos14_txt",
     "read_video_classification",
+    "video_classification_results",
     "write_activitynet",
     "write_activitynet_results",
     "write_thumos14_json",
+    "write_video_classification",
 ]
 
 FORMATS = ("activitynet", "thumos14_json", "thumos14_txt", "multithumos", "epic_kitchens", "fineaction")

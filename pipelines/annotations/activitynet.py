@@ -4,7 +4,8 @@ classification results.
 Ground truth: ``{"version", "taxonomy", "database": {video: {"subset", "duration"?,
 "annotations": [{"segment": [start, end], "label": name}]}}}``; the ``database`` wrapper may be
 absent (mmaction2 writes the mapping of videos alone, with ``v_``-prefixed keys). Results:
-``{"version", "results": {video: [{"label", "score", "segment"}]}, "external_data": {...}}``.
+``{"version", "results": {video: [{"label", "score", "segment"}]}, "external_data": {...}}``;
+video-level classification results are the same without ``segment``.
 
 Times are seconds. Zero-length segments are legal (the validation set has three) and are kept.
 """
@@ -50,6 +51,7 @@ __all__ = [
     "read_video_classification",
     "write_activitynet",
     "write_activitynet_results",
+    "write_video_classification",
 ]
 
 _METADATA_KEYS = ("version", "taxonomy", "results", "external_data")
@@ -94,7 +96,9 @@ def video_database(data: Any, path: str | os.PathLike) -> dict[str, Any]:
     if "database" in data:
         return require_mapping(data["database"], path, field="database", what="an object of videos")
     if "results" in data:
-        raise AnnotationFormatError(path, "this is a results (predictions) file, not ground truth; read it with read_activitynet_results", field="database")
+        raise AnnotationFormatError(
+            path, "this is a results (predictions) file, not ground truth; read it with read_activitynet_results", field="database"
+        )
     if any(k in data for k in _METADATA_KEYS):
         raise AnnotationFormatError(path, f"missing 'database' (the file has keys {sorted(data)[:6]})", field="database")
     return data  # mmaction2 layout: the mapping of videos alone
@@ -105,7 +109,9 @@ def _label_ids(names: list[str], id_of: Mapping[str, int], path, vid: str, field
         return np.array([id_of[n] for n in names], dtype=np.int64)
     except KeyError:
         i = next(i for i, n in enumerate(names) if n not in id_of)
-        raise AnnotationFormatError(path, f"label {names[i]!r} is not in the label map ({len(id_of)} classes)", video_id=vid, field=field(i)) from None
+        raise AnnotationFormatError(
+            path, f"label {names[i]!r} is not in the label map ({len(id_of)} classes)", video_id=vid, field=field(i)
+        ) from None
 
 
 def write_activitynet(path: str | os.PathLike, annotations: AnnotationSet, *, version: str = "VERSION 1.3") -> None:
@@ -210,7 +216,9 @@ def activitynet_results(
         bad = ~(np.isfinite(det.scores) & np.isfinite(segments).all(axis=1))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"video {det.video_id!r}, detection {i}: non-finite score or segment ({det.scores[i]}, {segments[i].tolist()})")
+            raise ValueError(
+                f"video {det.video_id!r}, detection {i}: non-finite score or segment ({det.scores[i]}, {segments[i].tolist()})"
+            )
         try:
             names = [name_of[c] for c in det.labels.tolist()]
         except KeyError:
@@ -218,8 +226,7 @@ def activitynet_results(
                 label_map.name(c)  # raises UnknownLabelError naming the id
             raise
         results[det.video_id] = [
-            {"label": n, "score": s, "segment": seg}
-            for n, s, seg in zip(names, det.scores.tolist(), segments.tolist())
+            {"label": n, "score": s, "segment": seg} for n, s, seg in zip(names, det.scores.tolist(), segments.tolist())
         ]
     extra = dict(external_data) if external_data is not None else {"used": False, "details": ""}
     return {"version": version, "results": results, "external_data": extra}
@@ -239,7 +246,9 @@ def read_video_classification(path: str | os.PathLike) -> dict[str, dict[str, fl
         preds = require_list(preds, path, video_id=vid, field="results")
         names = label_strings(
             field_values(preds, "label", path, video_id=vid, prefix="predictions"),
-            path, video_id=vid, field=lambda i: f"predictions[{i}].label",
+            path,
+            video_id=vid,
+            field=lambda i: f"predictions[{i}].label",
         )
         scores = scores_of(preds, path, video_id=vid, prefix="predictions")
         scored = dict(zip(names, scores.tolist()))
@@ -248,3 +257,48 @@ def read_video_classification(path: str | os.PathLike) -> dict[str, dict[str, fl
             raise AnnotationFormatError(path, f"label {names[i]!r} is scored twice", video_id=vid, field=f"predictions[{i}].label")
         out[vid] = scored
     return out
+
+
+def write_video_classification(
+    path: str | os.PathLike,
+    scores: Mapping[str, np.ndarray],
+    label_map: LabelMap,
+    top_k: int | None = None,
+    *,
+    version: str = "VERSION 1.3",
+    external_data: Mapping[str, Any] | None = None,
+) -> None:
+    """Write video-level class scores as an ActivityNet classification results file, atomically.
+
+    ``scores``: per video, ``[K]`` scores indexed by the ids of ``label_map`` (e.g.
+    ``VideoClassifier.classify``). Each video lists its classes best first (ties in id order),
+    only the ``top_k`` best when given; ``external_data`` defaults to ``{"used": False,
+    "details": ""}``. A wrong shape or a non-finite score is a ``ValueError`` before anything is
+    written. ``read_video_classification`` reads the file back.
+    """
+    write_json_atomic(path, video_classification_results(scores, label_map, top_k, version=version, external_data=external_data))
+
+
+def video_classification_results(
+    scores: Mapping[str, np.ndarray],
+    label_map: LabelMap,
+    top_k: int | None = None,
+    *,
+    version: str = "VERSION 1.3",
+    external_data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON object ``write_video_classification`` writes (for a writer of its own); same checks."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"write_video_classification: top_k must be a positive int or None (all classes), got {top_k!r}")
+    names = [label_map.name(i) for i in range(len(label_map))]
+    results: dict[str, list[dict[str, Any]]] = {}
+    for vid, s in scores.items():
+        s = np.asarray(s.detach().cpu() if hasattr(s, "detach") else s, dtype=np.float64)
+        if s.shape != (len(names),):
+            raise ValueError(f"video {vid!r}: class scores must be [{len(names)}] (one per class of the label map), got {s.shape}")
+        if not np.isfinite(s).all():
+            raise ValueError(f"video {vid!r}: non-finite class score")
+        order = np.argsort(-s, kind="stable")[:top_k]
+        results[str(vid)] = [{"label": names[c], "score": float(s[c])} for c in order.tolist()]
+    extra = dict(external_data) if external_data is not None else {"used": False, "details": ""}
+    return {"version": version, "results": results, "external_data": extra}

@@ -8,6 +8,8 @@
 - ``bmn``: BMN's boundary-matching proposals on fixed-scale pieces (resize or windows), with a
   proposal classifier when ``num_classes > 1`` (two-stage);
 - ``tadtr``: TadTR, DETR-style set prediction on fixed-scale pieces (``tal_models.windows``);
+- ``classifier``: a video-level multi-label classifier (task ``classification``) whose top classes
+  name a class-agnostic detector's detections (``detectors.fused``, ``tal_models.postprocess.fuse_video_classifier``);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
 Presets (the papers' configurations) are in ``tal_models.presets``.
@@ -16,6 +18,7 @@ Presets (the papers' configurations) are in ``tal_models.presets``.
 from tal_models.detectors.base import Detector, check_sequence, detect_sequence
 from tal_models.detectors.bmn import BMNConfig, BMNDetector, BMNInferenceConfig, BMNLossConfig, bmn_config
 from tal_models.detectors.build import CONFIG_TYPES, DetectorConfig, build_detector, build_encoder, config_type, encoder_blocks
+from tal_models.detectors.classifier import ClassifierInferenceConfig, VideoClassifier, VideoClassifierConfig, video_classifier_config
 from tal_models.detectors.one_stage import (
     ARCH_PARTS,
     ARCHS,
@@ -38,6 +41,7 @@ __all__ = [
     "ARCH_PARTS",
     "CONFIG_TYPES",
     "ArchParts",
+    "ClassifierInferenceConfig",
     "DenseOutputs",
     "Detector",
     "DetectorConfig",
@@ -49,6 +53,8 @@ __all__ = [
     "TadTRDetector",
     "TadTRInferenceConfig",
     "TadTRLossConfig",
+    "VideoClassifier",
+    "VideoClassifierConfig",
     "build_detector",
     "build_encoder",
     "check_sequence",
@@ -56,4 +62,5 @@ __all__ = [
     "detect_sequence",
     "encoder_blocks",
     "tadtr_config",
+    "video_classifier_config",
 ]

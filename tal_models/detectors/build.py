@@ -12,6 +12,7 @@ from torch import nn
 
 from tal_models.dense import DenseHead
 from tal_models.detectors.bmn import BMNConfig, BMNDetector
+from tal_models.detectors.classifier import VideoClassifier, VideoClassifierConfig
 from tal_models.detectors.dense import DenseDetector
 from tal_models.detectors.one_stage import OneStageConfig, OneStageDetector
 from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector
@@ -35,11 +36,15 @@ from tal_models.trident import TridentHead, TridentHeadConfig
 
 # The config type of every detector family; a checkpoint names its family, and old checkpoints
 # (without the key) are one-stage.
-DetectorConfig = OneStageConfig  # task "detection" -> OneStageDetector, "dense" -> DenseDetector
-CONFIG_TYPES: dict[str, type] = {OneStageConfig.family: OneStageConfig, BMNConfig.family: BMNConfig, TadTRConfig.family: TadTRConfig}
+DetectorConfig = OneStageConfig  # the one-stage family's (task "detection" -> OneStageDetector, "dense" -> DenseDetector)
+CONFIG_TYPES: dict[str, type] = {
+    c.family: c for c in (OneStageConfig, BMNConfig, TadTRConfig, VideoClassifierConfig)
+}  # fmt: skip
 
 
-def build_detector(config: DetectorConfig | BMNConfig | TadTRConfig) -> OneStageDetector | DenseDetector | BMNDetector | TadTRDetector:
+def build_detector(
+    config: OneStageConfig | BMNConfig | TadTRConfig | VideoClassifierConfig,
+) -> OneStageDetector | DenseDetector | BMNDetector | TadTRDetector | VideoClassifier:
     """The detector ``config`` describes, with fresh weights (seeded by the caller)."""
     match config:
         case OneStageConfig(task="dense"):
@@ -50,6 +55,8 @@ def build_detector(config: DetectorConfig | BMNConfig | TadTRConfig) -> OneStage
             return BMNDetector(config)
         case TadTRConfig():
             return TadTRDetector(config)
+        case VideoClassifierConfig():
+            return VideoClassifier(config)
     raise TypeError(f"build_detector: no detector family takes a {type(config).__name__}")
 
 

@@ -1,11 +1,14 @@
 """Evaluation with the ActivityNet reference semantics (see ../shared/DESIGN.md).
 
 - ``evaluate_detection``: AP per class and tIoU, mAP, average mAP, Recall@k x.
+- ``evaluate_classification``: video-level classification mAP and hit@k (ActivityNet's untrimmed
+  classification task).
 - ``evaluate_proposals``: AR@AN and the area under the AR-AN curve.
 - ``evaluate_dense``: per-frame mAP of the dense multi-label protocols (MultiTHUMOS, Charades).
 - ``parse_tiou``: threshold lists and ``start:stop:step`` ranges as the references build them.
 """
 
+from tal_models.evaluation.classification import ClassificationMetrics, evaluate_classification
 from tal_models.evaluation.dense import DenseMetrics, evaluate_dense, frame_labels, frame_times, scores_at
 from tal_models.evaluation.detection import (
     ACTIVITYNET_TIOU,
@@ -20,9 +23,11 @@ from tal_models.evaluation.thresholds import parse_tiou
 __all__ = [
     "ACTIVITYNET_TIOU",
     "THUMOS14_TIOU",
+    "ClassificationMetrics",
     "DenseMetrics",
     "DetectionMetrics",
     "ProposalMetrics",
+    "evaluate_classification",
     "evaluate_dense",
     "evaluate_detection",
     "evaluate_proposals",

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tal_models.detectors.classifier import VideoClassifierConfig
 
 from tal_models.checkpoint import Checkpoint, checkpoint_bytes, load_checkpoint
 from tal_models.config import dump_yaml
 from tal_models.detectors import build_detector
+from tal_models.detectors.classifier import VideoClassifierConfig
 from tal_models.detectors.fused import FusedDetector, is_class_agnostic
 from tal_models.postprocess import fuse_video_classifier
 from tal_models.presets import load_preset, make_config, preset_from_dict, preset_names
