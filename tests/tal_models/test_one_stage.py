@@ -202,9 +202,11 @@ def test_config_errors_say_what_to_fix(change, message):
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_loads_and_builds(name):
     preset = load_preset(name)
-    assert preset.name == name and preset.detector.arch == name.split("-")[1]  # data set - arch [- recipe]
+    assert preset.name == name and name.split("-")[1] in preset.detector.arch  # data set - arch [- recipe] ("classifier": video_classifier)
     model = build_detector(preset.detector)
     assert sum(p.numel() for p in model.parameters()) > 0
+    if preset.family != "one_stage":  # BMN, TadTR, the classifier: their own tests (test_bmn, test_tadtr, test_fused)
+        return
     if name.startswith("anet"):
         assert preset.detector.num_classes == 1 and preset.detector.max_seq_len == 192
     if name.startswith("thumos14"):
