@@ -71,7 +71,7 @@ def build_config(model: str, num_classes: int, input_dim: int, embed: int, max_s
             return bmn_config(protocol=protocol, num_classes=num_classes, input_dim=input_dim, hidden_1d=embed, hidden_2d=embed // 2,
                               hidden_3d=2 * embed, num_samples=16, samples_per_bin=2)  # fmt: skip
         case "tadtr":
-            return tadtr_config(protocol=protocol, num_classes=num_classes, input_dim=input_dim, d_model=embed, dim_feedforward=4 * embed)
+            return tadtr_config(protocol=protocol, num_classes=num_classes, input_dim=input_dim, embed_dim=embed, ffn_dim=4 * embed)
         case "classifier":
             return VideoClassifierConfig(num_classes=num_classes, input_dim=input_dim, hidden_dim=2 * embed, max_seq_len=4096)
     raise ValueError(f"unknown model {model!r}")

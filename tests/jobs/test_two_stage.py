@@ -23,6 +23,7 @@ from tal_models.detectors.tadtr import tadtr_config
 from tal_models.evaluation import THUMOS14_TIOU
 from tal_models.optim import OptimConfig
 from tal_models.presets import Preset
+from tal_models.windows import TemporalScaleConfig
 
 K, C = len(SYNTHETIC_CLASSES), SYNTHETIC_DIM
 
@@ -32,7 +33,8 @@ def _presets() -> dict[str, Preset]:
     that names its segments; THUMOS-style (windows of 32 steps over 96-step videos) BMN with its proposal classifier and TadTR."""
     optim = OptimConfig(lr=3e-3, weight_decay=0.0, warmup_epochs=1, epochs=3, ema_decay=0.7)
     bmn = {"hidden_1d": 16, "hidden_2d": 16, "hidden_3d": 32, "num_samples": 4, "samples_per_bin": 2, "length": 32}
-    tadtr = {"d_model": 32, "num_queries": 10, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 64, "length": 32}
+    tadtr = {"embed_dim": 32, "num_queries": 10, "enc_layers": 1, "dec_layers": 2, "ffn_dim": 64, "max_seq_len": 32,
+             "scale": TemporalScaleConfig("window", 32, 0.25)}  # fmt: skip
     return {
         "anet-bmn": Preset("tiny-anet-bmn", "test", "synthetic", bmn_config(protocol="activitynet", num_classes=1, input_dim=C, **bmn),
                            optim, 2, class_agnostic=True),
