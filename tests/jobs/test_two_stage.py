@@ -128,7 +128,7 @@ def test_a_class_agnostic_bmn_is_named_by_our_classifier_from_the_registry_or_it
     predictions = json.loads((tmp_path / "fused" / "predictions.json").read_text())["results"]
     assert {d["label"] for dets in predictions.values() for d in dets} <= set(SYNTHETIC_CLASSES)
 
-    with pytest.raises(UsageError, match="names the segments of a class-agnostic detector"):
+    with pytest.raises(UsageError, match="is a video classifier, which has no segments"):
         _evaluate("models:/tal-classifier@champion", store, tmp_path / "x", classifier="models:/tal-classifier@champion")
     with pytest.raises(UsageError, match="not a video classifier"):
         _evaluate("models:/tal-detector@champion", store, tmp_path / "y", classifier="models:/tal-detector@champion")
