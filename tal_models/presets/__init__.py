@@ -22,6 +22,12 @@ class-agnostic, labelled afterwards by fusion with a video classifier) and ``dem
 demo: MobileNetV2, 1280-d, 15 fps, stride 4; small) and ``multithumos`` (dense multi-label, 65
 classes, I3D); archs ``actionformer``, ``tridet``, ``temporalmaxer``, ``actionmamba``,
 ``causaltad``, ``dyfadet``, ``gtad`` and ``mstemba`` (dense).
+
+Other families (``family:`` in a full preset, set from the ``base``): ``bmn`` and ``tadtr``
+(``base: {arch: bmn, protocol: thumos14 | activitynet, num_classes, input_dim}``: windows of 128 steps
+or every video resized to 100) and ``video_classifier`` (``base: {arch: video_classifier, num_classes,
+input_dim}``). ``class_agnostic: true`` (every ``anet-*`` detector) trains on one class, "action";
+``anet-classifier`` names its segments (``tal_models.detectors.fused``).
 """
 
 from __future__ import annotations
