@@ -15,7 +15,7 @@
 Presets (the papers' configurations) are in ``tal_models.presets``.
 """
 
-from tal_models.detectors.base import Detector, check_sequence, detect_sequence
+from tal_models.detectors.base import Detector, DetectorModule, check_sequence, detect_sequence, run_sequence
 from tal_models.detectors.bmn import BMNConfig, BMNDetector, BMNInferenceConfig, BMNLossConfig, bmn_config
 from tal_models.detectors.build import CONFIG_TYPES, DetectorConfig, build_detector, build_encoder, config_type, encoder_blocks
 from tal_models.detectors.classifier import ClassifierInferenceConfig, VideoClassifier, VideoClassifierConfig, video_classifier_config
@@ -44,6 +44,7 @@ __all__ = [
     "ClassifierInferenceConfig",
     "DenseOutputs",
     "Detector",
+    "DetectorModule",
     "DetectorConfig",
     "InferenceConfig",
     "LossConfig",
@@ -60,6 +61,7 @@ __all__ = [
     "check_sequence",
     "config_type",
     "detect_sequence",
+    "run_sequence",
     "encoder_blocks",
     "tadtr_config",
     "video_classifier_config",

@@ -62,7 +62,43 @@ def check_sequence(features: Tensor | np.ndarray, input_dim: int) -> Tensor | np
     return features
 
 
+class DetectorModule(nn.Module):
+    """What every family's module shares: ``forward`` is ``forward_training`` in training mode and
+    ``forward_inference`` in eval mode; ``detect`` runs one sequence through ``detect_sequence``;
+    ``pad_multiple`` 1 unless the family says otherwise. Subclasses set ``self.config``."""
+
+    @property
+    def pad_multiple(self) -> int:
+        return 1
+
+    def forward(self, batch: Batch) -> dict[str, Tensor] | list[Detections]:
+        if self.training:
+            return self.forward_training(batch)
+        return self.forward_inference(batch)
+
+    def detect(
+        self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"
+    ) -> Detections:
+        """Detections of one feature sequence ``[T, C]`` (the serving path); the model's mode is kept."""
+        return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id)
+
+
 @torch.no_grad()
+def run_sequence(model: nn.Module, features: Tensor | np.ndarray, input_dim: int, fn: Any, **sample: Any) -> Any:
+    """``fn(batch)`` on one feature sequence ``[T, input_dim]``, checked (``check_sequence``) and collated as a batch
+    of one on the model's device (``sample``: its ``timing``, ``duration``, ``video_id``), the model in eval mode
+    (its mode is kept): the shared body of ``detect``, ``classify``, ``sequence_scores``."""
+    features = check_sequence(features, input_dim)
+    device = next(model.parameters()).device
+    batch = collate([{"features": features, "video_id": "video", **sample}], model.pad_multiple)
+    was_training = model.training
+    model.eval()
+    try:
+        return fn(batch.to(device))
+    finally:
+        model.train(was_training)
+
+
 def detect_sequence(
     model: nn.Module,
     features: Tensor | np.ndarray,
@@ -74,12 +110,6 @@ def detect_sequence(
     """``model.forward_inference`` on one feature sequence ``[T, input_dim]``: the shared body of
     every detector's ``detect``. The sequence is checked here (the edge where a user's array
     enters); the model's training/eval mode is kept."""
-    features = check_sequence(features, input_dim)
-    device = next(model.parameters()).device
-    batch = collate([{"features": features, "video_id": video_id, "timing": timing, "duration": duration}], model.pad_multiple)
-    was_training = model.training
-    model.eval()
-    try:
-        return model.forward_inference(batch.to(device))[0]
-    finally:
-        model.train(was_training)
+    return run_sequence(
+        model, features, input_dim, lambda batch: model.forward_inference(batch)[0], timing=timing, duration=duration, video_id=video_id
+    )

@@ -27,18 +27,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tal_models.batch import Batch
 from tal_models.config import require_positive_int
-from tal_models.detectors.base import detect_sequence
+from tal_models.detectors.base import DetectorModule
 from tal_models.layers.boundary_matching import BoundaryMatching, proposal_validity
 from tal_models.postprocess import NMSConfig
 from tal_models.structures import Detections
-from tal_models.timing import STEP_TIMING, FeatureTiming
+from tal_models.timing import STEP_TIMING
 from tal_models.windows import Piece, TemporalScaleConfig, finish_video, split, targets_for_piece
 
 
@@ -200,7 +199,7 @@ class PieceOutputs(NamedTuple):
     valid: Tensor  # [M, D, L] bool: the proposal ends inside the piece's valid cells
 
 
-class BMNDetector(nn.Module):
+class BMNDetector(DetectorModule):
     """BMN on pieces of any video (module docstring); the ``Detector`` protocol of ``tal_models.detectors.base``."""
 
     def __init__(self, config: BMNConfig):
@@ -223,15 +222,6 @@ class BMNDetector(nn.Module):
         self.classifier = (
             nn.Sequential(nn.Conv2d(H3, H2, 1), nn.ReLU(), nn.Conv2d(H2, cfg.num_classes + 1, 1)) if cfg.num_classes > 1 else None
         )
-
-    @property
-    def pad_multiple(self) -> int:
-        return 1
-
-    def forward(self, batch: Batch) -> dict[str, Tensor] | list[Detections]:
-        if self.training:
-            return self.forward_training(batch)
-        return self.forward_inference(batch)
 
     def piece_outputs(self, x: Tensor, mask: Tensor) -> PieceOutputs:
         """Pieces ``x [M, C, L]``, ``mask [M, 1, L]`` -> ``PieceOutputs``. Every convolution reads zeros at the
@@ -306,12 +296,6 @@ class BMNDetector(nn.Module):
                 )
             )
         return dets
-
-    def detect(
-        self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"
-    ) -> Detections:
-        """Detections of one feature sequence ``[T, C]`` (the serving path); the model's mode is kept."""
-        return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id)
 
 
 # --- labels ---------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tal_models.batch import Batch, collate
+from tal_models.batch import Batch
 from tal_models.config import require_positive_int
-from tal_models.detectors.base import check_sequence, detect_sequence
+from tal_models.detectors.base import DetectorModule, run_sequence
 from tal_models.layers import LayerNormC, MaskedConv1d, check_odd, masked_mean
 from tal_models.structures import Detections, Segments, Unit
 from tal_models.timing import STEP_TIMING, FeatureTiming
@@ -102,7 +102,7 @@ def multi_hot(labels: list[Tensor], num_classes: int, device: torch.device | str
     return targets
 
 
-class VideoClassifier(nn.Module):
+class VideoClassifier(DetectorModule):
     """Features -> video-level multi-label logits (module docstring). ``forward`` is the loss dict
     in training mode and one ``Detections`` per video in eval mode, as every detector
     (``tal_models.detectors.base``)."""
@@ -115,15 +115,6 @@ class VideoClassifier(nn.Module):
         self.norms = nn.ModuleList(LayerNormC(config.hidden_dim) for _ in range(config.num_layers))
         self.dropout = nn.Dropout(config.dropout)
         self.fc = nn.Linear(2 * config.hidden_dim, config.num_classes)
-
-    @property
-    def pad_multiple(self) -> int:
-        return 1
-
-    def forward(self, batch: Batch) -> dict[str, Tensor] | list[Detections]:
-        if self.training:
-            return self.forward_training(batch)
-        return self.forward_inference(batch)
 
     def logits(self, features: Tensor, mask: Tensor) -> Tensor:
         """``features [B, C, T]``, ``mask [B, 1, T]`` -> class logits ``[B, K]``. A video's logits do not
@@ -154,14 +145,7 @@ class VideoClassifier(nn.Module):
     def classify(self, features: Tensor | np.ndarray) -> np.ndarray:
         """Class probabilities ``[K]`` float32 of one feature sequence ``[T, C]`` (checked as ``detect``
         checks it); the model's mode is kept."""
-        features = check_sequence(features, self.config.input_dim)
-        batch = collate([{"features": features, "video_id": "video"}], self.pad_multiple)
-        was_training = self.training
-        self.eval()
-        try:
-            return self.class_scores(batch.to(next(self.parameters()).device))[0].cpu().numpy()
-        finally:
-            self.train(was_training)
+        return run_sequence(self, features, self.config.input_dim, lambda batch: self.class_scores(batch)[0].cpu().numpy())
 
     @torch.no_grad()
     def forward_inference(self, batch: Batch) -> list[Detections]:
@@ -179,12 +163,6 @@ class VideoClassifier(nn.Module):
             segments = Segments(np.tile([[start, end]], (k, 1)), Unit.SECONDS, check=False)
             out.append(Detections(vid, segments, top.values[i, :k].double().numpy(), top.indices[i, :k].numpy()))
         return out
-
-    def detect(
-        self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"
-    ) -> Detections:
-        """The top classes of one feature sequence ``[T, C]`` as whole-video detections (serving); the model's mode is kept."""
-        return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id)
 
 
 def video_span(num_steps: int, timing: FeatureTiming, duration: float | None) -> tuple[float, float]:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tal_models.batch import Batch, collate
+from tal_models.batch import Batch
 from tal_models.dense import DenseHead, dense_loss, dense_targets, segments_from_scores
-from tal_models.detectors.base import check_sequence, detect_sequence
+from tal_models.detectors.base import detect_sequence, run_sequence
 from tal_models.detectors.one_stage import OneStageConfig
 from tal_models.encoders import PyramidEncoder
 from tal_models.structures import Detections, Segments, Unit
@@ -102,7 +102,9 @@ class DenseDetector(nn.Module):
         for vid, scores, timing, duration in zip(batch.video_ids, self.step_scores(batch), timings, durations):
             segs, seg_scores, labels = segments_from_scores(torch.from_numpy(scores), inference.dense_threshold)  # steps
             seconds = timing.segments_to_seconds(Segments(segs.double().reshape(-1, 2), Unit.STEPS, check=False))
-            seconds = seconds.clip(0.0, float(duration) if duration is not None else math.inf)  # as decode: seconds, or steps under STEP_TIMING
+            seconds = seconds.clip(
+                0.0, float(duration) if duration is not None else math.inf
+            )  # as decode: seconds, or steps under STEP_TIMING
             order = torch.argsort(-seg_scores, stable=True)[: inference.nms.max_detections]
             out.append(Detections(vid, Segments(seconds.data[order], Unit.SECONDS, check=False), seg_scores[order].double(), labels[order]))
         return out
@@ -111,14 +113,7 @@ class DenseDetector(nn.Module):
     def sequence_scores(self, features: Tensor | np.ndarray) -> np.ndarray:
         """Per-step class probabilities ``[T, K]`` of one feature sequence ``[T, C]`` (checked as ``detect``
         checks it); the model's mode is kept."""
-        features = check_sequence(features, self.config.input_dim)
-        batch = collate([{"features": features, "video_id": "video"}], self.pad_multiple)
-        was_training = self.training
-        self.eval()
-        try:
-            return self.step_scores(batch.to(next(self.parameters()).device))[0]
-        finally:
-            self.train(was_training)
+        return run_sequence(self, features, self.config.input_dim, lambda batch: self.step_scores(batch)[0])
 
     def detect(
         self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"

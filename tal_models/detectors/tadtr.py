@@ -40,14 +40,14 @@ from torch import Tensor, nn
 
 from tal_models.batch import Batch
 from tal_models.config import require_positive_int
-from tal_models.detectors.base import detect_sequence
+from tal_models.detectors.base import DetectorModule
 from tal_models.layers.deformable import DeformableDecoderLayer, DeformableEncoderLayer, sample_linear
 from tal_models.layers.norm import MaskedGroupNorm
 from tal_models.losses import sigmoid_focal_loss
 from tal_models.matching import MatchCosts, bounds_to_center_width, center_width_to_bounds, hungarian_match, match_cost
 from tal_models.postprocess import NMSConfig
 from tal_models.structures import Detections, tiou
-from tal_models.timing import STEP_TIMING, FeatureTiming
+from tal_models.timing import STEP_TIMING
 from tal_models.windows import Piece, TemporalScaleConfig, finish_video, split, targets_for_piece
 
 
@@ -224,7 +224,7 @@ class SetOutputs:
     actionness: Tensor | None
 
 
-class TadTRDetector(nn.Module):
+class TadTRDetector(DetectorModule):
     """TadTR (module docstring). Built from the config alone: ``TadTRDetector(config)``; ``forward`` is the loss
     dict in training mode and one ``Detections`` per video in eval mode, as every detector (``detectors.base``)."""
 
@@ -264,15 +264,6 @@ class TadTRDetector(nn.Module):
             nn.init.zeros_(head[-1].bias)
             if i == 0:  # the first width is sigmoid(bias) alone: start narrow
                 nn.init.constant_(head[-1].bias[1:], -2.0)
-
-    @property
-    def pad_multiple(self) -> int:
-        return 1
-
-    def forward(self, batch: Batch) -> dict[str, Tensor] | list[Detections]:
-        if self.training:
-            return self.forward_training(batch)
-        return self.forward_inference(batch)
 
     # --- the network ---------------------------------------------------------------------------
     def forward_pieces(self, x: Tensor, mask: Tensor, all_logits: bool = False) -> SetOutputs:
@@ -432,9 +423,3 @@ class TadTRDetector(nn.Module):
             segs, kept_scores, kept_labels = steps[mine].reshape(-1, 2), scores[mine].reshape(-1), labels[mine].reshape(-1)
             results.append(finish_video(vid, segs, kept_scores, kept_labels, timing, duration, cfg.inference.nms, cfg.inference.min_length))
         return results
-
-    def detect(
-        self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"
-    ) -> Detections:
-        """Detections of one feature sequence ``[T, C]`` (the serving path); the model's mode is kept."""
-        return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id)

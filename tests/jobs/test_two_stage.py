@@ -151,7 +151,7 @@ def test_bmn_with_its_proposal_classifier_and_tadtr_train_on_windows_and_evaluat
 
 
 @pytest.mark.timeout(600)
-def test_a_served_class_agnostic_model_is_fused_with_the_champion_classifier(trained, store, registry, ray_session):
+def test_a_served_class_agnostic_model_is_fused_with_the_champion_classifier_and_tadtr_serves(trained, store, registry, ray_session):
     from ray import serve
 
     from jobs.serve import run_app
@@ -182,5 +182,25 @@ def test_a_served_class_agnostic_model_is_fused_with_the_champion_classifier(tra
         for d, score, label, (a, b) in zip(got, expected.scores, expected.labels, np.asarray(expected.segments.data)):
             assert d["label"] == classifier.labels[int(label)] and d["score"] == pytest.approx(float(score), abs=1e-5)
             assert d["segment"] == pytest.approx([float(a), float(b)], abs=1e-4)
+    finally:
+        serve.shutdown()
+
+    # a set-prediction model names its own classes: served as it is, no classifier
+    summary = trained("tadtr")
+    reference = f"runs:/{summary['mlflow_run_id']}/checkpoint/model.pt"
+    tadtr = load_checkpoint(resolve_model(reference, registry))
+    expected = tadtr.build("cpu").detect(features, SYNTHETIC_TIMING, duration).sorted_by_score()
+    url = run_app(ServeArgs(model=reference, mlflow_uri=registry, max_steps=300), "127.0.0.1", free_port())
+    try:
+        described = requests.get(url + "/v1/model", timeout=60).json()
+        assert described["arch"] == "tadtr" and described["classifier"] is None and described["labels"] == SYNTHETIC_CLASSES
+        response = requests.post(
+            url + "/v1/detect", json={"features": features.tolist(), "duration": duration, "video_id": "clip"}, timeout=120
+        )
+        assert response.status_code == 200, response.text
+        got = response.json()["detections"]
+        assert len(got) == len(expected) > 0
+        assert [d["label"] for d in got] == [SYNTHETIC_CLASSES[int(k)] for k in expected.labels]
+        assert [d["score"] for d in got] == pytest.approx([float(x) for x in expected.scores], abs=1e-5)
     finally:
         serve.shutdown()
