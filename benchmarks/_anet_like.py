@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _thumos_like import make_thumos_like
+from benchmarks._thumos_like import make_thumos_like
 
 ANET_GROUND_TRUTH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "activitynet13" / "validation_ground_truth_4728.json"
 TSP_GRID = {"fps": 15.0, "stride": 16, "window": 16}

@@ -91,7 +91,6 @@ def train_ours(
 ):
     import torch
 
-    from tal_models.batch import collate, random_crop
     from tal_models.detectors import build_detector
     from tal_models.optim import ModelEMA, build_optimizer, build_scheduler
     from tal_models.presets import load_preset, make_config
@@ -123,24 +122,15 @@ def train_ours(
     scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
     ema = ModelEMA(model, optim.ema_decay) if optim.ema_decay else None
     g = np.random.default_rng(seed)
-
-    def batches():  # `steps` batches of random crops, epoch after epoch
-        done = 0
-        while done < steps:
-            order = g.permutation(len(train))
-            for i in range(0, len(order) - batch_size + 1, batch_size):
-                if done == steps:
-                    return
-                crops = []
-                for j in order[i : i + batch_size]:
-                    s = train[j]
-                    feats, segs, labels, _ = random_crop(s["features"], s["segments"], s["labels"], max_seq_len, g)
-                    crops.append({"features": feats, "segments": segs, "labels": labels, "video_id": s["video_id"]})
-                yield collate(crops, model.pad_multiple)
-                done += 1
-
     started = time.perf_counter()
-    stats = train_one_epoch(model, batches(), optimizer, scheduler, ema=ema, clip_grad_norm=optim.clip_grad_norm or None)
+    stats = train_one_epoch(
+        model,
+        crop_batches(train, steps, batch_size, max_seq_len, g, model.pad_multiple),
+        optimizer,
+        scheduler,
+        ema=ema,
+        clip_grad_norm=optim.clip_grad_norm or None,
+    )
     train_seconds = time.perf_counter() - started
 
     evaluated = ema.module if ema is not None else model
@@ -167,6 +157,28 @@ def train_ours(
             "params": sum(p.numel() for p in model.parameters()),
         },
     )
+
+
+def crop_batches(train: list[dict], steps: int, batch_size: int, max_seq_len: int, g: np.random.Generator, pad_multiple: int,
+                 agnostic: bool = False):  # fmt: skip
+    """``steps`` batches of random crops of ``max_seq_len`` steps of the ``train`` samples, epoch after epoch in a shuffled
+    order drawn from ``g`` (``agnostic``: every label 0, one class "action")."""
+    from tal_models.batch import collate, random_crop
+
+    done = 0
+    while done < steps:
+        order = g.permutation(len(train))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            if done == steps:
+                return
+            crops = []
+            for j in order[i : i + batch_size]:
+                s = train[j]
+                labels = np.zeros_like(s["labels"]) if agnostic else s["labels"]
+                feats, segs, labels, _ = random_crop(s["features"], s["segments"], labels, max_seq_len, g)
+                crops.append({"features": feats, "segments": segs, "labels": labels, "video_id": s["video_id"]})
+            yield collate(crops, pad_multiple)
+            done += 1
 
 
 def _detect_all(model, samples) -> dict:

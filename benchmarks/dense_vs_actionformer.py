@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +48,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._jobs import run_workers  # noqa: E402 (after the path)
+
 MODELS = {"mstemba": "multithumos-mstemba", "actionformer": "multithumos-actionformer"}  # label -> preset
 PROFILES = ("prototype", "onset")
 WARMUP_FRACTION = 0.1  # of the optimiser steps, for both models (the presets' 5 of 50 / 5 of 35 epochs differ)
@@ -304,27 +305,21 @@ def main() -> None:
                              "info": workdir / f"{name}.json", "key": key})  # fmt: skip
 
     runs: list[dict] = []
-    pending, running = list(jobs), []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            job = pending.pop(0)
-            cached = json.loads(job["info"].read_text()) if job["info"].exists() else None
-            if cached and cached.get("key") == job["key"]:
-                runs.append(job | {"result": cached["result"], "cached": True})
-                continue
-            cmd = _worker_cmd(job["preset"], args, job["data"], job["seed"])
-            running.append((job, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-        time.sleep(1.0)
-        for item in list(running):
-            job, proc = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            stdout, stderr = proc.communicate()
-            if proc.returncode != 0:
-                print(f"{job['label']} on {job['profile']}/{job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
-                runs.append(job | {"result": {"error": stderr[-1500:]}})
-                continue
+
+    def cached(job):
+        info = json.loads(job["info"].read_text()) if job["info"].exists() else None
+        return info["result"] if info and info.get("key") == job["key"] else None
+
+    def command(job):
+        return _worker_cmd(job["preset"], args, job["data"], job["seed"])
+
+    for job, returncode, stdout, stderr in run_workers(jobs, command, args.jobs, ROOT, cached):
+        if returncode is None:
+            runs.append(job | {"result": cached(job), "cached": True})
+        elif returncode != 0:
+            print(f"{job['label']} on {job['profile']}/{job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
+            runs.append(job | {"result": {"error": stderr[-1500:]}})
+        else:
             result = json.loads(stdout.strip().splitlines()[-1])
             job["info"].write_text(json.dumps({"key": job["key"], "result": result}))
             runs.append(job | {"result": result})

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks._jobs import run_workers  # noqa: E402 (after the path)
+
 THUMOS_MODELS = ("actionformer", "bmn", "tadtr")
 ANET_MODELS = ("anet-actionformer", "anet-bmn", "classifier")
 LR = {"actionformer": 4e-4, "bmn": 1e-3, "tadtr": 2e-4, "classifier": 1e-3}  # the accuracy benchmark's for ActionFormer, the papers' else
@@ -80,9 +80,8 @@ def build_config(model: str, num_classes: int, input_dim: int, embed: int, max_s
 # --- a worker: one model trained and run on one data set --------------------------------------------------------
 def train_and_run(model: str, data_dir: Path, out: Path, steps: int, batch_size: int, embed: int, max_seq_len: int, seed: int) -> dict:
     import torch
-    from accuracy_vs_actionformer import load_split
 
-    from tal_models.batch import collate, random_crop
+    from benchmarks.accuracy_vs_actionformer import crop_batches, load_split
     from tal_models.detectors import build_detector
     from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
     from tal_models.training import train_one_epoch
@@ -102,25 +101,15 @@ def train_and_run(model: str, data_dir: Path, out: Path, steps: int, batch_size:
     scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
     ema = ModelEMA(net, optim.ema_decay)
     g = np.random.default_rng(seed)
-
-    def batches():
-        done = 0
-        while done < steps:
-            order = g.permutation(len(train))
-            for i in range(0, len(order) - batch_size + 1, batch_size):
-                if done == steps:
-                    return
-                crops = []
-                for j in order[i : i + batch_size]:
-                    s = train[j]
-                    labels = np.zeros_like(s["labels"]) if agnostic else s["labels"]
-                    feats, segs, labs, _ = random_crop(s["features"], s["segments"], labels, config.max_seq_len, g)
-                    crops.append({"features": feats, "segments": segs, "labels": labs, "video_id": s["video_id"]})
-                yield collate(crops, net.pad_multiple)
-                done += 1
-
     started = time.perf_counter()
-    stats = train_one_epoch(net, batches(), optimizer, scheduler, ema=ema, clip_grad_norm=optim.clip_grad_norm)
+    stats = train_one_epoch(
+        net,
+        crop_batches(train, steps, batch_size, config.max_seq_len, g, net.pad_multiple, agnostic),
+        optimizer,
+        scheduler,
+        ema=ema,
+        clip_grad_norm=optim.clip_grad_norm,
+    )
     train_seconds = time.perf_counter() - started
     evaluated = ema.module.eval()
     started = time.perf_counter()
@@ -141,7 +130,7 @@ def train_and_run(model: str, data_dir: Path, out: Path, steps: int, batch_size:
 
 # --- scoring ----------------------------------------------------------------------------------------------------
 def thumos_map(pred: Path, data_dir: Path) -> float:
-    from accuracy_vs_actionformer import evaluate
+    from benchmarks.accuracy_vs_actionformer import evaluate
 
     return evaluate(pred, data_dir)["average_mAP"]
 
@@ -216,31 +205,25 @@ def _summary(values: list[float]) -> dict:
 
 def _run_jobs(jobs: list[dict], args) -> None:
     """Each job's worker, ``--jobs`` at a time; results (or errors) into the job dicts; finished runs are reused."""
-    pending, running = list(jobs), []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            job = pending.pop(0)
-            if job["info"].exists() and job["out"].exists():
-                job["result"] = json.loads(job["info"].read_text())
-                continue
-            cmd = [sys.executable, __file__, "--worker", job["model"], "--data", str(job["data"]), "--out", str(job["out"]),
-                   "--seed", str(job["seed"]), "--steps", str(job["steps"]), "--batch-size", str(args.batch_size),
-                   "--embed-dim", str(args.embed_dim), "--max-seq-len", str(args.max_seq_len)]  # fmt: skip
-            running.append((job, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-        time.sleep(1.0)
-        for item in list(running):
-            job, proc = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            stdout, stderr = proc.communicate()
-            if proc.returncode != 0:
-                job["result"] = {"error": stderr[-1500:]}
-                print(f"{job['model']} seed {job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
-                continue
+
+    def cached(job):
+        return json.loads(job["info"].read_text()) if job["info"].exists() and job["out"].exists() else None
+
+    def command(job):
+        return [sys.executable, __file__, "--worker", job["model"], "--data", str(job["data"]), "--out", str(job["out"]),
+                "--seed", str(job["seed"]), "--steps", str(job["steps"]), "--batch-size", str(args.batch_size),
+                "--embed-dim", str(args.embed_dim), "--max-seq-len", str(args.max_seq_len)]  # fmt: skip
+
+    for job, returncode, stdout, stderr in run_workers(jobs, command, args.jobs, ROOT, cached):
+        if returncode is None:
+            job["result"] = cached(job)
+        elif returncode != 0:
+            job["result"] = {"error": stderr[-1500:]}
+            print(f"{job['model']} seed {job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
+        else:
             job["result"] = json.loads(stdout.strip().splitlines()[-1])
             job["info"].write_text(json.dumps(job["result"]))
-            print(f"{job['data'].name} {job['model']}: {json.dumps(job['result'])}", file=sys.stderr)
+            print(f"{job['data'].name} {job['model']}: {json.dumps(job['result'])}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -268,9 +251,9 @@ def main() -> None:
         print(json.dumps(info))
         return
 
-    from _anet_like import make_anet_like
-    from _machine import loadavg
-    from _thumos_like import make_thumos_like
+    from benchmarks._anet_like import make_anet_like
+    from benchmarks._machine import loadavg
+    from benchmarks._thumos_like import make_thumos_like
 
     started, load_before = time.perf_counter(), loadavg()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tal-two-stage-"))
