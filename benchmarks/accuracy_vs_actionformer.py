@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._jobs import run_workers  # noqa: E402 (after the path)
+
 REFERENCE_PYTHON = ROOT / ".venv-reference" / "bin" / "python"
 THUMOS_TIOU = [0.3, 0.4, 0.5, 0.6, 0.7]
 DEFAULT_VARIANTS = ("thumos14-actionformer",)
@@ -361,42 +362,37 @@ def main() -> None:
                              "out": workdir / f"{name}.pred.json", "info": workdir / f"{name}.info.json", "key": run_key})  # fmt: skip
 
     runs: list[dict] = []
-    pending = list(jobs)
-    running: list[tuple[dict, subprocess.Popen]] = []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            job = pending.pop(0)
-            cached = json.loads(job["info"].read_text()) if job["info"].exists() else None
-            if cached and cached.get("key") == job["key"] and job["out"].exists():
-                runs.append(job | {"result": cached["result"], "cached": True})
-                runs.extend(
-                    job | {"label": f"{job['label']}|{k}", "result": r, "cached": True} for k, r in cached.get("alternatives", {}).items()
-                )
-                continue
-            cmd = _worker_cmd(job["label"], job["variant"], args, job["data"], job["out"])
-            running.append((job, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-        time.sleep(1.0)
-        for item in list(running):
-            job, proc = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            stdout, stderr = proc.communicate()
-            if proc.returncode != 0:
-                print(f"{job['label']} on {job['profile']}/{job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
-                runs.append(job | {"result": {"error": stderr[-1500:]}})
-                continue
-            info = json.loads(stdout.strip().splitlines()[-1])
-            result = info | evaluate(job["out"], job["data"])
-            alternatives = {}
-            if job["variant"] is not None:
-                for spec in args.inference_variant:
-                    label = spec.partition("=")[0]
-                    alternatives[label] = info | evaluate(_alternative_path(job["out"], label), job["data"])
-            job["info"].write_text(json.dumps({"key": job["key"], "result": result, "alternatives": alternatives}))
-            runs.append(job | {"result": result})
-            runs.extend(job | {"label": f"{job['label']}|{k}", "result": r} for k, r in alternatives.items())
-            print(f"{job['profile']}/{job['seed']} {job['label']}: {json.dumps(result)}", file=sys.stderr)
+
+    def cached(job):
+        info = json.loads(job["info"].read_text()) if job["info"].exists() else None
+        return info if info and info.get("key") == job["key"] and job["out"].exists() else None
+
+    def command(job):
+        return _worker_cmd(job["label"], job["variant"], args, job["data"], job["out"])
+
+    for job, returncode, stdout, stderr in run_workers(jobs, command, args.jobs, ROOT, cached):
+        if returncode is None:
+            done = cached(job)
+            runs.append(job | {"result": done["result"], "cached": True})
+            runs.extend(
+                job | {"label": f"{job['label']}|{k}", "result": r, "cached": True} for k, r in done.get("alternatives", {}).items()
+            )
+            continue
+        if returncode != 0:
+            print(f"{job['label']} on {job['profile']}/{job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
+            runs.append(job | {"result": {"error": stderr[-1500:]}})
+            continue
+        info = json.loads(stdout.strip().splitlines()[-1])
+        result = info | evaluate(job["out"], job["data"])
+        alternatives = {}
+        if job["variant"] is not None:
+            for spec in args.inference_variant:
+                label = spec.partition("=")[0]
+                alternatives[label] = info | evaluate(_alternative_path(job["out"], label), job["data"])
+        job["info"].write_text(json.dumps({"key": job["key"], "result": result, "alternatives": alternatives}))
+        runs.append(job | {"result": result})
+        runs.extend(job | {"label": f"{job['label']}|{k}", "result": r} for k, r in alternatives.items())
+        print(f"{job['profile']}/{job['seed']} {job['label']}: {json.dumps(result)}", file=sys.stderr)
 
     # per profile: each model's average mAP over seeds, and ours minus the reference, seed by seed
     table: dict[str, dict] = {}
