@@ -242,6 +242,7 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=576, help="ActionFormer's THUMOS crop")
     parser.add_argument("--max-videos-per-split", type=int, default=100, help="THUMOS videos per split")
     parser.add_argument("--anet-videos", type=int, default=400, help="ActivityNet videos per half")
+    parser.add_argument("--models", nargs="+", help=f"only these of {THUMOS_MODELS + ANET_MODELS} (e.g. a learning-rate probe)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -275,7 +276,7 @@ def main() -> None:
                 make_thumos_like(
                     data, input_dim=args.input_dim, seed=seed, max_videos_per_split=args.max_videos_per_split, profile=args.profile
                 )
-            for m in THUMOS_MODELS:
+            for m in (m for m in THUMOS_MODELS if not args.models or m in args.models):
                 lr = lrs[m]
                 name = f"{data.name}-{m}-{tag}-s{args.steps}" + (f"-lr{lr:g}" if lr != LR[m] else "")
                 jobs.append({"part": "thumos", "seed": seed, "model": m, "data": data, "steps": args.steps, "lr": lr,
@@ -284,7 +285,7 @@ def main() -> None:
             data = workdir / f"anet-{args.profile}-{seed}-d{args.input_dim}-v{args.anet_videos}"
             if not (data / "meta.json").exists():
                 make_anet_like(data, input_dim=args.input_dim, seed=seed, max_videos_per_split=args.anet_videos, profile=args.profile)
-            for m in ANET_MODELS:
+            for m in (m for m in ANET_MODELS if not args.models or m in args.models):
                 lr = lrs[m.removeprefix("anet-")]
                 name = f"{data.name}-{m}-{tag}-s{args.anet_steps}" + (f"-lr{lr:g}" if lr != LR[m.removeprefix("anet-")] else "")
                 jobs.append({"part": "anet", "seed": seed, "model": m, "data": data, "steps": args.anet_steps, "lr": lr,
