@@ -73,7 +73,7 @@ def build_config(model: str, num_classes: int, input_dim: int, embed: int, max_s
         case "tadtr":
             return tadtr_config(protocol=protocol, num_classes=num_classes, input_dim=input_dim, embed_dim=embed, ffn_dim=4 * embed)
         case "classifier":
-            return VideoClassifierConfig(num_classes=num_classes, input_dim=input_dim, hidden_dim=2 * embed, max_seq_len=4096)
+            return VideoClassifierConfig(num_classes=num_classes, input_dim=input_dim, hidden_dim=2 * embed, max_seq_len=4096, dropout=0.0)
     raise ValueError(f"unknown model {model!r}")
 
 
@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="optimiser steps of every THUMOS model")
     parser.add_argument("--anet-steps", type=int, default=400, help="optimiser steps of every ActivityNet detector")
     parser.add_argument(
-        "--classifier-steps", type=int, default=4000, help="optimiser steps of the video classifier (a step costs ~1/100 of a detector's)"
+        "--classifier-steps", type=int, default=12000, help="optimiser steps of the video classifier (a step costs ~1/100 of a detector's)"
     )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--input-dim", type=int, default=64)
