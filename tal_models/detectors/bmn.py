@@ -233,11 +233,9 @@ class BMNDetector(DetectorModule):
         start = self.start2(F.relu(self.start1(h)))[:, 0]  # [M, L]
         end = self.end2(F.relu(self.end1(h)))[:, 0]
         p = F.relu(self.pem1d(h)) * mask
-        bm = self.bm(p)  # [M, H1, N, D, L]
-        M, H1, N = bm.shape[:3]
-        # a Conv3d whose kernel spans all N bins with stride N is one matmul over (channel, bin)
-        w = self.pem3d.weight.reshape(-1, H1 * N)  # [H3, H1 * N]
-        f = torch.matmul(w.to(bm.dtype), bm.reshape(M, H1 * N, D * L)) + self.pem3d.bias.to(bm.dtype)[:, None]  # [M, H3, D * L]
+        M, H1 = p.shape[:2]
+        # a Conv3d whose kernel spans all N bins with stride N is a linear map over (channel, bin) of the BM features
+        f = self.bm.project(p, self.pem3d.weight.reshape(-1, H1, self.config.num_samples), self.pem3d.bias)  # [M, H3, D * L]
         valid = proposal_validity(L, D, mask[:, 0].sum(-1))  # [M, D, L]
         vmask = valid[:, None]  # [M, 1, D, L]
         f = F.relu(f).view(M, -1, D, L) * vmask

@@ -95,5 +95,22 @@ class BoundaryMatching(nn.Module):
         out = torch.matmul(x.reshape(B * C, T), w)  # [B * C, N * D * T]
         return out.view(B, C, self.num_samples, self.max_duration, T)
 
+    def project(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``forward(x)`` followed by a linear map over (channel, bin), ``weight [H, C, N]`` (BMN's Conv3d whose kernel
+        spans the ``N`` bins): ``[B, C, T] -> [B, H, D * T]``. Both maps are linear, so they are applied in the cheaper
+        order: sampling then mixing costs ``C T NDT + H C NDT`` multiply-adds, mixing the channels of every step first
+        then sampling ``H C N T + H T NDT`` (2.5-3x fewer at BMN's published widths, H = 512, C = 256)."""
+        B, C, T = x.shape
+        torch._assert(self.length == T, f"BoundaryMatching: sequences must have {self.length} steps, got {T}")
+        H, N, D = weight.shape[0], self.num_samples, self.max_duration
+        weight = weight.to(x.dtype)
+        w = self.weights if self.weights.dtype == x.dtype else self.weights.to(x.dtype)  # [T, N * D * T]
+        if H * T < C * T + H * C:
+            mixed = torch.einsum("ocn,bct->botn", weight, x).reshape(B, H, T * N)  # [B, H, (t, n)]
+            out = torch.matmul(mixed, w.reshape(T * N, D * T))  # the weights' rows are (t, n) in that order
+        else:
+            out = torch.matmul(weight.reshape(H, C * N), self.forward(x).reshape(B, C * N, D * T))
+        return out if bias is None else out + bias.to(x.dtype)[:, None]
+
     def extra_repr(self) -> str:
         return f"length={self.length}, max_duration={self.max_duration}, num_samples={self.num_samples}"

@@ -321,3 +321,16 @@ def test_empty_ground_truth_one_step_video_and_bf16(protocol):
         assert len(d) > 0 and torch.isfinite(d.scores).all() and (d.scores >= 0).all()
         assert (d.segments.data[:, 1] > d.segments.data[:, 0]).all()
     assert float(one.segments.data.min()) >= 0.0 and float(one.segments.data.max()) <= 0.3
+
+
+@pytest.mark.parametrize("hidden, channels", [(32, 16), (64, 2)])  # mixing first (as at the published widths), sampling first
+def test_the_bm_layer_followed_by_its_conv3d_is_the_same_in_either_order(hidden, channels):
+    torch.manual_seed(0)
+    layer = BoundaryMatching(12, 8, 4, 2, 0.5)
+    x, weight, bias = (
+        torch.randn(3, channels, 12, dtype=torch.float64),
+        torch.randn(hidden, channels, 4, dtype=torch.float64),
+        torch.randn(hidden),
+    )
+    direct = torch.matmul(weight.reshape(hidden, -1), layer(x).reshape(3, channels * 4, 8 * 12)) + bias.double()[:, None]
+    torch.testing.assert_close(layer.project(x, weight, bias), direct, rtol=1e-10, atol=1e-10)
