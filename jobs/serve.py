@@ -96,7 +96,7 @@ def describe_model(args: ServeArgs) -> ModelInfo:
 
     if args.model.startswith("models:/"):
         pinned, registry = pin_model(args.model, args.mlflow_uri)
-    elif "://" in args.model:
+    elif "://" in args.model or args.model.startswith("runs:/"):  # a run's artifact never changes: pinned as it is
         pinned, registry = args.model, {}
     else:  # a local path: absolute, since replicas run in another working directory
         pinned, registry = str(Path(args.model).expanduser().resolve()), {}
@@ -140,7 +140,10 @@ def _describe_classifier(args: ServeArgs, checkpoint) -> dict[str, Any]:
     if reference.startswith("models:/"):
         pinned, registry = pin_model(reference, args.mlflow_uri)
     else:
-        pinned, registry = (reference if "://" in reference else str(Path(reference).expanduser().resolve())), {}
+        pinned, registry = (
+            (reference if "://" in reference or reference.startswith("runs:/") else str(Path(reference).expanduser().resolve())),
+            {},
+        )
     classifier = load_served_checkpoint(pinned, args.mlflow_uri, _storage_options(args))
     if getattr(classifier.config, "task", None) != "classification":
         raise ValueError(f"classifier: {reference} is a {classifier.config.arch} detector, not a video classifier")
