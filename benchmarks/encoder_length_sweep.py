@@ -76,18 +76,16 @@ def worker(encoder: str, mode: str, length: int, repeats: int, threads: int, see
         model = build_encoder(cfg)
     model.train(mode == "train")
 
-    def run(T: int) -> None:
-        x = torch.randn(1, cfg.input_dim, T)
-        mask = torch.ones(1, 1, T, dtype=torch.bool)
+    def step(x: torch.Tensor, mask: torch.Tensor) -> None:  # the outputs are freed on return
         if mode == "forward":
             with torch.inference_mode():
                 model(x, mask, True)
         else:
             feats, _ = model(x, mask, True)
             sum(f.sum() for f in feats).backward()
-            model.zero_grad(set_to_none=True)
 
-    run(WARMUP_LENGTH)
+    step(torch.randn(1, cfg.input_dim, WARMUP_LENGTH), torch.ones(1, 1, WARMUP_LENGTH, dtype=torch.bool))
+    model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     x = torch.randn(1, cfg.input_dim, length)  # built before the baseline: the input is not the step's memory
     mask = torch.ones(1, 1, length, dtype=torch.bool)
@@ -95,15 +93,9 @@ def worker(encoder: str, mode: str, length: int, repeats: int, threads: int, see
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        if mode == "forward":
-            with torch.inference_mode():
-                model(x, mask, True)
-        else:
-            feats, _ = model(x, mask, True)
-            sum(f.sum() for f in feats).backward()
+        step(x, mask)
         times.append(time.perf_counter() - started)
         model.zero_grad(set_to_none=True)
-        feats = None
     return {
         "encoder": encoder,
         "mode": mode,

@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -152,14 +151,3 @@ def finish_video(
     keep = seconds[:, 1] > seconds[:, 0]
     candidates = Detections(video_id, Segments(seconds[keep], Unit.SECONDS, check=False), scores[keep].double(), labels[keep].long())
     return postprocess(candidates, nms)
-
-
-def resize_back(values: np.ndarray, n: int) -> np.ndarray:
-    """Per-step values ``[L, ...]`` of a resized piece -> ``[n, ...]`` at the video's steps (linear, as ``split`` resized)."""
-    L = values.shape[0]
-    if n == L:
-        return values
-    u = (np.arange(n) + 0.5) / n * L - 0.5  # video step i's centre in model cells
-    return np.stack([np.interp(u, np.arange(L), v) for v in np.asarray(values, np.float64).reshape(L, -1).T], -1).reshape(
-        (n,) + values.shape[1:]
-    )

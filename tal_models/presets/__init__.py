@@ -200,12 +200,12 @@ def preset_from_dict(data: Mapping[str, Any], where: str = "preset", default_nam
     known = ", ".join((*ARCHS, *FAMILY_BASES))
     if not isinstance(base, Mapping) or "arch" not in base:
         raise ValueError(f"{where}: base must be an arch name ({known}) or a mapping with 'arch' and sizes {_BASE_KEYS[1:]}")
-    base_keys = _BASE_KEYS if base["arch"] not in FAMILY_BASES else FAMILY_BASES[base["arch"]][1]
+    base_keys = FAMILY_BASES.get(base["arch"], _BASE_KEYS)
     unknown = sorted(set(base) - set(base_keys))
     if unknown:
         raise ValueError(f"{where}: base: unknown key(s) {unknown}; known keys: {list(base_keys)}")
     try:
-        made = paper_preset(**base) if base["arch"] not in FAMILY_BASES else FAMILY_BASES[base["arch"]][0](**base)
+        made = _two_stage_preset(**base) if base["arch"] in FAMILY_BASES else paper_preset(**base)
         merged = _merge(config_to_dict(made), data)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: base: {exc}") from exc
@@ -253,11 +253,11 @@ def _two_stage_preset(arch: str, **sizes: Any) -> Preset:
     return Preset(name=arch, description=f"{arch}: {described}", detector=detector, optim=optim, batch_size=batch_size)
 
 
-# arch -> (the function making its preset, the keys its ``base`` takes)
-FAMILY_BASES: dict[str, tuple[Any, tuple[str, ...]]] = {
-    "bmn": (_two_stage_preset, ("arch", "protocol", "num_classes", "input_dim")),
-    "tadtr": (_two_stage_preset, ("arch", "protocol", "num_classes", "input_dim")),
-    "video_classifier": (_two_stage_preset, ("arch", "num_classes", "input_dim")),
+# the archs of the other families (made by ``_two_stage_preset``) -> the keys their ``base`` takes
+FAMILY_BASES: dict[str, tuple[str, ...]] = {
+    "bmn": ("arch", "protocol", "num_classes", "input_dim"),
+    "tadtr": ("arch", "protocol", "num_classes", "input_dim"),
+    "video_classifier": ("arch", "num_classes", "input_dim"),
 }
 
 
