@@ -1,0 +1,1 @@
+"""Online (streaming) temporal action detection: causal layers, the causal pyramid, events, streams."""
