@@ -151,7 +151,7 @@ def latency(kinds: tuple[str, ...], stream_steps: int = STREAM_STEPS, measured: 
         g = np.random.default_rng(0)
         feats = g.standard_normal((stream_steps + measured, preset.input_dim), dtype=np.float32)
         stream = model.stream(keep_scores=False)
-        stream.push(feats[: stream_steps])  # 10 minutes of stream
+        stream.push(feats[:stream_steps])  # 10 minutes of stream
         times = []
         for t in range(stream_steps, stream_steps + measured):
             start = time.perf_counter()
@@ -228,7 +228,9 @@ def accuracy(args, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["accuracy", "latency", "serve", "live"], choices=["accuracy", "latency", "serve", "live"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["accuracy", "latency", "serve", "live"], choices=["accuracy", "latency", "serve", "live"]
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--profiles", nargs="+", default=["prototype", "phases"], help="signal models of benchmarks/_thumos_like.py")
     parser.add_argument("--steps", type=int, default=600, help="optimiser steps of both models")

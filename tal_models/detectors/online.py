@@ -221,7 +221,9 @@ def run_rule(probs: np.ndarray, elapsed: np.ndarray, rule: EventRuleConfig, timi
     return events + machine.close()
 
 
-def events_to_detections(video_id: str, events: list[Event], duration: float | None = None, max_detections: int | None = None) -> Detections:
+def events_to_detections(
+    video_id: str, events: list[Event], duration: float | None = None, max_detections: int | None = None
+) -> Detections:
     """The ``end`` events of one video -> ``Detections`` (seconds, best score first), clipped to ``duration``."""
     ends = [e for e in events if e.kind == "end"]
     segs = np.array([[e.start, e.end] for e in ends], dtype=np.float64).reshape(-1, 2)

@@ -136,7 +136,7 @@ class EventRule:
     def _event(self, kind: EventKind, k: int, step: int) -> Event:
         end = self._seconds(self.last[k] + 0.5) if kind == "end" else None
         score = float(self.score_sum[k] / self.count[k])
-        return Event(kind, int(self.instance[k]), k, self._seconds(self._start(k)), end, score, self._seconds(step), step)
+        return Event(kind, int(self.instance[k]), int(k), self._seconds(self._start(k)), end, score, self._seconds(step), step)
 
     def update(self, step: int, probs: np.ndarray, elapsed: float) -> list[Event]:
         """The events of step ``step`` (the next one: steps come in order, from 0)."""
