@@ -162,9 +162,10 @@ def stream_instances(events: Sequence[EventLike], video_id: str = "") -> list[St
     return out
 
 
-def events_to_detections(events: Sequence[EventLike], video_id: str, label_ids: Sequence[int]) -> Detections:
-    """The ``end`` events of one stream as ``Detections`` (seconds): segment ``[start, end]``, the
-    end event's score, the label id ``label_ids[column]`` (``label_map.ids``; columns are 0..K-1)."""
+def events_to_detections(events: Sequence[EventLike], video_id: str, label_ids: Sequence[int], duration: float | None = None) -> Detections:
+    """The ``end`` events of one stream as ``Detections`` (seconds): segment ``[start, end]`` (clipped to
+    ``[0, duration]`` when given, as ``OnlineDetector.forward_inference`` clips), the end event's score,
+    the label id ``label_ids[column]`` (``label_map.ids``; columns are 0..K-1)."""
     ended = [i for i in stream_instances(events, video_id) if i.segment is not None]
     if not ended:
         return Detections.empty(video_id)
@@ -173,15 +174,22 @@ def events_to_detections(events: Sequence[EventLike], video_id: str, label_ids: 
     if cols.min() < 0 or cols.max() >= len(ids):
         raise ValueError(f"video {video_id!r}: event label column {int(cols.max())} is not one of the {len(ids)} classes")
     segments = np.array([i.segment for i in ended], dtype=np.float64).reshape(-1, 2)
+    if duration is not None:  # the last step's span may reach past the video's end
+        segments = segments.clip(0.0, float(duration))
     return Detections(video_id, Segments(segments), np.array([i.score for i in ended]), ids[cols])
 
 
 def instance_map(
     ground_truth: AnnotationSet, events: Mapping[str, Sequence[EventLike]], *, tiou_thresholds=THUMOS14_TIOU
 ) -> DetectionMetrics:
-    """Instance mAP (module docstring, 3.) of the end events ``{video_id: [Event, ...]}``."""
+    """Instance mAP (module docstring, 3.) of the end events ``{video_id: [Event, ...]}``; segments are
+    clipped to the video's duration where the ground truth knows it."""
     ids = class_columns(ground_truth.label_map)
-    predictions = {vid: events_to_detections(ev, vid, ids) for vid, ev in events.items()}
+    predictions = {}
+    for vid, ev in events.items():
+        resolved = ground_truth.resolve(vid)
+        duration = ground_truth.videos[resolved].duration if resolved is not None else None
+        predictions[vid] = events_to_detections(ev, vid, ids, duration)
     return evaluate_detection(ground_truth, predictions, tiou_thresholds)
 
 

@@ -145,6 +145,10 @@ def test_events_to_detections_maps_columns_to_label_ids():
     np.testing.assert_array_equal(det.labels, [7])  # only the ended instance, column 1 -> id 7
     np.testing.assert_allclose(np.asarray(det.segments.data), [[1.5, 3.75]])
     np.testing.assert_allclose(det.scores, [0.7])
+    clipped = events_to_detections(
+        [ev("start", 0, 2, 29.0, start=-0.25), ev("end", 0, 2, 30.5, start=-0.25, end=30.25)], "v", [5, 7, 9], 30.0
+    )
+    np.testing.assert_allclose(np.asarray(clipped.segments.data), [[0.0, 30.0]])
     assert len(events_to_detections([], "v", [5])) == 0
     with pytest.raises(ValueError, match="not one of the 3 classes"):
         events_to_detections([ev("start", 0, 3, 1.0), ev("end", 0, 3, 2.0, end=2.0)], "v", [5, 7, 9])
@@ -167,6 +171,12 @@ def test_instance_map_of_end_events():
 
 
 # --- latency ----------------------------------------------------------------------------------
+
+
+def test_instance_map_clips_segments_to_the_video():
+    gt = one_video([[28.0, 30.0]], [0])  # the video lasts 30 s
+    events = [ev("start", 0, 0, 28.5, start=28.0), ev("end", 0, 0, 31.0, start=28.0, end=31.0)]  # tIoU 2/3 unclipped
+    np.testing.assert_allclose(instance_map(gt, {"v": events}).mAP, 1.0)
 
 
 def test_latency_inside_early_and_greedy():
