@@ -10,14 +10,16 @@ Three figures, each one function, and the same three for an offline model (its "
    ``thumos_postprocessing``) compute it. What they do, and what we do:
 
    - Frames. They score every feature chunk (THUMOS: 24 fps video in chunks of 6 frames, so
-     4 frames per second) of every test video, pool all frames of all videos, and rank them per
+     4 frames per second; LSTR's ``data_info.json``: ``"fps": 4``) of every test video, pool all frames of all videos, and rank them per
      class. Here the frames are whatever times the caller scored (e.g. the model's step centres,
      ``FeatureTiming.centers``), pooled over videos the same way.
    - Labels. They read prebuilt one-hot targets, a background column 0, the 20 classes, and an
      "Ambiguous" column 21. We label a frame positive for class ``k`` when a ground-truth segment
      of class ``k`` covers its time (``dense.frame_labels``, ``boundary="open"`` by default);
      a frame that no segment covers is background. Background has no score column in our models
-     (sigmoid per class) and is excluded from the mean, as in all three. A frame covered by
+     (sigmoid per class) and is excluded from the mean, as in all three (LSTR: ``ignore_index``
+     {0, 21}; TRN ``ignore_class=[0]``; MiniROAD {0}, its Ambiguous column having no positive
+     left once the Ambiguous rows are dropped). A frame covered by
      segments of two classes (THUMOS14 annotates its CliffDiving instances as Diving too) is
      positive for both here; how the references' one-hot files resolve that overlap is not in
      their code.
@@ -28,10 +30,10 @@ Three figures, each one function, and the same three for an offline model (its "
      group, every positive of a group gets the precision at its end (``ties="grouped"`` of
      ``dense.average_precision``); the mean is over the action classes.
    - Classes without positive frames. LSTR and MiniROAD skip them (``if np.any(gt[:, idx])``);
-     TRN keeps them, and scikit-learn >= 1.0 gives them AP 0 (older versions warned and gave
-     NaN). ``empty_classes="exclude"`` (default, LSTR / MiniROAD) or ``"zero"`` (TRN today).
-   - Left out: TRN's / LSTR's optional 5-frame max smoothing and the CliffDiving -> Diving score
-     "switch" (both off in their THUMOS evaluation by default).
+     TRN keeps them, and the scikit-learn installed here (1.9) gives them AP 0 with a warning
+     (older versions gave NaN). ``empty_classes="exclude"`` (default, LSTR / MiniROAD) or ``"zero"`` (TRN today).
+   - Left out: the optional 5-frame max smoothing and the CliffDiving -> Diving score "switch"
+     of their THUMOS post-processing (both off by default in TRN's and MiniROAD's functions).
 
 2. ``detection_latency``: for each ground-truth instance, how long after its start the stream
    first reported it. Candidates are the instances of the stream (a ``start`` event and, at the
