@@ -233,10 +233,13 @@ def test_offline_frame_scores_take_the_best_covering_detection():
 
 def test_offline_latency_uses_the_best_tiou_detection():
     gt = one_video([[2.0, 6.0], [10.0, 12.0], [20.0, 21.0]], [0, 1, 0])
-    det = Detections("v", Segments([[1.0, 6.0], [3.0, 6.0], [10.5, 12.0], [20.0, 21.0]]), [0.9, 0.2, 0.5, 0.5], [0, 0, 1, 2])
+    det = Detections("v", Segments([[1.0, 6.0], [3.0, 6.0], [10.5, 12.0], [20.0, 21.0]]), [0.2, 0.9, 0.5, 0.5], [0, 0, 1, 2])
     lat = offline_latency(gt, {"v": det})
     # [2, 6]: best tIoU is [1, 6] (0.8 > 0.75), early -> 0; [10, 12]: 0.5 s late; [20, 21]: only a wrong-class detection -> missed
     np.testing.assert_allclose(lat.latency, [0.0, 0.5, np.nan])
+    # the 0.2 detection left out: [2, 6] takes [3, 6], 1 s late
+    np.testing.assert_allclose(offline_latency(gt, {"v": det}, min_score=0.3).latency, [1.0, 0.5, np.nan])
+    np.testing.assert_allclose(offline_latency(gt, {"v": det}, min_score=0.95).latency, [np.nan] * 3)
 
 
 def test_evaluate_online_and_offline_agree_on_a_perfect_model():
