@@ -20,6 +20,7 @@ from tal_models.evaluation.online import (
     offline_latency,
     stream_instances,
 )
+from tal_models.online.events import Event
 from tal_models.structures import AnnotationSet, Detections, LabelMap, Segments, VideoAnnotation
 
 
@@ -115,13 +116,6 @@ def test_frame_map_ignores_frames_in_ambiguous_segments():
 # --- events -----------------------------------------------------------------------------------
 
 
-class FakeEvent:
-    """Attribute access, as ``tal_models.online.events.Event``."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 def test_stream_instances_groups_events_and_checks_them():
     events = [
         ev("start", 0, 1, 2.0, start=1.5),
@@ -132,7 +126,7 @@ def test_stream_instances_groups_events_and_checks_them():
     inst = {i.instance: i for i in stream_instances(events)}
     assert inst[0].reported == 2.0 and inst[0].closed == 4.0 and inst[0].segment == (1.5, 3.75) and inst[0].score == 0.7
     assert inst[1].segment is None and inst[1].closed == np.inf
-    assert stream_instances([FakeEvent(**e) for e in events]) == stream_instances(events)
+    assert stream_instances([Event.from_dict(e) for e in events]) == stream_instances(events)  # Event or its dict
     with pytest.raises(ValueError, match="ends before it starts"):
         stream_instances([ev("end", 3, 0, 1.0, end=1.0)])
     with pytest.raises(ValueError, match="two start events"):
