@@ -92,40 +92,59 @@ def train_and_run(model: str, data_dir: Path, out: Path, steps: int, batch_size:
     train_seconds = time.perf_counter() - started
     evaluated = ema.module.eval()
     started = time.perf_counter()
-    frames, events = {}, {}
     with torch.inference_mode():
         found = {s["video_id"]: evaluated.detect(s["features"], s["timing"], s["duration"], s["video_id"]) for s in test}
-        if model == "online":
-            for s in test:
-                scores = evaluated.step_scores(s["features"])
-                frames[s["video_id"]] = {"times": s["timing"].centers(len(scores)).tolist(), "scores": scores.tolist()}
-                events[s["video_id"]] = [e.to_dict() for e in evaluated.stream_events(s["features"], s["timing"])]
     infer_seconds = time.perf_counter() - started
     write_activitynet_results(out, found.values(), LabelMap.from_names(meta["classes"]))
-    if model == "online":
-        out.with_suffix(".online.json").write_text(json.dumps({"frames": frames, "events": events}))
+    figures = stream_figures(evaluated, model, test, found, data_dir, meta)
     return {"model": model, "train_seconds": round(train_seconds, 1), "infer_ms_per_video": round(1000 * infer_seconds / len(test), 2),
-            "mean_loss": round(float(stats["final_loss"]), 4), "params": sum(p.numel() for p in net.parameters()), "epochs": epochs}  # fmt: skip
+            "mean_loss": round(float(stats["final_loss"]), 4), "params": sum(p.numel() for p in net.parameters()), "epochs": epochs,
+            **figures}  # fmt: skip
+
+
+def stream_figures(model, name: str, test: list[dict], found: dict, data_dir: Path, meta: dict) -> dict:
+    """Per-frame mAP and detection latency on the test videos: of the online model's stream (its events, replayed
+    offline: identical to streaming), or of the offline model's detections (the ceiling), scored at the step centres."""
+    import torch
+
+    from benchmarks.accuracy_vs_actionformer import load_split
+    from tal_models.evaluation import online as metrics
+    from tal_models.structures import Detections
+
+    _, _, gt = load_split(data_dir, "test")
+    gt = gt.subset(gt[test[0]["video_id"]].subset)
+    names = gt.label_map.names  # annotation columns, in id order
+    # model column -> annotation column (-1: a class no kept video has; its scores and events are dropped)
+    to_column = np.array([names.index(n) if n in names else -1 for n in meta["classes"]], np.int64)
+    known = to_column >= 0
+    times = {s["video_id"]: s["timing"].centers(len(s["features"])) for s in test}
+    if name == "online":
+        scores, events = {}, {}
+        for s in test:
+            steps = model.step_scores(s["features"])
+            frame = np.zeros((len(steps), len(names)), np.float32)
+            frame[:, to_column[known]] = steps[:, known]
+            scores[s["video_id"]] = (times[s["video_id"]], frame)
+            stream = model.stream_events(s["features"], s["timing"])
+            events[s["video_id"]] = [replace(e, label=int(to_column[e.label])) for e in stream if known[e.label]]
+        figures = metrics.evaluate_online(gt, events, scores)
+    else:
+        to_id = torch.as_tensor(np.array([gt.label_map.id(n) if n in names else -1 for n in meta["classes"]], np.int64))
+        detections = {}
+        for v, d in found.items():
+            d = d[torch.as_tensor(known)[d.labels.cpu()]]
+            detections[v] = Detections(v, d.segments, d.scores, to_id[d.labels.cpu()])
+        figures = metrics.evaluate_offline(gt, detections, times, min_score=0.1)
+    return {"frame_mAP": round(figures.frame_mAP, 4), "latency": figures.latency.to_dict()}
 
 
 # --- scoring ----------------------------------------------------------------------------------------------------
 def score(job: dict) -> dict:
-    """Instance mAP of a worker's detections; for the online model also per-frame mAP and latency of its stream."""
-    from benchmarks.accuracy_vs_actionformer import evaluate, load_split
-    from tal_models.evaluation import online as metrics
+    """A worker's instance-level average mAP (the accuracy benchmark's ActivityNet evaluator) and its stream figures."""
+    from benchmarks.accuracy_vs_actionformer import evaluate
 
-    out = {"average_mAP": evaluate(job["out"], job["data"])["average_mAP"]}
-    _, meta, gt = load_split(job["data"], "test")
-    gt = gt.subset(meta["splits"]["test"]) if hasattr(gt, "subset") else gt
-    if job["model"] == "online":
-        stored = json.loads(job["out"].with_suffix(".online.json").read_text())
-        frames = {v: (np.asarray(f["times"]), np.asarray(f["scores"])) for v, f in stored["frames"].items()}
-        out["perframe_mAP"] = metrics.perframe_map(gt, frames).mAP
-        out["latency"] = metrics.detection_latency(gt, stored["events"]).to_dict()
-    else:
-        detections = json.loads(job["out"].read_text())
-        out.update(metrics.offline_ceiling(gt, detections).to_dict())
-    return out
+    result = job["result"]
+    return {"average_mAP": evaluate(job["out"], job["data"])["average_mAP"], "frame_mAP": result["frame_mAP"], "latency": result["latency"]}
 
 
 def _summary(values: list[float]) -> dict:
