@@ -102,6 +102,9 @@ class LiveFrame(tuple):
         self.arrival, self.duration = arrival, duration
         return self
 
+    def __getnewargs__(self):  # pickling (a frame sent to another process) rebuilds it through __new__
+        return (self[0], self[1], self.arrival, self.duration)
+
     @property
     def pts(self) -> float:
         return self[0]
@@ -508,8 +511,8 @@ def _source_error(name: str, e: BaseException, what: str) -> SourceError:
         return SourceError("missing", name, message)
     if isinstance(e, (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError)):
         return SourceError("unreachable", name, message)
-    if isinstance(e, TimeoutError) or "timed out" in message.lower():
-        return SourceError("timeout", name, message)
+    if isinstance(e, (TimeoutError, av.error.ExitError)) or "timed out" in message.lower():  # ExitError: PyAV's timeout fired
+        return SourceError("timeout", name, f"{message}: no data came within the time allowed")
     if isinstance(e, av.error.InvalidDataError):
         reason = "not_a_video" if what.startswith("opening") else "truncated"
         return SourceError(reason, name, message + ("" if reason == "truncated" else ": FFmpeg recognises no media stream in it"))

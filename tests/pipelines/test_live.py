@@ -176,6 +176,35 @@ def test_network_source_tcp_and_http(videos):
     assert len(frames) == len(whole) and all(np.array_equal(a.image, b.image) for a, b in zip(frames, whole))
 
 
+def test_network_source_that_stalls_ends_with_a_timeout(videos):
+    data = Path(videos["ts"]).read_bytes()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    done = threading.Event()
+
+    def send_half_then_stall():
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(data[: len(data) // 2])
+            done.wait(20)
+
+    thread = threading.Thread(target=send_half_then_stall)
+    thread.start()
+    frames = []
+    try:
+        source = NetworkSource(f"tcp://127.0.0.1:{server.getsockname()[1]}", open_timeout=10, read_timeout=1.0)
+        with pytest.raises(SourceError) as e:
+            frames.extend(source)
+        source.close()
+    finally:
+        done.set()
+        thread.join()
+        server.close()
+    assert e.value.reason == "timeout" and "no data came" in str(e.value)
+    assert 0 < len(frames) < 30  # what came before the stall was handed out
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
