@@ -135,6 +135,19 @@ def test_growing_file_source_reads_while_the_file_is_written(videos, tmp_path):
     assert frames[0].arrival < done_at - 0.5  # the first frame came long before the idle timeout ended the stream
 
 
+def test_close_from_another_thread_ends_a_waiting_source(videos, tmp_path):
+    data = Path(videos["ts"]).read_bytes()
+    path = tmp_path / "stalled.ts"
+    path.write_bytes(data[: len(data) // 2])  # a recorder that stopped writing, with a long idle timeout
+    source = GrowingFileSource(path, idle_timeout=60.0, poll=0.01)
+    frames = []
+    closer = threading.Timer(0.5, source.close)
+    closer.start()
+    frames.extend(source)  # waits for growth until the other thread closes the source
+    closer.join()
+    assert 0 < len(frames) < 30 and source._container is None  # ended, decoder freed, no error
+
+
 def test_network_source_tcp_and_http(videos):
     data = Path(videos["ts"]).read_bytes()
     whole = decode_all(videos["ts"])
