@@ -94,8 +94,8 @@ class SourceError(Exception):
 
 class LiveFrame(tuple):
     """One decoded frame: unpacks as ``(pts, image)`` (``pts`` float seconds, ``image`` uint8 [H, W, 3]
-    RGB); ``arrival`` is ``time.monotonic()`` when it was handed out (decoded, or released by a paced
-    source); ``duration`` its display time in seconds when the stream states it (else None)."""
+    RGB); ``arrival`` is the ``time.monotonic()`` at which it was decoded (for a paced ``FileSource``: at
+    which it was due); ``duration`` its display time in seconds when the stream states it (else None)."""
 
     def __new__(cls, pts: float, image: np.ndarray, arrival: float, duration: float | None = None):
         self = super().__new__(cls, (pts, image))
@@ -279,7 +279,8 @@ class FileSource(_AVSource):
             due = start + frame.pts / self.speed
             if due > now:
                 time.sleep(due - now)
-            yield LiveFrame(frame.pts, frame.image, max(time.monotonic(), due), frame.duration)
+            # arrival: when a live source would have delivered it, so that a consumer that falls behind counts its backlog
+            yield LiveFrame(frame.pts, frame.image, due, frame.duration)
 
 
 class NetworkSource(_AVSource):
