@@ -7,6 +7,7 @@ workers run) on the same file, for frame and clip backbones, sampled below, at a
 from __future__ import annotations
 
 import http.server
+import pickle
 import socket
 import threading
 import time
@@ -84,6 +85,9 @@ def test_file_source_frames_and_times(videos):
     assert all(f.image.shape == (64, 96, 3) and f.image.dtype == np.uint8 for f in frames)
     pts0, image0 = frames[0]  # unpacks as (pts, image)
     assert pts0 == 0.0 and image0 is frames[0].image
+    copy = pickle.loads(pickle.dumps(frames[3]))
+    assert (copy.pts, copy.arrival, copy.duration) == (frames[3].pts, frames[3].arrival, frames[3].duration)
+    assert np.array_equal(copy.image, frames[3].image)
     assert not np.array_equal(frames[0].image, frames[1].image)  # the pattern moves
     with FileSource(videos["mp4"], realtime=False, resize=(48, 32)) as source:
         small = list(source)
@@ -283,6 +287,19 @@ def test_clear_errors(videos, tmp_path):
     with pytest.raises(SourceError) as e:
         NetworkSource(f"tcp://127.0.0.1:{free_port()}", open_timeout=5)
     assert e.value.reason == "unreachable" and "refused" in str(e.value).lower()
+    audio = tmp_path / "audio.ts"
+    with av.open(str(audio), "w", format="mpegts") as container:
+        stream = container.add_stream("mp2", rate=44100)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.int16), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = 44100, i * 1152
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with pytest.raises(SourceError) as e:
+        FileSource(audio)
+    assert e.value.reason == "not_a_video" and "no video stream" in str(e.value)
+    again = pickle.loads(pickle.dumps(e.value))  # it crosses processes (Ray, Serve replicas)
+    assert (again.reason, str(again)) == (e.value.reason, str(e.value))
     with pytest.raises(SourceError, match="unsupported scheme"):
         open_source("gopher://example/video")
     with pytest.raises(ValueError, match="does not take open_timeout"):
