@@ -16,8 +16,8 @@ from jobs.evaluate import ModelEvaluationRequest, run_model
 from jobs.train import DENSE_SCORE, SCORE, TrainJob, train
 from tal_models.config import dump_yaml
 from tal_models.detectors import online_config
-from tal_models.online.events import EventRuleConfig
 from tal_models.evaluation import THUMOS14_TIOU
+from tal_models.online.events import EventRuleConfig
 from tal_models.optim import OptimConfig
 from tal_models.presets import Preset, make_config
 
