@@ -4,11 +4,13 @@ Legend: K classes, t the step being pushed, p_t [K] its class probabilities, e_t
 elapsed since the start of the action in progress (``tal_models.detectors.online``).
 
 An offline detector looks back over the whole video and suppresses duplicates with NMS; an online
-one must commit as it goes. The rule is a hysteresis per class, deciding on step ``t`` alone::
+one must commit as it goes. The rule is a hysteresis per class on ``q_t``, the mean of the last
+``smooth`` steps' probabilities (``smooth = 1``: ``p_t`` itself; a causal moving average, so a single
+noisy step neither starts nor splits an instance), deciding on step ``t`` alone::
 
-    idle   --p_t[k] >= start_threshold-->  active   (event "start", at step t)
-    active --p_t[k] >= end_threshold-->    active   (every ``update_every`` steps: event "update")
-    active --p_t[k] <  end_threshold for ``patience`` steps in a row--> idle  (event "end")
+    idle   --q_t[k] >= start_threshold-->  active   (event "start", at step t)
+    active --q_t[k] >= end_threshold-->    active   (every ``update_every`` steps: event "update")
+    active --q_t[k] <  end_threshold for ``patience`` steps in a row--> idle  (event "end")
 
 The instance's segment, in fractional steps (step ``i`` is the centre of clip ``i``, so the steps
 ``a .. b`` span ``[a - 0.5, b + 0.5]``):
@@ -17,7 +19,7 @@ The instance's segment, in fractional steps (step ``i`` is the centre of clip ``
 - start: the mean over the instance's active steps of ``t - e_t`` (each step's own estimate of
   when the action began: the regression head), no later than ``first - 0.5`` and no earlier than
   the end of the previous instance of the class (nor the stream's beginning);
-- score: the mean of ``p_t[k]`` over the active steps.
+- score: the mean of ``q_t[k]`` over the active steps.
 
 ``start`` and ``update`` events carry the current estimates (``end`` None); ``end`` carries the final
 segment. No instance is ever revised after its end, nothing looks back beyond the instance being
@@ -87,6 +89,7 @@ class EventRuleConfig:
     end_threshold: float = 0.3
     patience: int = 2  # steps below end_threshold that end an instance
     update_every: int = 8  # steps between two update events of an instance (0: none)
+    smooth: int = 1  # steps of the causal moving average the thresholds apply to (1: none)
 
     def __post_init__(self) -> None:
         for name in ("start_threshold", "end_threshold"):
@@ -99,6 +102,8 @@ class EventRuleConfig:
             )
         if not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"EventRuleConfig.patience must be an int >= 1 (steps), got {self.patience!r}")
+        if not isinstance(self.smooth, int) or self.smooth < 1:
+            raise ValueError(f"EventRuleConfig.smooth must be an int >= 1 (steps; 1: no smoothing), got {self.smooth!r}")
         if not isinstance(self.update_every, int) or self.update_every < 0:
             raise ValueError(f"EventRuleConfig.update_every must be an int >= 0 (0: no updates), got {self.update_every!r}")
 
@@ -124,6 +129,8 @@ class EventRule:
         self.floor = np.full(K, -0.5)  # an instance starts no earlier: the previous one's end, or the stream's start
         self.next_instance = 0
         self.step = -1
+        self.recent = np.zeros((self.config.smooth, K))  # a ring of the last ``smooth`` steps' probabilities
+        self.recent_sum = np.zeros(K)
 
     def _seconds(self, steps: float) -> float:
         return float(self.timing.step_to_seconds(np.float64(steps)))
@@ -145,6 +152,11 @@ class EventRule:
         self.step = step
         cfg = self.config
         probs = np.asarray(probs, dtype=np.float64)
+        if cfg.smooth > 1:  # the mean over the steps seen, up to ``smooth`` of them (a subtraction per step: O(K))
+            slot = step % cfg.smooth
+            self.recent_sum += probs - self.recent[slot]
+            self.recent[slot] = probs
+            probs = self.recent_sum / min(step + 1, cfg.smooth)
         events: list[Event] = []
         estimate = step - max(float(elapsed), 0.0)
         on = probs >= cfg.end_threshold
