@@ -4,6 +4,8 @@
               ├─ POST /v1/detect        ─► parse the body in place ─► the model (this replica's torch thread)
               └─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► the model, here
                                            backbone, as its provenance records)
+              └─ WS /v1/stream          ─► a StreamSession (jobs.stream_api) per connection: an OnlineStream here,
+                                           feature steps (or encoded video chunks) in, events out as they happen
             GET /healthz, GET /v1/model, OpenAPI at /docs
 
 One replica both answers HTTP and runs the model: a feature request's body is parsed where the model is
@@ -26,7 +28,9 @@ no weights travel through the deployment's config.
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -38,7 +42,7 @@ from typing import Any
 
 import torch
 import yaml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -70,6 +74,7 @@ from jobs.serve_api import (
     to_sequence,
 )
 from jobs.serve_config import APP_IMPORT_PATH, APP_NAME, ServeArgs
+from jobs.stream_api import Disconnected, StreamError, StreamLimits, StreamModel, StreamSessions, model_names
 from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, filesystem_for, storage_options
 from pipelines.video import VideoDecodeError
@@ -377,6 +382,64 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str | None]
         await form.close()
 
 
+class _WebSocketTransport:
+    """A Starlette WebSocket as ``jobs.stream_api.Transport``: JSON text out, text or bytes in."""
+
+    def __init__(self, websocket: WebSocket):
+        self.websocket = websocket
+
+    async def receive(self) -> str | bytes:
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise Disconnected()
+        return message["text"] if message.get("text") is not None else message.get("bytes") or b""
+
+    async def send(self, message: dict[str, Any]) -> None:
+        try:
+            await self.websocket.send_text(json.dumps(message))
+        except (WebSocketDisconnect, RuntimeError, OSError) as e:  # RuntimeError: Starlette's "after close", the client went
+            raise Disconnected() from e
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(RuntimeError, OSError):  # closed already: the client went first
+            await self.websocket.close(code, reason)
+
+
+def _stream_model(model, info: ModelInfo, worker: TorchThread, video: Any = None) -> StreamModel:
+    """What ``/v1/stream`` needs of the replica's model: its streams, made and pushed on ``worker``'s thread."""
+
+    async def run(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(worker.executor, fn, *args)
+
+    unsupported = None
+    if not callable(getattr(model, "stream", None)):
+        unsupported = f"{info.arch} is an offline detector: /v1/stream needs an online checkpoint (family online)"
+    rule_config = getattr(getattr(model, "config", None), "rule", None)
+    overridable = sorted(f.name for f in dataclasses.fields(rule_config) if "threshold" in f.name) if rule_config is not None else []
+
+    def new_stream(timing, overrides: dict[str, float]):
+        rule = None
+        if overrides:
+            try:
+                rule = dataclasses.replace(rule_config, **overrides)
+            except (TypeError, ValueError) as e:
+                raise StreamError("invalid_options", f"options.rule: {e}") from None
+        return model.stream(timing=timing, rule=rule)
+
+    return StreamModel(
+        labels=list(info.labels),
+        input_dim=info.input_dim,
+        summary=info.summary(),
+        names=model_names(info.summary()),
+        timing=info.timing,
+        new_stream=new_stream,
+        run=run,
+        rule_overrides=overridable,
+        new_video=video,
+        unsupported=unsupported,
+    )
+
+
 # Everything the ingress's methods call must be defined above it: serve.ingress pickles the FastAPI app
 # (and with it the endpoints and the globals they name) when the class is decorated.
 @serve.deployment(name="Detector", max_ongoing_requests=64)
@@ -398,6 +461,7 @@ class DetectorIngress:
         num_threads: int,
         use_gpu: bool,
         runtime: str = "torch",
+        stream_limits: StreamLimits | None = None,
     ):
         self.featurizer = featurizer
         self.info = info
@@ -419,6 +483,8 @@ class DetectorIngress:
         self.batcher = DynamicBatcher(
             self._detect_batch, limits.max_batch_size, batch_wait_timeout_s, executor=self.torch.executor, arriving=lambda: self.arriving
         )
+        self.stream_model = _stream_model(self.model, info, self.torch)
+        self.sessions = StreamSessions(stream_limits or StreamLimits())
 
     async def _detect(self, seq: FeatureSequence, score_threshold: float | None, top_k: int | None) -> dict[str, Any]:
         return await self.batcher.submit((seq, score_threshold, top_k))
@@ -554,6 +620,12 @@ class DetectorIngress:
         }
         return self._response(seq, result, timing)
 
+    @api.websocket("/v1/stream")
+    async def stream(self, websocket: WebSocket) -> None:
+        """Online detection over a WebSocket (protocol: ``jobs.stream_api``); the session lives in this replica."""
+        await websocket.accept()
+        await self.sessions.serve(self.stream_model, _WebSocketTransport(websocket))
+
     def _response(self, seq: FeatureSequence, result: dict[str, Any], timing: dict[str, float]) -> JSONResponse:
         return JSONResponse(
             {
@@ -640,9 +712,13 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
         info.provenance, args.backbone_weights, storage, args.video_roots, threads, use_gpu
     )
     limits = Limits(int(args.max_body_mb * MB), int(args.max_upload_mb * MB), args.max_steps, args.max_batch_size, bool(args.video_roots))
-    return DetectorIngress.options(**detector_options).bind(
-        featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime
+    stream_limits = StreamLimits(
+        args.stream_max_sessions, args.stream_idle_timeout_s, args.stream_max_session_s, int(args.stream_max_message_mb * MB)
     )
+    return DetectorIngress.options(**detector_options).bind(
+        featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime,
+        stream_limits,
+    )  # fmt: skip
 
 
 def serve_env(port: int | None = None) -> dict[str, str]:
