@@ -414,17 +414,18 @@ def _stream_model(model, info: ModelInfo, worker: TorchThread, video: Any = None
     unsupported = None
     if not callable(getattr(model, "stream", None)):
         unsupported = f"{info.arch} is an offline detector: /v1/stream needs an online checkpoint (family online)"
-    rule_config = getattr(getattr(model, "config", None), "rule", None)
-    overridable = sorted(f.name for f in dataclasses.fields(rule_config) if "threshold" in f.name) if rule_config is not None else []
+    inference = getattr(getattr(model, "config", None), "inference", None)
+    rule_config = getattr(inference, "rule", None)  # an OnlineDetector's EventRuleConfig
+    overridable = sorted(f.name for f in dataclasses.fields(rule_config) if f.name.endswith("threshold")) if rule_config else []
 
-    def new_stream(timing, overrides: dict[str, float]):
+    def new_stream(timing, overrides: dict[str, float], keep_scores: bool):
         rule = None
         if overrides:
             try:
                 rule = dataclasses.replace(rule_config, **overrides)
             except (TypeError, ValueError) as e:
                 raise StreamError("invalid_options", f"options.rule: {e}") from None
-        return model.stream(timing=timing, rule=rule)
+        return model.stream(timing=timing, rule=rule, keep_scores=keep_scores)
 
     return StreamModel(
         labels=list(info.labels),

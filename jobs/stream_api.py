@@ -274,7 +274,7 @@ class VideoInput(Protocol):
 class StreamModel:
     """The served model, as ``/v1/stream`` needs it.
 
-    ``new_stream(timing, rule)`` -> an ``OnlineStream`` (``timing``: None = the stream's own); raises
+    ``new_stream(timing, rule, keep_scores)`` -> an ``OnlineStream`` (``timing``: None = the stream's own); raises
     ``StreamError`` for a rule override the model does not allow. ``run(fn, *args)`` runs ``fn`` where the
     model's torch calls run (the replica's torch thread) and is awaited. ``new_video`` builds a ``VideoInput``
     for a session with video input (None: the server cannot featurize videos, ``video_unsupported``).
@@ -285,7 +285,7 @@ class StreamModel:
     summary: dict[str, Any]
     names: set[str]
     timing: FeatureTiming | None
-    new_stream: Callable[[FeatureTiming | None, dict[str, float]], Any]
+    new_stream: Callable[[FeatureTiming | None, dict[str, float], bool], Any]
     run: Callable[..., Awaitable[Any]]
     rule_overrides: list[str] = field(default_factory=list)
     new_video: Callable[[], VideoInput] | None = None
@@ -398,7 +398,7 @@ class StreamSession:
             timing = model.timing
         else:
             timing = resolve_timing(request.options.timing, model.timing)
-        stream = await model.run(model.new_stream, timing, dict(request.options.rule))
+        stream = await model.run(model.new_stream, timing, dict(request.options.rule), request.options.scores)
         self.video = await model.run(model.new_video) if request.input == "video" else None
         self.stream, self.scores_on = stream, request.options.scores
         await self.transport.send(

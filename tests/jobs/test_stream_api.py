@@ -130,7 +130,7 @@ def make_model(**changes) -> StreamModel:
     async def run(fn, *args):
         return fn(*args)
 
-    def new_stream(timing, rule):
+    def new_stream(timing, rule, keep_scores):
         return FakeStream(timing, **rule)
 
     summary = {"reference": "models:/tal-online@champion", "pinned": "models:/tal-online/3", "name": "tal-online", "version": 3}
