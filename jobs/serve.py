@@ -30,7 +30,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -74,7 +73,7 @@ from jobs.serve_api import (
     to_sequence,
 )
 from jobs.serve_config import APP_IMPORT_PATH, APP_NAME, ServeArgs
-from jobs.stream_api import Disconnected, StreamError, StreamLimits, StreamModel, StreamSessions, model_names
+from jobs.stream_api import Disconnected, StreamError, StreamLimits, StreamModel, StreamSessions, model_names, to_json
 from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, filesystem_for, storage_options
 from pipelines.video import VideoDecodeError
@@ -396,7 +395,7 @@ class _WebSocketTransport:
 
     async def send(self, message: dict[str, Any]) -> None:
         try:
-            await self.websocket.send_text(json.dumps(message))
+            await self.websocket.send_text(to_json(message))
         except (WebSocketDisconnect, RuntimeError, OSError) as e:  # RuntimeError: Starlette's "after close", the client went
             raise Disconnected() from e
 

@@ -75,6 +75,7 @@ from tal_models.timing import FeatureTiming
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008  # idle or expired: the server's limits ended the session
 CLOSE_TRY_AGAIN = 1013  # too many sessions on this replica
+CLOSE_INTERNAL = 1011  # a bug: the session cannot go on
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,17 @@ class StreamError(Exception):
 
 def error_message(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
+
+
+def to_json(message: dict[str, Any]) -> str:
+    """A server message as JSON text (NumPy scalars and arrays as numbers and lists)."""
+    return json.dumps(message, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 # --- client messages ---------------------------------------------------------------------------
@@ -499,5 +511,12 @@ class StreamSessions:
             return await session.run()
         except Disconnected:  # gone while the server was sending
             return "disconnected"
+        except Exception as e:  # a bug: say so to the client (the replica and its other sessions go on)
+            try:
+                await transport.send(error_message("internal", f"{type(e).__name__}: {str(e)[:300]}"))
+                await transport.close(CLOSE_INTERNAL, "internal")
+            except Disconnected:
+                pass
+            raise
         finally:
             del self.active[session.id]

@@ -62,7 +62,8 @@ class StreamClient:
     def __init__(self, url: str, out: str | Path | None = None, on_event: Callable[[dict], None] | None = None, timeout: float = 30.0):
         self.url, self.timeout, self.on_event = stream_url(url), timeout, on_event
         self.out = open(out, "a", encoding="utf-8") if out is not None else None  # noqa: SIM115 - open as long as the session
-        self.socket = connect(self.url, open_timeout=timeout, max_size=None)
+        self._connection = connect(self.url, open_timeout=timeout, max_size=None)
+        self.socket = self._connection.__enter__()  # the context manager's connection: closed in _shutdown
         self.opened: dict | None = None
         self.closed: dict | None = None  # the server's "closed" message
         self.errors: list[dict] = []  # every error message the server sent
@@ -179,12 +180,11 @@ class StreamClient:
                     if kind == "closed":
                         self.closed = message
                     self._replies.put(message)
-        except ConnectionClosed as e:
-            self.disconnected = (e.rcvd.code if e.rcvd else None, e.rcvd.reason if e.rcvd else "connection lost")
+        except ConnectionClosed:
+            pass  # the close code and reason say how it ended
         finally:
-            if self.disconnected is None:
-                rcvd = self.socket.close_rcvd
-                self.disconnected = (rcvd.code if rcvd else None, rcvd.reason if rcvd else "closed")
+            # 1000 after "closed"; 1008 / 1013 / 1011: the server ended it (an error message came first); 1006: it dropped
+            self.disconnected = (self.socket.close_code, self.socket.close_reason or "")
             self._events.put(_END)
             self._replies.put(_END)
 
@@ -211,7 +211,8 @@ class StreamClient:
             raise StreamClientError("disconnected", f"the connection is closed: {e}") from None
 
     def _shutdown(self) -> None:
-        self.socket.close()
+        if hasattr(self._connection, "connection"):  # entered and not yet left
+            self._connection.__exit__(None, None, None)
         self._reader.join(timeout=self.timeout)
         if self.out is not None and not self.out.closed:
             self.out.close()

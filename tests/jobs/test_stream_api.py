@@ -24,6 +24,7 @@ from jobs.stream_api import (
     check_timestamps,
     model_names,
     resolve_timing,
+    to_json,
 )
 from tal_models.timing import FeatureTiming
 
@@ -42,8 +43,9 @@ class FakeEvent:
     time: float
     step: int
 
-    def to_dict(self, labels=None) -> dict:
-        return {**asdict(self), **({"label_name": labels[self.label]} if labels else {})}
+    def to_dict(self, labels=None) -> dict:  # NumPy integers, as a rule computing with arrays may leave them
+        out = {**asdict(self), "instance": np.int64(self.instance), "step": np.int64(self.step)}
+        return out | ({"label_name": labels[self.label]} if labels else {})
 
 
 class FakeStream:
@@ -116,8 +118,7 @@ class MemoryTransport:
         return item
 
     async def send(self, message: dict) -> None:
-        json.dumps(message)  # what goes on the wire must be JSON
-        self.sent.append(message)
+        self.sent.append(json.loads(to_json(message)))  # what goes on the wire: JSON
 
     async def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
