@@ -7,7 +7,8 @@ A step is sent as one binary ``.npy`` message; its send time is recorded. The de
 minus the send time of the step that caused it (``event.step``; the end events of ``close()`` are not counted:
 no step caused them). Every step's ``scores`` message is asked for too: its delay (arrival - send) is the
 per-step latency, which exists whether or not the features make events. ``--search`` runs N = 1, 2, 4, 8, ...
-and reports the largest N whose event p99 (the step p99 when a run had no events) is at most ``--target-p99``.
+and reports the largest N whose event p99 (the step p99 when a run had no events) is at most ``--target-p99``
+(a run with errors counts as over: beyond ``stream_max_sessions`` per replica, sessions are refused).
 Features: ``--features`` ([T, C] ``.npy``, cycled) or standard normal noise of the model's width.
 """
 
