@@ -1,5 +1,6 @@
 """``tal evaluate``: score an ActivityNet results JSON against ground truth (``run``), or a
-checkpoint on a feature store (``run_model``: inference, then the same evaluation).
+checkpoint on a feature store (``run_model``: inference, then the same evaluation; with ``online``
+an online checkpoint's streamed events and per-step scores too, ``online_metrics.json``).
 
 Thin on purpose: read the inputs, call ``jobs.inference`` and ``tal_models.evaluation``, print and write.
 """
@@ -42,6 +43,7 @@ from tal_models.evaluation import (
     evaluate_detection,
     evaluate_proposals,
 )
+from tal_models.evaluation.online import OnlineMetrics, evaluate_offline, evaluate_online
 from tal_models.postprocess import fuse_video_classifier
 from tal_models.structures import Detections, LabelMap, video_id_candidates
 
@@ -178,6 +180,8 @@ class ModelEvaluationRequest:
     dense: bool = False  # also the per-frame mAP (a dense, per-step multi-label detector's own metric)
     classifier: str | None = None  # a class-agnostic model's labeller: a video classifier (model reference) or a classification JSON
     fuse_top_k: int = 2  # video classes each class-agnostic segment is labelled with
+    online: bool = False  # an online checkpoint: also per-frame mAP, latency and instance mAP of its streamed events
+    ceiling: str | None = None  # with online: an offline model whose same figures are the ceiling
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,8 @@ class ModelEvaluationReport:
     outputs: dict[str, Path]
     dense_metrics: DenseMetrics | None = None
     notes: tuple[str, ...] = ()  # how the model was scored (class-agnostic, fused), videos left unlabelled
+    online_metrics: OnlineMetrics | None = None  # with --online
+    ceiling_metrics: OnlineMetrics | None = None  # with --online --ceiling
 
     def to_dict(self) -> dict:
         out = self.metrics.to_dict()
@@ -256,6 +262,15 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     labeller, labels, notes = _labeller(request, checkpoint)
     if labeller is None and is_class_agnostic(checkpoint):  # scored as found: every annotated segment is an "action"
         ground_truth, scoped = ground_truth.class_agnostic(checkpoint.labels[0]), scoped.class_agnostic(checkpoint.labels[0])
+    if request.ceiling is not None and not request.online:
+        raise UsageError("--ceiling applies with --online (the offline model whose online figures bound the online model's)")
+    if request.online and checkpoint.config.family != "online":
+        raise UsageError(
+            f"--online: {request.model} is a {checkpoint.config.arch} detector ({checkpoint.config.family}), not an online one; "
+            "streamed events and per-step scores need an online checkpoint (config family online)"
+        )
+    if request.online and request.classifier is not None:
+        raise UsageError("--online and --classifier do not combine: an online model names its own classes")
     if request.dense and checkpoint.config.task != "dense":
         raise UsageError(
             f"--dense: {request.model} is a {checkpoint.config.arch} detector of segments, not a dense (per-step) one; "
@@ -271,6 +286,7 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     to_gt_label = np.array([ground_truth.label_map.id(n) for n in labels], np.int64)  # model (or labeller) id -> annotation id
 
     store, store_id_of, missing = _store_videos(request, checkpoint, scoped, labeller if isinstance(labeller, Checkpoint) else None)
+    ceiling = _open_ceiling(request, ground_truth, store) if request.ceiling is not None else None  # refused before any inference
 
     workers = request.workers
     if workers is None:
@@ -314,9 +330,15 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
     )
     proposal_metrics = evaluate_proposals(evaluated, detections, tiou) if request.proposals else None
     dense_metrics = _dense_metrics(checkpoint, store, store_id_of, evaluated) if request.dense else None
+    online_metrics = ceiling_metrics = None
+    if request.online:
+        online_tiou = THUMOS14_TIOU if request.tiou is None else request.tiou  # the OAD benchmark is THUMOS14
+        online_metrics, ceiling_metrics = _online_metrics(request, checkpoint, ceiling, store, store_id_of, evaluated, online_tiou)
 
     out = request.output
     outputs = {"predictions": out / "predictions.json", "metrics": out / "metrics.json", "plot": out / "precision_recall.png"}
+    if online_metrics is not None:
+        outputs["online"] = out / "online_metrics.json"
     out.mkdir(parents=True, exist_ok=True)
     write_activitynet_results(
         outputs["predictions"], detections.values(), ground_truth.label_map,
@@ -337,8 +359,16 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         outputs=outputs,
         dense_metrics=dense_metrics,
         notes=tuple(notes),
+        online_metrics=online_metrics,
+        ceiling_metrics=ceiling_metrics,
     )
     write_json_atomic(outputs["metrics"], report.to_dict(), indent=2)
+    if online_metrics is not None:
+        online_out = {"model": request.model, "online": online_metrics.to_dict()}
+        if ceiling_metrics is not None:
+            online_out["ceiling_model"] = request.ceiling
+            online_out["ceiling"] = ceiling_metrics.to_dict()
+        write_json_atomic(outputs["online"], online_out, indent=2)
 
     # Here, not at the top: importing jobs.plots switches matplotlib to Agg, which a notebook importing this module must not get.
     from jobs.plots import plot_detection_metrics, plot_timeline
@@ -535,6 +565,79 @@ def _dense_metrics(checkpoint, store: FeatureStore, store_id_of: dict[str, str],
     return evaluate_dense(ground_truth, frames)
 
 
+def _open_ceiling(request: ModelEvaluationRequest, ground_truth, store: FeatureStore) -> Checkpoint:
+    """The ``--ceiling`` checkpoint, checked: an offline detector of segments that fits the store's features and whose
+    classes the annotations know (``UsageError`` otherwise)."""
+    ceiling, _ = open_model(request.ceiling, request.storage_options)
+    where = f"--ceiling {request.ceiling}"
+    if ceiling.config.family == "online" or ceiling.config.task == "classification":
+        raise UsageError(f"{where}: the ceiling is an offline detector of segments, not a {ceiling.config.arch} ({ceiling.config.family})")
+    try:
+        ceiling.check_features(store.provenance.feature_dim, store.provenance.to_dict())
+    except (CheckpointError, StoreError) as e:
+        raise UsageError(f"{where}: {e}") from None
+    unknown = [n for n in ceiling.labels if n not in ground_truth.label_map]
+    if unknown:
+        raise UsageError(f"{where}: {len(unknown)} of its classes are not in {request.annotations}: {unknown[:5]}")
+    return ceiling
+
+
+def _online_metrics(
+    request: ModelEvaluationRequest,
+    checkpoint: Checkpoint,
+    ceiling: Checkpoint | None,
+    store: FeatureStore,
+    store_id_of: dict[str, str],
+    ground_truth,
+    tiou,
+) -> tuple[OnlineMetrics, OnlineMetrics | None]:
+    """The online figures (``tal_models.evaluation.online``) of an online checkpoint over the evaluated videos, in this
+    process: its events as streamed step by step (``stream_events``) and its per-step scores at the step centres; with
+    a ``ceiling`` the same figures for that offline model, its frames at the same step centres."""
+    import torch
+
+    model = checkpoint.build().eval()
+    names = ground_truth.label_map.names  # annotation columns, in id order
+    to_column = np.array([names.index(n) for n in checkpoint.labels], np.int64)  # model column -> annotation column
+    wanted = {store_id: vid for vid, store_id in store_id_of.items()}
+    events, scores, times = {}, {}, {}
+    with torch.no_grad():
+        for seq in store:
+            if seq.video_id not in wanted:
+                continue
+            vid = wanted[seq.video_id]
+            steps = np.asarray(model.step_scores(seq.features), np.float32)  # [T, K_model]
+            frame_scores = np.zeros((len(steps), len(names)), np.float32)  # an annotated class the model lacks scores 0
+            frame_scores[:, to_column] = steps
+            times[vid] = seq.timing.centers(len(steps))
+            scores[vid] = (times[vid], frame_scores)
+            events[vid] = [replace(e, label=int(to_column[e.label])) for e in model.stream_events(seq.features, seq.timing)]
+    online = evaluate_online(ground_truth, events, scores, tiou_thresholds=tiou)
+    if ceiling is None:
+        return online, None
+    to_id = np.array([ground_truth.label_map.id(n) for n in ceiling.labels], np.int64)
+    found = detect_sequences(ceiling, (s for s in store if s.video_id in wanted), request.batch_size)
+    detections = {wanted[sid]: Detections(wanted[sid], d.segments, d.scores, to_id[d.labels]) for sid, d in found.items()}
+    return online, evaluate_offline(ground_truth, detections, times, tiou_thresholds=tiou)
+
+
+def format_online_table(online: OnlineMetrics, ceiling: OnlineMetrics | None) -> list[str]:
+    """The online figures, one row per model: per-frame mAP, average instance mAP, latency, instances reported."""
+    tiou = online.detection.tiou
+    span = f"{tiou[0]:.1f}:{tiou[-1]:.1f}" if len(tiou) > 1 else f"{tiou[0]:.2f}"
+    header = f"  {'':<9}  frame mAP(%)  avg mAP {span}(%)  latency median / p90 (s)  detected"
+    lines = ["", header, "  " + "-" * (len(header) - 2)]
+    for name, m in (("online", online), ("ceiling", ceiling)):
+        if m is None:
+            continue
+        lat = m.latency
+        latency = f"{lat.median:.2f} / {lat.p90:.2f}" if lat.num_detected else "-"
+        detected = f"{100 * lat.fraction_detected:.1f}% ({lat.num_detected}/{lat.num_ground_truth})" if lat.num_ground_truth else "-"
+        frame = f"{100 * m.frame_mAP:.2f}" if np.isfinite(m.frame_mAP) else "-"
+        lines.append(f"  {name:<9}  {frame:>12}  {100 * m.average_mAP:>{len(span) + 12}.2f}  {latency:>25}  {detected}")
+    return lines
+
+
 def safe_file_name(video_id: str) -> str:
     """``video_id`` as one file name: path separators and other odd characters become ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", video_id).lstrip(".") or "_"
@@ -570,6 +673,8 @@ def format_model_report(report: ModelEvaluationReport, request: ModelEvaluationR
         lines.append(
             f"per-frame mAP {d.mAP:.4f}  ({d.num_frames:,} frames of {d.num_videos:,} videos, {d.num_classes_evaluated} classes with positives)"
         )
+    if report.online_metrics is not None:
+        lines += format_online_table(report.online_metrics, report.ceiling_metrics)
     lines.append("")
     for name, path in report.outputs.items():
         lines.append(f"  {name:<11} -> {path}")

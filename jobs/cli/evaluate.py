@@ -8,7 +8,7 @@ from pathlib import Path
 from jobs.errors import UsageError
 
 AUTO_RAY_VIDEOS = 200  # jobs.evaluate.AUTO_RAY_VIDEOS, for the help (not imported: the parser stays light; a test keeps them equal)
-_MODEL_ONLY = ("features", "workers", "batch_size", "timeline_videos", "s3_endpoint", "classifier", "fuse_top_k")
+_MODEL_ONLY = ("features", "workers", "batch_size", "timeline_videos", "s3_endpoint", "classifier", "fuse_top_k", "ceiling")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -75,6 +75,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also the per-frame mAP of the MultiTHUMOS / Charades protocol (a dense, per-step multi-label model: task dense)",
     )
     model.add_argument(
+        "--online",
+        action="store_true",
+        help="an online checkpoint (family online): also the per-frame mAP of the online action detection protocol, the "
+        "detection latency and the instance mAP of its streamed events, into online_metrics.json (tIoUs default 0.3:0.7:0.1)",
+    )
+    model.add_argument(
+        "--ceiling",
+        metavar="MODEL",
+        help="with --online: an offline detector (models:/..., a path, s3://) whose same figures bound the online model's",
+    )
+    model.add_argument(
         "--classifier",
         metavar="CLASSIFIER",
         help="name a class-agnostic model's segments with the video's classes: a video classifier (models:/tal-classifier@champion, "
@@ -97,8 +108,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.model is not None:
         return _handle_model(args, tiou)
     given = [f"--{name.replace('_', '-')}" for name in _MODEL_ONLY if getattr(args, name) is not None]
-    if args.dense:
-        given.append("--dense")
+    given += [flag for flag, on in (("--dense", args.dense), ("--online", args.online)) if on]
     if given:
         raise UsageError(f"{', '.join(given)} only apply with --model; --predictions scores an existing results file")
 
@@ -152,6 +162,8 @@ def _handle_model(args: argparse.Namespace, tiou) -> int:
         dense=args.dense,
         classifier=args.classifier,
         fuse_top_k=2 if args.fuse_top_k is None else args.fuse_top_k,
+        online=args.online,
+        ceiling=args.ceiling,
     )
     report = run_model(request)
     if isinstance(report, ClassifierEvaluationReport):

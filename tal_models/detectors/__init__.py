@@ -10,6 +10,8 @@
 - ``tadtr``: TadTR, DETR-style set prediction on fixed-scale pieces (``tal_models.windows``);
 - ``classifier``: a video-level multi-label classifier (task ``classification``) whose top classes
   name a class-agnostic detector's detections (``detectors.fused``, ``tal_models.postprocess.fuse_video_classifier``);
+- ``online``: causal detectors for live streams (per-step scores, start / update / end events, an
+  O(1) incremental state: ``tal_models.online``);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
 Presets (the papers' configurations) are in ``tal_models.presets``.
@@ -29,6 +31,7 @@ from tal_models.detectors.one_stage import (
     OneStageConfig,
     OneStageDetector,
 )
+from tal_models.detectors.online import OnlineConfig, OnlineDetector, OnlineInferenceConfig, OnlineLossConfig, online_config
 from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector, TadTRInferenceConfig, TadTRLossConfig, tadtr_config
 
 __all__ = [
@@ -50,6 +53,10 @@ __all__ = [
     "LossConfig",
     "OneStageConfig",
     "OneStageDetector",
+    "OnlineConfig",
+    "OnlineDetector",
+    "OnlineInferenceConfig",
+    "OnlineLossConfig",
     "TadTRConfig",
     "TadTRDetector",
     "TadTRInferenceConfig",
@@ -63,6 +70,7 @@ __all__ = [
     "detect_sequence",
     "run_sequence",
     "encoder_blocks",
+    "online_config",
     "tadtr_config",
     "video_classifier_config",
 ]

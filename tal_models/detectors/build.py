@@ -15,6 +15,7 @@ from tal_models.detectors.bmn import BMNConfig, BMNDetector
 from tal_models.detectors.classifier import VideoClassifier, VideoClassifierConfig
 from tal_models.detectors.dense import DenseDetector
 from tal_models.detectors.one_stage import OneStageConfig, OneStageDetector
+from tal_models.detectors.online import OnlineConfig, OnlineDetector
 from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector
 from tal_models.encoders import BlockFactory, EncoderConfig, PyramidEncoder
 from tal_models.heads import ClassificationHead, OffsetRegressionHead
@@ -38,13 +39,13 @@ from tal_models.trident import TridentHead, TridentHeadConfig
 # (without the key) are one-stage.
 DetectorConfig = OneStageConfig  # the one-stage family's (task "detection" -> OneStageDetector, "dense" -> DenseDetector)
 CONFIG_TYPES: dict[str, type] = {
-    c.family: c for c in (OneStageConfig, BMNConfig, TadTRConfig, VideoClassifierConfig)
+    c.family: c for c in (OneStageConfig, BMNConfig, TadTRConfig, VideoClassifierConfig, OnlineConfig)
 }  # fmt: skip
 
 
 def build_detector(
-    config: OneStageConfig | BMNConfig | TadTRConfig | VideoClassifierConfig,
-) -> OneStageDetector | DenseDetector | BMNDetector | TadTRDetector | VideoClassifier:
+    config: OneStageConfig | BMNConfig | TadTRConfig | VideoClassifierConfig | OnlineConfig,
+) -> OneStageDetector | DenseDetector | BMNDetector | TadTRDetector | VideoClassifier | OnlineDetector:
     """The detector ``config`` describes, with fresh weights (seeded by the caller)."""
     match config:
         case OneStageConfig(task="dense"):
@@ -57,6 +58,8 @@ def build_detector(
             return TadTRDetector(config)
         case VideoClassifierConfig():
             return VideoClassifier(config)
+        case OnlineConfig():
+            return OnlineDetector(config)
     raise TypeError(f"build_detector: no detector family takes a {type(config).__name__}")
 
 

@@ -26,7 +26,8 @@ classes, I3D); archs ``actionformer``, ``tridet``, ``temporalmaxer``, ``actionma
 Other families (``family:`` in a full preset, set from the ``base``): ``bmn`` and ``tadtr``
 (``base: {arch: bmn, protocol: thumos14 | activitynet, num_classes, input_dim}``: windows of 128 steps
 or every video resized to 100) and ``video_classifier`` (``base: {arch: video_classifier, num_classes,
-input_dim}``). ``class_agnostic: true`` (every ``anet-*`` detector) trains on one class, "action";
+input_dim}``) and ``online`` (``base: {arch: online, kind: transformer | conv | mamba | maxpool, num_classes,
+input_dim, max_seq_len, embed_dim, levels}``: causal, for live streams). ``class_agnostic: true`` (every ``anet-*`` detector) trains on one class, "action";
 ``anet-classifier`` names its segments (``tal_models.detectors.fused``).
 """
 
@@ -205,7 +206,7 @@ def preset_from_dict(data: Mapping[str, Any], where: str = "preset", default_nam
     if unknown:
         raise ValueError(f"{where}: base: unknown key(s) {unknown}; known keys: {list(base_keys)}")
     try:
-        made = _two_stage_preset(**base) if base["arch"] in FAMILY_BASES else paper_preset(**base)
+        made = _family_preset(**base) if base["arch"] in FAMILY_BASES else paper_preset(**base)
         merged = _merge(config_to_dict(made), data)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: base: {exc}") from exc
@@ -224,10 +225,11 @@ def _from_full(data: Mapping[str, Any], where: str) -> Preset:
     return replace(config_from_dict(Preset, data, where=where), detector=detector, family=family)
 
 
-def _two_stage_preset(arch: str, **sizes: Any) -> Preset:
-    """The published configuration of a BMN, TadTR or video-classifier model (``base: {arch: bmn, protocol: thumos14, ...}``)."""
+def _family_preset(arch: str, **sizes: Any) -> Preset:
+    """The configuration of a BMN, TadTR, video-classifier or online model (``base: {arch: bmn, protocol: thumos14, ...}``)."""
     from tal_models.detectors.bmn import bmn_config
     from tal_models.detectors.classifier import VideoClassifierConfig
+    from tal_models.detectors.online import online_config
     from tal_models.detectors.tadtr import tadtr_config
 
     protocol = sizes.pop("protocol", "thumos14")
@@ -247,17 +249,24 @@ def _two_stage_preset(arch: str, **sizes: Any) -> Preset:
             detector = VideoClassifierConfig(num_classes=num_classes, input_dim=input_dim, **sizes)
             optim = OptimConfig(lr=1e-3, weight_decay=0.05, warmup_epochs=1, epochs=20)
             batch_size = 16
+        case "online":  # ours: a causal pyramid + per-step heads + the event rule; ActionFormer's optimiser
+            detector = online_config(num_classes=num_classes, input_dim=input_dim, **sizes)
+            optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=5, epochs=35)
+            batch_size = 4
         case _:
             raise ValueError(f"unknown arch {arch!r}")
-    described = f"the published {protocol} configuration" if arch != "video_classifier" else "a video-level multi-label classifier"
+    described = {"video_classifier": "a video-level multi-label classifier", "online": "a causal detector for live streams"}.get(
+        arch, f"the published {protocol} configuration"
+    )
     return Preset(name=arch, description=f"{arch}: {described}", detector=detector, optim=optim, batch_size=batch_size)
 
 
-# the archs of the other families (made by ``_two_stage_preset``) -> the keys their ``base`` takes
+# the archs of the other families (made by ``_family_preset``) -> the keys their ``base`` takes
 FAMILY_BASES: dict[str, tuple[str, ...]] = {
     "bmn": ("arch", "protocol", "num_classes", "input_dim"),
     "tadtr": ("arch", "protocol", "num_classes", "input_dim"),
     "video_classifier": ("arch", "num_classes", "input_dim"),
+    "online": ("arch", "kind", "num_classes", "input_dim", "max_seq_len", "embed_dim", "levels"),
 }
 
 
