@@ -1,5 +1,6 @@
 """``tal detect``: run a checkpoint on video files in this process (``jobs.detect``), or with ``--workers N``
-as a resumable Ray Data pipeline over an archive (``jobs.batch_detect``).
+as a resumable Ray Data pipeline over an archive (``jobs.batch_detect``), or with ``--online SOURCE`` an online
+checkpoint on a live source, events as they happen (``jobs.online``).
 
 Exit codes: 0 every video detected; 3 some videos failed (each in failed.json), the others written;
 2 nothing usable (no videos, a model that cannot run on videos, not one video processed).
@@ -22,6 +23,10 @@ DEFAULT_SHARD_SECONDS = 60.0
 # flags of the Ray pipeline only: (flag, attribute)
 RAY_ONLY = (("--cpus-per-worker", "cpus_per_worker"), ("--videos-per-call", "videos_per_call"), ("--shard-videos", "shard_videos"),
             ("--shard-seconds", "shard_seconds"), ("--features-out", "features_out"))  # fmt: skip
+# flags of --online only, and the offline ones it does not take (those whose default is None)
+ONLINE_ONLY = (("--out", "out"), ("--speed", "speed"), ("--idle-timeout", "idle_timeout"), ("--open-timeout", "open_timeout"))
+OFFLINE_ONLY = (("--top-k", "top_k"), ("--workers", "workers"), *RAY_ONLY)
+DEFAULT_EVENTS = "events.jsonl"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "videos",
         metavar="VIDEO_OR_DIR",
-        help="a video file, a directory (searched recursively), a glob, an s3:// prefix, or a CSV manifest (video_id,uri)",
+        nargs="?",
+        help="a video file, a directory (searched recursively), a glob, an s3:// prefix, or a CSV manifest (video_id,uri); "
+        "not with --online",
     )
     p.add_argument(
         "--model",
@@ -124,10 +131,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also keep the videos' features in this feature store (local or s3://; the checkpoint's backbone and "
         "sampling), written by the actors",
     )
+    online = p.add_argument_group("live (with --online)")
+    online.add_argument(
+        "--online",
+        metavar="SOURCE",
+        help="run an online checkpoint (config family online) on a live source instead of VIDEO_OR_DIR, printing each event "
+        "(start, update, end) as it happens and appending it to --out as a JSON line: a video file (as fast as it decodes, "
+        "or at its own pace with --realtime), a file still being written (with --idle-timeout), a URL FFmpeg opens "
+        "(rtsp://, http(s):// HLS, udp://, tcp://, srt://), or features: a .npy [T, C] or STORE#VIDEO_ID of a feature store. "
+        "Ctrl-C ends the stream (open instances get their end events). Prints the per-step delay p50/p90/p99 at the end",
+    )
+    online.add_argument("--out", metavar="FILE", help=f"where the events go, one JSON object per line, appended (default {DEFAULT_EVENTS})")
+    online.add_argument(
+        "--realtime",
+        action="store_true",
+        help="feed a file (video or features) at its own rate, as a live source would (default: as fast as possible)",
+    )
+    online.add_argument("--speed", type=float, metavar="X", help="with --realtime: X times real time (default 1)")
+    online.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="S",
+        help="SOURCE is a file still being written (MPEG-TS, fragmented MP4): it ends after S s without growth",
+    )
+    online.add_argument("--open-timeout", type=float, metavar="S", help="a URL: seconds to connect and read its headers (default 10)")
+    online.add_argument("--quiet", action="store_true", help="do not print each event (they still go to --out)")
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
+    if args.online is not None:
+        return _handle_online(args)
+    given = [flag for flag, attribute in ONLINE_ONLY if getattr(args, attribute) is not None]
+    given += [flag for flag, on in (("--realtime", args.realtime), ("--quiet", args.quiet)) if on]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with --online SOURCE")
+    if args.videos is None:
+        raise UsageError("give VIDEO_OR_DIR (or --online SOURCE for a live source)")
     from pipelines.store import storage_options
 
     common = dict(
@@ -165,4 +205,35 @@ def handle(args: argparse.Namespace) -> int:
             f"tal detect: error: none of the {len(report.failed)} videos could be processed (reasons in {report.outputs['failed']})",
             file=sys.stderr,
         )
+    return report.exit_code
+
+
+def _handle_online(args: argparse.Namespace) -> int:
+    if args.videos is not None:
+        raise UsageError(f"--online {args.online} takes its source from --online: drop {args.videos}")
+    given = [flag for flag, attribute in OFFLINE_ONLY if getattr(args, attribute) is not None]
+    if args.runtime != "torch":
+        given.append("--runtime")
+    if given:
+        raise UsageError(f"{', '.join(given)}: not with --online (an online model runs step by step in PyTorch)")
+    if args.speed is not None and not args.realtime:
+        raise UsageError("--speed applies with --realtime")
+    from jobs.online import OnlineDetectRequest, run
+    from pipelines.store import storage_options
+
+    request = OnlineDetectRequest(
+        source=args.online,
+        model=args.model,
+        out=Path(args.out or DEFAULT_EVENTS),
+        realtime=args.realtime,
+        speed=1.0 if args.speed is None else args.speed,
+        device=args.device,
+        backbone_weights=args.backbone_weights,
+        storage_options=storage_options(args.s3_endpoint),
+        idle_timeout=args.idle_timeout,
+        open_timeout=10.0 if args.open_timeout is None else args.open_timeout,
+        print_events=not args.quiet,
+    )
+    report = run(request)
+    print(report.format())
     return report.exit_code
