@@ -34,11 +34,13 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -73,7 +75,16 @@ from jobs.serve_api import (
     to_sequence,
 )
 from jobs.serve_config import APP_IMPORT_PATH, APP_NAME, ServeArgs
-from jobs.stream_api import Disconnected, StreamError, StreamLimits, StreamModel, StreamSessions, model_names, to_json
+from jobs.stream_api import (
+    Disconnected,
+    MpegTsChecker,
+    StreamError,
+    StreamLimits,
+    StreamModel,
+    StreamSessions,
+    model_names,
+    to_json,
+)
 from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, filesystem_for, storage_options
 from pipelines.video import VideoDecodeError
@@ -404,6 +415,84 @@ class _WebSocketTransport:
             await self.websocket.close(code, reason)
 
 
+class _VideoStreamInput:
+    """``jobs.stream_api.VideoInput`` for MPEG-TS chunks: ``ChunkSource`` (decoding in its own thread) ->
+    ``IncrementalFeaturizer`` (the checkpoint's backbone, on the replica's torch thread) -> ``deliver``.
+    A thread of its own waits for the decoded frames, so the replica's event loop never does."""
+
+    def __init__(self, backbone, sampling, worker: TorchThread, deliver):
+        from pipelines.live import ChunkSource, IncrementalFeaturizer  # PyAV, OpenCV: only where videos come
+
+        self.featurizer = IncrementalFeaturizer.from_parts(backbone, sampling)
+        self.source = ChunkSource(name="the video stream", format="mpegts", resize=self.featurizer.decode_size)
+        self.checker = MpegTsChecker()
+        self.worker, self.deliver = worker, deliver
+        self.thread = threading.Thread(target=self._run, name="tal-stream-video", daemon=True)
+        self.thread.start()
+
+    def feed(self, data: bytes) -> None:
+        from pipelines.live import SourceError
+
+        self.checker.check(data)
+        try:
+            self.source.feed(data)
+        except SourceError as e:
+            raise StreamError("video_ended", str(e)) from None
+
+    def finish(self) -> None:
+        self.source.finish()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def _features(self, steps) -> None:
+        if steps:
+            self.deliver(np.stack([s.feature for s in steps]).astype(np.float32, copy=False))
+
+    def _run(self) -> None:
+        from pipelines.live import SourceError
+
+        run = self.worker.run
+        try:
+            for frame in self.source:
+                self._features(run(self.featurizer.push, frame.pts, frame.image, frame.arrival))
+            self._features(run(self.featurizer.finish, getattr(self.source, "end", None)))
+            self.deliver(None)
+        except SourceError as e:
+            self.deliver(StreamError("malformed_video", f"the video stream cannot be decoded: {e}"))
+        except Exception as e:  # noqa: BLE001 - reported to the session, the replica goes on
+            self.deliver(StreamError("malformed_video", f"the video stream cannot be featurized ({type(e).__name__}: {str(e)[:300]})"))
+
+
+def _video_inputs(info: ModelInfo, worker: TorchThread, backbone_weights: str | None, storage_options: dict[str, Any], use_gpu: bool):
+    """``new_video(deliver)`` for ``/v1/stream``: the checkpoint's backbone is built at the first video session
+    of the replica (on ``worker``'s thread, where it then runs) and shared by the next ones."""
+    built: dict[str, Any] = {}
+
+    def new_video(deliver) -> _VideoStreamInput:
+        from pipelines.extract import build_featurizer
+
+        if "featurizer" not in built:
+            try:
+                built["featurizer"] = build_featurizer(
+                    info.provenance,
+                    _device(use_gpu),
+                    weights=backbone_weights,
+                    storage_options=storage_options,
+                    num_threads=torch.get_num_threads(),
+                )
+            except Exception as e:  # noqa: BLE001 - features imported from elsewhere, weights missing: feature input still works
+                built["featurizer"] = e
+        featurizer = built["featurizer"]
+        if isinstance(featurizer, Exception):
+            raise StreamError(
+                "video_unsupported", f"this model cannot featurize videos ({type(featurizer).__name__}: {featurizer}): send feature steps"
+            )
+        return _VideoStreamInput(*featurizer, worker, deliver)
+
+    return new_video
+
+
 def _stream_model(model, info: ModelInfo, worker: TorchThread, video: Any = None) -> StreamModel:
     """What ``/v1/stream`` needs of the replica's model: its streams, made and pushed on ``worker``'s thread."""
 
@@ -462,6 +551,7 @@ class DetectorIngress:
         use_gpu: bool,
         runtime: str = "torch",
         stream_limits: StreamLimits | None = None,
+        backbone_weights: str | None = None,
     ):
         self.featurizer = featurizer
         self.info = info
@@ -483,7 +573,8 @@ class DetectorIngress:
         self.batcher = DynamicBatcher(
             self._detect_batch, limits.max_batch_size, batch_wait_timeout_s, executor=self.torch.executor, arriving=lambda: self.arriving
         )
-        self.stream_model = _stream_model(self.model, info, self.torch)
+        video = _video_inputs(info, self.torch, backbone_weights, storage_options, use_gpu)
+        self.stream_model = _stream_model(self.model, info, self.torch, video)
         self.sessions = StreamSessions(stream_limits or StreamLimits())
 
     async def _detect(self, seq: FeatureSequence, score_threshold: float | None, top_k: int | None) -> dict[str, Any]:
@@ -717,7 +808,7 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
     )
     return DetectorIngress.options(**detector_options).bind(
         featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime,
-        stream_limits,
+        stream_limits, args.backbone_weights,
     )  # fmt: skip
 
 

@@ -18,8 +18,13 @@ Opening. The first message is ``{"type": "open", "model": NAME?, "input": "featu
 - ``model`` (optional): the name the client expects (the reference it was served as, the pinned reference,
   the registry name, ``NAME/VERSION``, ``models:/NAME/VERSION``); another one is an error ``model_mismatch``.
 - ``input``: ``"features"`` (feature steps of the model's width C, as the model's backbone makes them) or
-  ``"video"`` (binary messages holding consecutive pieces of an encoded stream, e.g. MPEG-TS; the server
-  decodes them and featurizes with the checkpoint's own backbone).
+  ``"video"``: binary messages holding consecutive pieces of an MPEG-TS stream, split anywhere; the server
+  decodes them as they come and featurizes with the checkpoint's own backbone and sampling (the features
+  equal offline extraction's), then streams the steps. A chunk that breaks the packet structure (no sync
+  byte where a 188-byte packet starts) is refused (``malformed_video``) and dropped: the stream goes on as
+  if it never came. A stream FFmpeg cannot decode ends the video with ``malformed_video``; later chunks
+  get ``video_ended``; ``close`` still sends the end events. On ``close`` the rest of the video is decoded
+  and streamed before the end events.
 - ``options.scores`` (bool, default false): also send every step's class probabilities (``scores`` messages).
 - ``options.timing`` (feature input): ``{"fps", "stride", "window", "offset"}`` of the features, which sets the
   seconds of every step (centre of step i = offset + (i * stride + window / 2) / fps); default the checkpoint's.
@@ -41,7 +46,7 @@ session and the server go on (codes: ``malformed_json``, ``invalid_message``, ``
 ``already_open``, ``model_mismatch``, ``invalid_options``, ``timing_mismatch``, ``streaming_unsupported``,
 ``video_unsupported``, ``malformed_npy``, ``invalid_features``, ``wrong_feature_dim``, ``empty_features``,
 ``too_many_steps``, ``non_finite_features``, ``invalid_timestamps``, ``timestamps_out_of_order``,
-``malformed_video``, ``payload_too_large``, ``wrong_input``). The server ends a session itself on:
+``malformed_video``, ``video_ended``, ``payload_too_large``, ``wrong_input``). The server ends a session itself on:
 
 - ``too_many_sessions``: the replica already holds ``max_sessions`` sessions; error, then close code 1013 (try again later);
 - ``idle_timeout``: no message for ``idle_timeout_s``; the end events, the error, ``closed``, then close code 1008;
@@ -60,6 +65,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -273,13 +279,39 @@ class Disconnected(Exception):
 
 
 class VideoInput(Protocol):
-    """Encoded chunks in, feature steps out (the checkpoint's backbone); ``jobs.serve`` builds it."""
+    """Encoded chunks in, feature steps out (the checkpoint's backbone), built by ``StreamModel.new_video(deliver)``
+    (``jobs.serve``). It decodes and featurizes in the background and hands each batch of new steps to
+    ``deliver`` (from any thread): a float32 ``[n, C]`` array, then ``None`` at the end of the stream, or a
+    ``StreamError`` if the stream cannot be decoded (then nothing more)."""
 
-    def feed(self, data: bytes) -> None: ...  # raises StreamError("malformed_video", ...) for a chunk it cannot take
+    def feed(self, data: bytes) -> None: ...  # never blocks; StreamError for a chunk it refuses (then nothing of it is fed)
 
-    def features(self) -> np.ndarray: ...  # [n, C] the steps made so far and not yet taken (may be [0, C])
+    def finish(self) -> None: ...  # the stream has ended: decode the rest, deliver the last steps, then None
 
-    def finish(self) -> np.ndarray: ...  # [n, C] the last steps once the stream is known to have ended
+    def close(self) -> None: ...  # stop now (the client went)
+
+
+class MpegTsChecker:
+    """Refuses a chunk that would break an MPEG-TS byte stream (every 188-byte packet starts with the sync byte
+    0x47), before it is fed: a wrong chunk is reported and dropped, and the stream decodes on as if it never came.
+    Chunks may split packets anywhere; the check follows the packet boundaries across chunks."""
+
+    PACKET, SYNC = 188, 0x47
+
+    def __init__(self) -> None:
+        self.fed = 0  # bytes accepted so far
+
+    def check(self, data: bytes) -> None:
+        if not data:
+            raise StreamError("malformed_video", "an empty video chunk")
+        syncs = data[(-self.fed) % self.PACKET :: self.PACKET]  # the bytes of data that start a packet
+        if syncs.count(self.SYNC) != len(syncs):
+            where = self.fed + (-self.fed) % self.PACKET + self.PACKET * next(i for i, b in enumerate(syncs) if b != self.SYNC)
+            raise StreamError(
+                "malformed_video",
+                f"the chunk is not the next piece of an MPEG-TS stream (no sync byte 0x47 at stream byte {where:,}); it was dropped",
+            )
+        self.fed += len(data)
 
 
 @dataclass
@@ -288,7 +320,7 @@ class StreamModel:
 
     ``new_stream(timing, rule, keep_scores)`` -> an ``OnlineStream`` (``timing``: None = the stream's own); raises
     ``StreamError`` for a rule override the model does not allow. ``run(fn, *args)`` runs ``fn`` where the
-    model's torch calls run (the replica's torch thread) and is awaited. ``new_video`` builds a ``VideoInput``
+    model's torch calls run (the replica's torch thread) and is awaited. ``new_video(deliver)`` builds a ``VideoInput``
     for a session with video input (None: the server cannot featurize videos, ``video_unsupported``).
     """
 
@@ -300,7 +332,7 @@ class StreamModel:
     new_stream: Callable[[FeatureTiming | None, dict[str, float], bool], Any]
     run: Callable[..., Awaitable[Any]]
     rule_overrides: list[str] = field(default_factory=list)
-    new_video: Callable[[], VideoInput] | None = None
+    new_video: Callable[[Callable[[Any], None]], VideoInput] | None = None
     unsupported: str | None = None  # why this model cannot stream at all (an offline checkpoint)
 
 
@@ -331,6 +363,7 @@ class StreamSession:
         self.id = uuid.uuid4().hex[:16]
         self.stream = None
         self.video: VideoInput | None = None
+        self.video_task: asyncio.Task | None = None  # pushes the video's steps as they are made
         self.scores_on = False
         self.events_sent = 0
         self.last_timestamp: float | None = None
@@ -357,6 +390,13 @@ class StreamSession:
             except StreamError as e:
                 await self.transport.send(e.to_message())
 
+    def stop(self) -> None:
+        """Release what the session holds outside this loop (its video decoding thread)."""
+        if self.video is not None:  # in a thread: closing waits for the decoder to let go
+            threading.Thread(target=self.video.close, name="tal-stream-video-close", daemon=True).start()
+        if self.video_task is not None:
+            self.video_task.cancel()
+
     async def _handle(self, data: str | bytes) -> bool:
         """One client message; True once the session is closed."""
         if len(data) > self.limits.max_message_bytes or (isinstance(data, str) and len(data.encode()) > self.limits.max_message_bytes):
@@ -367,7 +407,9 @@ class StreamSession:
             if self.stream is None:
                 raise StreamError("not_open", 'send {"type": "open", ...} first')
             if self.video is not None:
-                await self._push_video(data)
+                if self.video_task.done():
+                    raise StreamError("video_ended", "the video stream ended (see the error before): close the session")
+                self.video.feed(data)
             else:
                 await self._push(features_from_npy(data), None)
             return False
@@ -411,7 +453,11 @@ class StreamSession:
         else:
             timing = resolve_timing(request.options.timing, model.timing)
         stream = await model.run(model.new_stream, timing, dict(request.options.rule), request.options.scores)
-        self.video = await model.run(model.new_video) if request.input == "video" else None
+        if request.input == "video":
+            steps: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            self.video = await model.run(model.new_video, lambda item: loop.call_soon_threadsafe(steps.put_nowait, item))
+            self.video_task = asyncio.create_task(self._push_video(steps))
         self.stream, self.scores_on = stream, request.options.scores
         await self.transport.send(
             {
@@ -427,8 +473,8 @@ class StreamSession:
             }
         )
 
-    async def _push(self, raw: Any, raw_timestamps: Any) -> None:
-        features = check_features(raw, self.model.input_dim, self.limits.max_steps_per_message)
+    async def _push(self, raw: Any, raw_timestamps: Any, max_steps: int | None = None) -> None:
+        features = check_features(raw, self.model.input_dim, max_steps or self.limits.max_steps_per_message)
         timestamps = check_timestamps(raw_timestamps, len(features), self.last_timestamp)
         first = self.stream.steps
         try:
@@ -447,11 +493,16 @@ class StreamSession:
         scores = self.stream.scores()[first:] if self.scores_on else None
         return events, scores, [self.stream.time_of(i) for i in steps]
 
-    async def _push_video(self, data: bytes) -> None:
-        await self.model.run(self.video.feed, data)
-        features = await self.model.run(self.video.features)
-        if len(features):
-            await self._push(features, None)
+    async def _push_video(self, steps: asyncio.Queue) -> None:
+        """The video's feature steps into the stream as they are made, until its end (or its error)."""
+        while (item := await steps.get()) is not None:
+            if isinstance(item, StreamError):
+                await self.transport.send(item.to_message())
+                return
+            try:
+                await self._push(item, None, max_steps=len(item))
+            except StreamError as e:
+                await self.transport.send(e.to_message())
 
     async def _send_results(self, first: int, events: Sequence, scores, times: list[float], timestamps: np.ndarray | None) -> None:
         by_step: dict[int, list] = {}
@@ -475,13 +526,9 @@ class StreamSession:
     async def _finish(self, error: dict[str, Any] | None, code: int, reason: str) -> None:
         """The end of the session: the remaining steps and end events, ``error`` if any, ``closed``, then close."""
         if self.stream is not None:
-            if self.video is not None:
-                try:
-                    features = await self.model.run(self.video.finish)
-                    if len(features):
-                        await self._push(features, None)
-                except StreamError as e:
-                    await self.transport.send(e.to_message())
+            if self.video is not None:  # the rest of the video first: decoded, featurized, pushed
+                self.video.finish()
+                await self.video_task
             for event in await self.model.run(self.stream.close):
                 await self._send_event(event, {})
         if error is not None:
@@ -520,3 +567,4 @@ class StreamSessions:
             raise
         finally:
             del self.active[session.id]
+            session.stop()

@@ -1,12 +1,14 @@
 """``/v1/stream`` over real WebSockets against one real local Serve app (module-scoped), with a tiny online
 detector trained here on synthetic features (class prototypes inside segments, noise around), so streams
-have events. Every result is checked against the same checkpoint run offline in this process
-(``OnlineDetector.stream_events`` / ``step_scores``)."""
+have events. Its provenance is a real MobileNetV2 extraction (ImageNet weights from the hub cache, 5 fps,
+2-frame clips), so video input works too. Every result is checked against the same checkpoint run offline
+in this process (``OnlineDetector.stream_events`` / ``step_scores``; for video, on ``features_for_video``)."""
 
 from __future__ import annotations
 
 import json
 import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -15,15 +17,18 @@ from helpers import free_port
 
 from jobs.serve_config import ServeArgs
 from jobs.stream_client import StreamClient, StreamClientError
+from pipelines.backbones import BackboneConfig, build_backbone
+from pipelines.extract import SamplingConfig, features_for_video, provenance_for, settings_json
 from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, save_checkpoint
 from tal_models.detectors import build_detector, online_config
 from tal_models.optim import OptimConfig, build_optimizer
 from tal_models.timing import FeatureTiming
 
-C, LABELS = 16, ["jump", "run", "wave"]
-TIMING = FeatureTiming(5.0, 2, 2)  # the checkpoint's provenance: the stream's seconds
-MAX_SESSIONS, IDLE_S, MAX_MESSAGE_MB = 3, 3.0, 0.25
+C, LABELS = 1280, ["jump", "run", "wave"]  # MobileNetV2's width
+SAMPLING = SamplingConfig(fps=5.0, window=2, stride=2, chunk_frames=16)
+TIMING = FeatureTiming(5.0, 2, 2)  # the checkpoint's sampling: the stream's seconds
+MAX_SESSIONS, IDLE_S, MAX_MESSAGE_MB = 3, 3.0, 1.0
 
 
 def _videos(count: int, length: int, seed: int) -> list[dict]:
@@ -63,7 +68,9 @@ def served(tmp_path_factory, ray_session):
         optimizer.step()
     model.eval()
     root = tmp_path_factory.mktemp("serve_stream")
-    provenance = {"fps": TIMING.fps, "stride": TIMING.stride, "window": TIMING.window, "feature_dim": C}
+    backbone_config = BackboneConfig(name="mobilenet_v2")
+    backbone = build_backbone(backbone_config, "cpu", num_threads=1)
+    provenance = provenance_for(backbone, SAMPLING, settings_json(backbone_config, SAMPLING)).to_dict()
     save_checkpoint(Checkpoint.from_model(model, LABELS, provenance), root / "online.pt")
     args = ServeArgs(
         model=str(root / "online.pt"),
@@ -73,7 +80,7 @@ def served(tmp_path_factory, ray_session):
     )
     url = run_app(args, "127.0.0.1", free_port(), quiet=True)
     try:
-        yield {"url": url, "model": model, "root": root}
+        yield {"url": url, "model": model, "root": root, "backbone": backbone}
     finally:
         serve.shutdown()
 
@@ -135,12 +142,12 @@ def test_rule_overrides_reach_the_stream_and_the_model_name_is_checked(served):
     client = _stream(url)
     with pytest.raises(StreamClientError, match="model_mismatch"):
         client.open(model="someone-else")
-    client.open(model=str(served["root"] / "online.pt"), rule={"start_threshold": 0.8, "end_threshold": 0.6})
+    client.open(model=str(served["root"] / "online.pt"), rule={"start_threshold": 0.99, "end_threshold": 0.98})
     client.send_features(features)
     client.close()
     from tal_models.online.events import EventRuleConfig
 
-    rule = EventRuleConfig(start_threshold=0.8, end_threshold=0.6)
+    rule = EventRuleConfig(start_threshold=0.99, end_threshold=0.98)
     expected = model.stream_events(features, TIMING, rule)
     assert [(e.kind, e.step) for e in expected] != [(e.kind, e.step) for e in model.stream_events(features, TIMING)]
     _assert_same_events(_events(client), expected)
@@ -165,7 +172,7 @@ def test_every_bad_message_is_an_error_and_the_session_goes_on(served):
     bad = [
         (json.dumps({"type": "features", "features": x[:1].tolist()}), "not_open"),
         ("{broken", "malformed_json"),
-        (json.dumps({"type": "open", "input": "video"}), "video_unsupported"),
+        (json.dumps({"type": "open", "input": "video", "options": {"timing": {"fps": 5.0}}}), "invalid_options"),
         (json.dumps({"type": "open", "options": {"timing": {"fps": 30}}}), "timing_mismatch"),
         (json.dumps({"type": "open", "options": {"rule": {"patience": 9}}}), "invalid_options"),
         (json.dumps({"type": "open", "options": {"rule": {"start_threshold": 0.2, "end_threshold": 0.3}}}), "invalid_options"),
@@ -196,6 +203,61 @@ def test_every_bad_message_is_an_error_and_the_session_goes_on(served):
     ok = _stream(url)  # and the server is fine
     ok.open()
     assert ok.close()["steps"] == 0
+
+
+# --- video input -------------------------------------------------------------------------------------------
+
+
+def _ts_video(path, frames: int = 40, size=(96, 64), fps: int = 10) -> bytes:
+    """A moving colour pattern, H.264 in MPEG-TS, a keyframe every 10 frames."""
+    import av
+
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"g": "10", "keyint_min": "10", "sc_threshold": "0"}
+        for k in range(frames):
+            image = np.stack([(xx * 3 + k * 9) % 256, (yy * 4 + k * 5) % 256, ((xx + yy) * 2 + k * 13) % 256], -1).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = k
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path.read_bytes()
+
+
+def test_mpegts_chunks_stream_like_offline_extraction_and_a_bad_chunk_is_dropped(served, tmp_path):
+    url, model = served["url"], served["model"]
+    data = _ts_video(tmp_path / "clip.ts")
+    seq = features_for_video(served["backbone"], str(tmp_path / "clip.ts"), SAMPLING)
+    client = _stream(url)
+    assert client.open("video", scores=True)["input"] == "video"
+    cuts = np.sort(np.random.default_rng(0).choice(np.arange(1, len(data)), size=12, replace=False)).tolist()
+    for k, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(data)])):
+        client.send_video(data[a:b])
+        if k == 6:
+            client.send_video(b"garbage, not the next piece of the stream " * 20)
+    summary = client.close()
+    assert [e["code"] for e in client.errors] == ["malformed_video"]
+    messages = list(client.events(timeout=60))
+    scores = [m for m in messages if m["type"] == "scores"]
+    assert summary["steps"] == len(scores) == len(seq.features) >= 8
+    np.testing.assert_allclose([m["scores"] for m in scores], model.step_scores(seq.features), atol=1e-4)
+    assert [m["time"] for m in scores] == pytest.approx(seq.timing.centers(len(seq.features)))
+    expected = model.stream_events(seq.features, seq.timing)
+    got = [m for m in messages if m["type"] == "event"]
+    assert [(m["kind"], m["step"], m["label"]) for m in got] == [(e.kind, e.step, e.label) for e in expected]
+
+
+def test_a_stream_that_is_not_a_video_is_reported_and_close_still_works(served):
+    client = _stream(served["url"])
+    client.open("video")
+    packet = b"\x47" + bytes(187)  # MPEG-TS framing, nothing decodable inside
+    for _ in range(400):
+        client.send_video(packet)
+    summary = client.close()
+    assert "malformed_video" in [e["code"] for e in client.errors] and summary["steps"] == 0
 
 
 # --- limits --------------------------------------------------------------------------------------------
