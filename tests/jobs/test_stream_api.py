@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -349,3 +350,61 @@ def test_limits_are_validated():
         StreamLimits(max_sessions=0)
     with pytest.raises(ValueError, match="idle_timeout_s"):
         StreamLimits(idle_timeout_s=0)
+
+
+def test_the_mpegts_check_follows_packets_across_chunks_and_refuses_a_broken_one():
+    from jobs.stream_api import MpegTsChecker
+
+    stream = b"".join(bytes([0x47, i]) + bytes(186) for i in range(5))  # 5 packets of 188 bytes
+    checker = MpegTsChecker()
+    for a, b in [(0, 100), (100, 188), (188, 500), (500, 940)]:  # split anywhere
+        checker.check(stream[a:b])
+    assert checker.fed == 940
+    checker = MpegTsChecker()
+    checker.check(stream[:300])
+    with pytest.raises(StreamError) as e:
+        checker.check(b"x" * 200)  # byte 76 of this chunk would start packet 2
+    assert e.value.code == "malformed_video" and "376" in e.value.message
+    checker.check(stream[300:])  # the refused chunk was not counted: the stream goes on
+    with pytest.raises(StreamError, match="empty"):
+        checker.check(b"")
+
+
+class FakeVideo:
+    """Each fed chunk of n bytes decodes, in another thread, into n // 10 steps of value n; b"bad" fails the stream."""
+
+    def __init__(self, deliver):
+        self.deliver, self.threads, self.closed = deliver, [], False
+
+    def feed(self, data: bytes) -> None:
+        import threading
+
+        item = StreamError("malformed_video", "cannot decode") if data == b"bad" else np.full((len(data) // 10, C), len(data), np.float32)
+        self.threads.append(threading.Thread(target=self.deliver, args=(item,)))
+        self.threads[-1].start()
+        self.threads[-1].join()
+
+    def finish(self) -> None:
+        self.deliver(np.full((1, C), -1.0, np.float32))  # what the end of a stream still gives
+        self.deliver(None)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_video_steps_are_pushed_as_they_come_and_close_waits_for_the_last():
+    videos = []
+    model = make_model(new_video=lambda deliver: videos.append(FakeVideo(deliver)) or videos[-1])
+    t = MemoryTransport({"type": "open", "input": "video"}, b"x" * 30, b"y" * 20, {"type": "features", "features": [[1.0] * C]})
+    t.put({"type": "close"})
+    assert serve(t, model=model) == "closed"
+    assert [m["code"] for m in t.of("error")] == ["wrong_input"]
+    expected = np.concatenate([np.full((3, C), 30.0), np.full((2, C), 20.0), np.full((1, C), -1.0)]).astype(np.float32)
+    assert events_of(t) == offline_events(expected) and t.sent[-1]["steps"] == 6
+    t = MemoryTransport({"type": "open", "input": "video"}, b"x" * 30, b"bad", {"type": "close"})
+    assert serve(t, model=model) == "closed"
+    assert [m["code"] for m in t.of("error")] == ["malformed_video"] and t.sent[-1]["steps"] == 3
+    deadline = time.monotonic() + 5
+    while not all(v.closed for v in videos) and time.monotonic() < deadline:  # closed from a thread of its own
+        time.sleep(0.01)
+    assert all(v.closed for v in videos)  # the session let its video go
