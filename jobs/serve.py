@@ -792,8 +792,10 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
     threads = max(1, int(args.cpus_per_replica))
     resources = {"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica}
     use_gpu = args.gpus_per_replica > 0
-    # every HTTP request in flight counts (a video one while it is featurized); 4 x max_batch_size at least, so a batch can fill
-    detector_options: dict[str, Any] = {"ray_actor_options": resources, "max_ongoing_requests": max(64, 4 * args.max_batch_size)}
+    # every HTTP request in flight counts (a video one while it is featurized); 4 x max_batch_size at least, so a batch can fill;
+    # an open /v1/stream WebSocket counts for its whole life: room for stream_max_sessions of them on top, so they never starve HTTP
+    ongoing = max(64, 4 * args.max_batch_size) + args.stream_max_sessions
+    detector_options: dict[str, Any] = {"ray_actor_options": resources, "max_ongoing_requests": ongoing}
     featurizer_options: dict[str, Any] = {"ray_actor_options": resources}
     if args.detector_replicas != 1:  # left unset otherwise, so a config file's autoscaling_config can apply
         detector_options["num_replicas"] = args.detector_replicas
