@@ -61,9 +61,9 @@ class StreamClient:
 
     def __init__(self, url: str, out: str | Path | None = None, on_event: Callable[[dict], None] | None = None, timeout: float = 30.0):
         self.url, self.timeout, self.on_event = stream_url(url), timeout, on_event
-        self.out = open(out, "a", encoding="utf-8") if out is not None else None  # noqa: SIM115 - open as long as the session
         self._connection = connect(self.url, open_timeout=timeout, max_size=None)
         self.socket = self._connection.__enter__()  # the context manager's connection: closed in _shutdown
+        self.out = open(out, "a", encoding="utf-8") if out is not None else None  # noqa: SIM115 - open as long as the session
         self.opened: dict | None = None
         self.closed: dict | None = None  # the server's "closed" message
         self.errors: list[dict] = []  # every error message the server sent
@@ -123,9 +123,13 @@ class StreamClient:
     # --- receiving ---------------------------------------------------------------------------------
 
     def events(self, timeout: float | None = None) -> Iterator[dict]:
-        """Events (and ``scores`` messages, if asked for) as they arrive, until the session ends."""
+        """Events (and ``scores`` messages, if asked for) as they arrive, until the session ends; ``timeout``:
+        the longest wait for the next one (then ``StreamClientError("timeout")``)."""
         while True:
-            item = self._events.get(timeout=timeout)
+            try:
+                item = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise StreamClientError("timeout", f"nothing from the server for {timeout:g} s") from None
             if item is _END:
                 self._events.put(_END)  # for another iterator
                 return

@@ -153,6 +153,19 @@ def test_rule_overrides_reach_the_stream_and_the_model_name_is_checked(served):
     _assert_same_events(_events(client), expected)
 
 
+def test_the_client_command_streams_a_file_and_writes_the_events(served, tmp_path, capsys):
+    from jobs.stream_client import main
+
+    features = _videos(1, 40, seed=13)[0]["features"]
+    np.save(tmp_path / "steps.npy", features)
+    out = tmp_path / "events.jsonl"
+    assert main(["--url", served["url"], "--features", str(tmp_path / "steps.npy"), "--rate", "0", "--out", str(out)]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    _assert_same_events(written, served["model"].stream_events(features, TIMING))
+    printed = capsys.readouterr().out
+    assert f"40 steps, {len(written)} events" in printed and "start" in printed
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 
