@@ -2,7 +2,8 @@
 
     client                                            server (one replica, one OnlineStream per connection)
     {"type": "open", "input": "features", ...}   ─►
-                                                 ◄─   {"type": "opened", "session", "model", "input_dim", "labels", "limits"}
+                                                 ◄─   {"type": "opened", "session", "model", "input_dim", "labels", "timing",
+                                                           "rule_overrides", "limits"}
     {"type": "features", "features": [[...]]}    ─►   push(steps) on the replica's torch thread
       or a binary .npy [n, C] / [C] float32
                                                  ◄─   {"type": "scores", "step", "time", "scores": [K]}   (options.scores)
@@ -51,6 +52,7 @@ session and the server go on (codes: ``malformed_json``, ``invalid_message``, ``
 - ``too_many_sessions``: the replica already holds ``max_sessions`` sessions; error, then close code 1013 (try again later);
 - ``idle_timeout``: no message for ``idle_timeout_s``; the end events, the error, ``closed``, then close code 1008;
 - ``session_expired``: the session is older than ``max_session_s``; the same.
+- ``internal``: a bug in the server; the error, then close code 1011 (the replica and its other sessions go on).
 
 Sticky routing. A WebSocket is one HTTP connection upgraded, and Serve hands it to one replica for its
 whole life: the session's state (the ``OnlineStream``) lives in that replica's memory and never moves.
