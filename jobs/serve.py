@@ -2,8 +2,8 @@
 
     HTTP ─► Detector (FastAPI ingress: limits, parsing, validation, JSON errors; holds the model, batches)
               ├─ POST /v1/detect        ─► parse the body in place ─► the model (this replica's torch thread)
-              └─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► the model, here
-                                           backbone, as its provenance records)
+              ├─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► the model, here
+              │                            backbone, as its provenance records)
               └─ WS /v1/stream          ─► a StreamSession (jobs.stream_api) per connection: an OnlineStream here,
                                            feature steps (or encoded video chunks) in, events out as they happen
             GET /healthz, GET /v1/model, OpenAPI at /docs
@@ -34,13 +34,11 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -75,16 +73,7 @@ from jobs.serve_api import (
     to_sequence,
 )
 from jobs.serve_config import APP_IMPORT_PATH, APP_NAME, ServeArgs
-from jobs.stream_api import (
-    Disconnected,
-    MpegTsChecker,
-    StreamError,
-    StreamLimits,
-    StreamModel,
-    StreamSessions,
-    model_names,
-    to_json,
-)
+from jobs.stream_api import Disconnected, StreamLimits, StreamSessions, stream_model, to_json, video_inputs
 from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, filesystem_for, storage_options
 from pipelines.video import VideoDecodeError
@@ -415,120 +404,6 @@ class _WebSocketTransport:
             await self.websocket.close(code, reason)
 
 
-class _VideoStreamInput:
-    """``jobs.stream_api.VideoInput`` for MPEG-TS chunks: ``ChunkSource`` (decoding in its own thread) ->
-    ``IncrementalFeaturizer`` (the checkpoint's backbone, on the replica's torch thread) -> ``deliver``.
-    A thread of its own waits for the decoded frames, so the replica's event loop never does."""
-
-    def __init__(self, backbone, sampling, worker: TorchThread, deliver):
-        from pipelines.live import ChunkSource, IncrementalFeaturizer  # PyAV, OpenCV: only where videos come
-
-        self.featurizer = IncrementalFeaturizer.from_parts(backbone, sampling)
-        self.source = ChunkSource(name="the video stream", format="mpegts", resize=self.featurizer.decode_size)
-        self.checker = MpegTsChecker()
-        self.worker, self.deliver = worker, deliver
-        self.thread = threading.Thread(target=self._run, name="tal-stream-video", daemon=True)
-        self.thread.start()
-
-    def feed(self, data: bytes) -> None:
-        from pipelines.live import SourceError
-
-        self.checker.check(data)
-        try:
-            self.source.feed(data)
-        except SourceError as e:
-            raise StreamError("video_ended", str(e)) from None
-
-    def finish(self) -> None:
-        self.source.finish()
-
-    def close(self) -> None:
-        self.source.close()
-
-    def _features(self, steps) -> None:
-        if steps:
-            self.deliver(np.stack([s.feature for s in steps]).astype(np.float32, copy=False))
-
-    def _run(self) -> None:
-        from pipelines.live import SourceError
-
-        run = self.worker.run
-        try:
-            for frame in self.source:
-                self._features(run(self.featurizer.push, frame.pts, frame.image, frame.arrival))
-            self._features(run(self.featurizer.finish, getattr(self.source, "end", None)))
-            self.deliver(None)
-        except SourceError as e:
-            self.deliver(StreamError("malformed_video", f"the video stream cannot be decoded: {e}"))
-        except Exception as e:  # noqa: BLE001 - reported to the session, the replica goes on
-            self.deliver(StreamError("malformed_video", f"the video stream cannot be featurized ({type(e).__name__}: {str(e)[:300]})"))
-
-
-def _video_inputs(info: ModelInfo, worker: TorchThread, backbone_weights: str | None, storage_options: dict[str, Any], use_gpu: bool):
-    """``new_video(deliver)`` for ``/v1/stream``: the checkpoint's backbone is built at the first video session
-    of the replica (on ``worker``'s thread, where it then runs) and shared by the next ones."""
-    built: dict[str, Any] = {}
-
-    def new_video(deliver) -> _VideoStreamInput:
-        from pipelines.extract import build_featurizer
-
-        if "featurizer" not in built:
-            try:
-                built["featurizer"] = build_featurizer(
-                    info.provenance,
-                    _device(use_gpu),
-                    weights=backbone_weights,
-                    storage_options=storage_options,
-                    num_threads=torch.get_num_threads(),
-                )
-            except Exception as e:  # noqa: BLE001 - features imported from elsewhere, weights missing: feature input still works
-                built["featurizer"] = e
-        featurizer = built["featurizer"]
-        if isinstance(featurizer, Exception):
-            raise StreamError(
-                "video_unsupported", f"this model cannot featurize videos ({type(featurizer).__name__}: {featurizer}): send feature steps"
-            )
-        return _VideoStreamInput(*featurizer, worker, deliver)
-
-    return new_video
-
-
-def _stream_model(model, info: ModelInfo, worker: TorchThread, video: Any = None) -> StreamModel:
-    """What ``/v1/stream`` needs of the replica's model: its streams, made and pushed on ``worker``'s thread."""
-
-    async def run(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(worker.executor, fn, *args)
-
-    unsupported = None
-    if not callable(getattr(model, "stream", None)):
-        unsupported = f"{info.arch} is an offline detector: /v1/stream needs an online checkpoint (family online)"
-    inference = getattr(getattr(model, "config", None), "inference", None)
-    rule_config = getattr(inference, "rule", None)  # an OnlineDetector's EventRuleConfig
-    overridable = sorted(f.name for f in dataclasses.fields(rule_config) if f.name.endswith("threshold")) if rule_config else []
-
-    def new_stream(timing, overrides: dict[str, float], keep_scores: bool):
-        rule = None
-        if overrides:
-            try:
-                rule = dataclasses.replace(rule_config, **overrides)
-            except (TypeError, ValueError) as e:
-                raise StreamError("invalid_options", f"options.rule: {e}") from None
-        return model.stream(timing=timing, rule=rule, keep_scores=keep_scores)
-
-    return StreamModel(
-        labels=list(info.labels),
-        input_dim=info.input_dim,
-        summary=info.summary(),
-        names=model_names(info.summary()),
-        timing=info.timing,
-        new_stream=new_stream,
-        run=run,
-        rule_overrides=overridable,
-        new_video=video,
-        unsupported=unsupported,
-    )
-
-
 # Everything the ingress's methods call must be defined above it: serve.ingress pickles the FastAPI app
 # (and with it the endpoints and the globals they name) when the class is decorated.
 @serve.deployment(name="Detector", max_ongoing_requests=64)
@@ -573,8 +448,8 @@ class DetectorIngress:
         self.batcher = DynamicBatcher(
             self._detect_batch, limits.max_batch_size, batch_wait_timeout_s, executor=self.torch.executor, arriving=lambda: self.arriving
         )
-        video = _video_inputs(info, self.torch, backbone_weights, storage_options, use_gpu)
-        self.stream_model = _stream_model(self.model, info, self.torch, video)
+        video = video_inputs(info.provenance, _device(use_gpu), backbone_weights, storage_options, num_threads, self.torch.run)
+        self.stream_model = stream_model(self.model, info, self.torch.executor, video)
         self.sessions = StreamSessions(stream_limits or StreamLimits())
 
     async def _detect(self, seq: FeatureSequence, score_threshold: float | None, top_k: int | None) -> dict[str, Any]:

@@ -64,6 +64,7 @@ writes each to its file as it arrives), and a new session goes to a live replica
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -77,7 +78,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs.serve_api import RequestError, parse_npy
+from jobs.serve_api import ModelInfo, RequestError, parse_npy
 from tal_models.timing import FeatureTiming
 
 CLOSE_NORMAL = 1000
@@ -224,7 +225,10 @@ def check_features(raw: Any, input_dim: int, max_steps: int) -> np.ndarray:
         raise StreamError(
             "non_finite_features", f"features contain NaN or infinity (first at step {bad[0]} of the message, channel {bad[1]})"
         )
-    return np.ascontiguousarray(features)
+    features = np.ascontiguousarray(features)
+    return (
+        features if features.flags.writeable else features.copy()
+    )  # an .npy message is a read-only view of its bytes; torch wants to own it
 
 
 def check_timestamps(raw: Any, steps: int, after: float | None) -> np.ndarray | None:
@@ -348,6 +352,128 @@ def model_names(summary: dict[str, Any]) -> set[str]:
         if "alias" in summary:
             names.add(f"models:/{summary['name']}@{summary['alias']}")
     return names
+
+
+# --- the served model and its video input ------------------------------------------------------------
+
+
+def stream_model(model, info: ModelInfo, executor: concurrent.futures.Executor, new_video=None) -> StreamModel:
+    """What ``/v1/stream`` needs of a replica's model (``info``: ``jobs.serve_api.ModelInfo``): its streams,
+    made and pushed on ``executor`` (the replica's torch thread). A model without ``stream()`` (an offline
+    detector) answers every ``open`` with ``streaming_unsupported``."""
+
+    async def run(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    unsupported = None
+    if not callable(getattr(model, "stream", None)):
+        unsupported = f"{info.arch} is an offline detector: /v1/stream needs an online checkpoint (family online)"
+    inference = getattr(getattr(model, "config", None), "inference", None)
+    rule_config = getattr(inference, "rule", None)  # an OnlineDetector's EventRuleConfig
+    overridable = sorted(f.name for f in dataclasses.fields(rule_config) if f.name.endswith("threshold")) if rule_config else []
+
+    def new_stream(timing, overrides: dict[str, float], keep_scores: bool):
+        rule = None
+        if overrides:
+            try:
+                rule = dataclasses.replace(rule_config, **overrides)
+            except (TypeError, ValueError) as e:
+                raise StreamError("invalid_options", f"options.rule: {e}") from None
+        return model.stream(timing=timing, rule=rule, keep_scores=keep_scores)
+
+    return StreamModel(
+        labels=list(info.labels),
+        input_dim=info.input_dim,
+        summary=info.summary(),
+        names=model_names(info.summary()),
+        timing=info.timing,
+        new_stream=new_stream,
+        run=run,
+        rule_overrides=overridable,
+        new_video=new_video,
+        unsupported=unsupported,
+    )
+
+
+def video_inputs(
+    provenance: dict[str, Any],
+    device: str,
+    weights: str | None,
+    storage_options: dict[str, Any],
+    num_threads: int,
+    run: Callable[..., Any],
+) -> Callable[[Callable[[Any], None]], VideoInput]:
+    """``StreamModel.new_video`` for MPEG-TS input: the checkpoint's backbone (``provenance``) is built at the
+    replica's first video session (on the thread that calls it: the torch thread) and shared by the next
+    ones; ``run(fn, *args)`` runs ``fn`` on that thread and waits. A backbone that cannot be built (features
+    imported from elsewhere, weights missing) makes ``video_unsupported``; feature input is unaffected."""
+    built: dict[str, Any] = {}
+
+    def new_video(deliver: Callable[[Any], None]) -> MpegTsVideoInput:
+        from pipelines.extract import build_featurizer  # torchvision, OpenCV: only once a video comes
+
+        if "featurizer" not in built:
+            try:
+                built["featurizer"] = build_featurizer(
+                    provenance, device, weights=weights, storage_options=storage_options, num_threads=num_threads
+                )
+            except Exception as e:  # noqa: BLE001 - many ways for a backbone not to build; reported at each video open
+                built["featurizer"] = e
+        featurizer = built["featurizer"]
+        if isinstance(featurizer, Exception):
+            reason = f"{type(featurizer).__name__}: {featurizer}"
+            raise StreamError("video_unsupported", f"this model cannot featurize videos ({reason}): send feature steps")
+        return MpegTsVideoInput(*featurizer, run, deliver)
+
+    return new_video
+
+
+class MpegTsVideoInput:
+    """``VideoInput`` for MPEG-TS chunks: ``pipelines.live.ChunkSource`` (decoding in its own thread) ->
+    ``IncrementalFeaturizer`` (the checkpoint's backbone, through ``run``: the replica's torch thread) ->
+    ``deliver``. A thread of its own waits for the decoded frames, so the replica's event loop never does."""
+
+    def __init__(self, backbone, sampling, run: Callable[..., Any], deliver: Callable[[Any], None]):
+        from pipelines.live import ChunkSource, IncrementalFeaturizer  # PyAV, OpenCV: only where videos come
+
+        self.featurizer = IncrementalFeaturizer.from_parts(backbone, sampling)
+        self.source = ChunkSource(name="the video stream", format="mpegts", resize=self.featurizer.decode_size)
+        self.checker = MpegTsChecker()
+        self.run, self.deliver = run, deliver
+        self.thread = threading.Thread(target=self._decode, name="tal-stream-video", daemon=True)
+        self.thread.start()
+
+    def feed(self, data: bytes) -> None:
+        from pipelines.live import SourceError
+
+        self.checker.check(data)
+        try:
+            self.source.feed(data)
+        except SourceError as e:
+            raise StreamError("video_ended", str(e)) from None
+
+    def finish(self) -> None:
+        self.source.finish()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def _deliver_steps(self, steps) -> None:
+        if steps:
+            self.deliver(np.stack([s.feature for s in steps]).astype(np.float32, copy=False))  # [n, C]
+
+    def _decode(self) -> None:
+        from pipelines.live import SourceError
+
+        try:
+            for frame in self.source:
+                self._deliver_steps(self.run(self.featurizer.push, frame.pts, frame.image, frame.arrival))
+            self._deliver_steps(self.run(self.featurizer.finish, getattr(self.source, "end", None)))
+            self.deliver(None)
+        except SourceError as e:
+            self.deliver(StreamError("malformed_video", f"the video stream cannot be decoded: {e}"))
+        except Exception as e:  # noqa: BLE001 - reported to the session, the replica goes on
+            self.deliver(StreamError("malformed_video", f"the video stream cannot be featurized ({type(e).__name__}: {str(e)[:300]})"))
 
 
 # --- one session ----------------------------------------------------------------------------------

@@ -408,3 +408,37 @@ def test_video_steps_are_pushed_as_they_come_and_close_waits_for_the_last():
     while not all(v.closed for v in videos) and time.monotonic() < deadline:  # closed from a thread of its own
         time.sleep(0.01)
     assert all(v.closed for v in videos)  # the session let its video go
+
+
+def test_stream_model_adapts_an_online_detector_and_refuses_an_offline_one():
+    import concurrent.futures
+
+    import torch
+
+    from jobs.serve_api import ModelInfo
+    from jobs.stream_api import stream_model
+    from tal_models.detectors import build_detector, online_config
+
+    torch.manual_seed(0)
+    model = build_detector(online_config(num_classes=2, input_dim=C, embed_dim=16, levels=2, max_seq_len=16, window=3, heads=2)).eval()
+    info = ModelInfo("m.pt", "/abs/m.pt", LABELS, "online", C, {"fps": 4.0, "stride": 2, "window": 2})
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        adapted = stream_model(model, info, executor)
+        assert adapted.rule_overrides == ["end_threshold", "start_threshold"] and adapted.timing == TIMING
+        x = np.random.default_rng(0).standard_normal((20, C)).astype(np.float32)
+        rule = {"start_threshold": 0.5, "end_threshold": 0.45}
+        bad = {"start_threshold": 0.2, "end_threshold": 0.3}  # end above start: the rule's own check
+        t = MemoryTransport(
+            {"type": "open", "options": {"rule": bad}}, {"type": "open", "options": {"rule": rule}}, npy(x), {"type": "close"}
+        )
+        assert serve(t, model=adapted) == "closed"
+        from tal_models.online.events import EventRuleConfig
+
+        expected = [e.to_dict(LABELS) for e in model.stream_events(x, TIMING, EventRuleConfig(**rule))]
+        assert [m["code"] for m in t.of("error")] == ["invalid_options"] and len(events_of(t)) == len(expected)
+        for got, want in zip(events_of(t), expected):
+            assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-5) for k in got if k != "kind")
+        t = MemoryTransport({"type": "open"}, {"type": "close"})
+        offline = stream_model(torch.nn.Linear(2, 2), ModelInfo("x", "x", LABELS, "actionformer", C, {}), executor)
+        serve(t, model=offline)
+        assert t.of("error")[0]["code"] == "streaming_unsupported" and "actionformer" in t.of("error")[0]["message"]
