@@ -226,9 +226,8 @@ def check_features(raw: Any, input_dim: int, max_steps: int) -> np.ndarray:
             "non_finite_features", f"features contain NaN or infinity (first at step {bad[0]} of the message, channel {bad[1]})"
         )
     features = np.ascontiguousarray(features)
-    return (
-        features if features.flags.writeable else features.copy()
-    )  # an .npy message is a read-only view of its bytes; torch wants to own it
+    # an .npy message is a read-only view of its bytes, which torch cannot wrap: a copy (one message's worth)
+    return features if features.flags.writeable else features.copy()
 
 
 def check_timestamps(raw: Any, steps: int, after: float | None) -> np.ndarray | None:
