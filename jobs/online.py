@@ -213,7 +213,7 @@ def _feature_steps(request: OnlineDetectRequest, checkpoint):
         )
     if not np.isfinite(features).all():
         raise UsageError(f"{request.source}: the features hold NaN or infinite values")
-    features = features.astype(np.float32, copy=False)
+    features = np.array(features, dtype=np.float32)  # a writable copy: a store's arrays are read-only Arrow views
     period = timing.seconds_per_step / request.speed if request.realtime else 0.0
 
     def steps() -> StepIter:

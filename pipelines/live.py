@@ -94,13 +94,16 @@ class SourceError(Exception):
 
 class LiveFrame(tuple):
     """One decoded frame: unpacks as ``(pts, image)`` (``pts`` float seconds, ``image`` uint8 [H, W, 3]
-    RGB); ``arrival`` is ``time.monotonic()`` when it was handed out (decoded, or released by a paced
-    source); ``duration`` its display time in seconds when the stream states it (else None)."""
+    RGB); ``arrival`` is the ``time.monotonic()`` at which it was decoded (for a paced ``FileSource``: at
+    which it was due); ``duration`` its display time in seconds when the stream states it (else None)."""
 
     def __new__(cls, pts: float, image: np.ndarray, arrival: float, duration: float | None = None):
         self = super().__new__(cls, (pts, image))
         self.arrival, self.duration = arrival, duration
         return self
+
+    def __getnewargs__(self):  # pickling (a frame sent to another process) rebuilds it through __new__
+        return (self[0], self[1], self.arrival, self.duration)
 
     @property
     def pts(self) -> float:
@@ -136,13 +139,19 @@ class LiveSource:
 
 
 class _AVSource(LiveSource):
-    """A source decoded by PyAV from one container opened at construction (so a bad input raises there)."""
+    """A source decoded by PyAV from one container opened at construction (so a bad input raises there).
+
+    ``close()`` may come from any thread: FFmpeg's context must not be freed under a call in progress, so while
+    one runs (a read, a decode) it only asks the decoding loop to stop, and the loop closes the container as
+    soon as that call returns (for a network source, at most its ``read_timeout`` later)."""
 
     def __init__(self, name: str, resize: Resize, threads: int):
         self.name, self._resize, self._threads = name, resize, threads
         self._container = None
         self._iterated = False
-        self._lock = threading.Lock()  # close() from another thread while a frame decodes
+        self._decoding = False  # a call into FFmpeg is in progress in the decoding loop
+        self._stop = False
+        self._lock = threading.Lock()
 
     def _start(self, media: Any, **open_options: Any) -> None:
         self._container = _open(self.name, media, **open_options)
@@ -153,38 +162,54 @@ class _AVSource(LiveSource):
             raise
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else None
-
-    def _origin(self, first_pts: int | None) -> float:
-        """Seconds on the stream's clock that are time 0: the container's start (as ``pipelines.video``
-        counts for a file), else the stream's, else the first frame's."""
-        if self._container.start_time is not None:
-            return self._container.start_time / av.time_base
+        # time 0 on the stream's clock: the container's start (as pipelines.video counts for a file), else the
+        # stream's, else (None) the first frame's; read now, while nothing else can close the container
         tb = float(self._stream.time_base or 0)
-        if self._stream.start_time is not None:
-            return self._stream.start_time * tb
-        return (first_pts or 0) * tb
+        if self._container.start_time is not None:
+            self._origin: float | None = self._container.start_time / av.time_base
+        else:
+            self._origin = self._stream.start_time * tb if self._stream.start_time is not None else None
 
     def _decoded(self) -> Iterator[LiveFrame]:
         """The container's frames as they decode, at the requested size, with their stream times."""
-        if self._iterated:
-            raise RuntimeError(f"{self.name}: a live source is read once; open it again to read it again")
-        self._iterated = True
+        with self._lock:
+            if self._iterated:
+                raise RuntimeError(f"{self.name}: a live source is read once; open it again to read it again")
+            self._iterated = True
+            if self._container is None or self._stop:
+                return
+            self._decoding = True
         container, stream = self._container, self._stream
-        if container is None:
-            return
         stream.thread_type = "SLICE"  # frame threading would hold frames back (a frame per thread) on a live stream
         stream.codec_context.thread_count = self._threads
         tb = float(stream.time_base or 0)
+        packets = container.demux(stream)
         origin, count, size, last = None, 0, None, None
         try:
-            for packet in container.demux(stream):
-                for frame in packet.decode():
+            while True:
+                with self._lock:
+                    if self._stop:
+                        return
+                    self._decoding = True
+                try:  # inside FFmpeg: a close() now only asks to stop
+                    packet = next(packets, None)
+                    frames = packet.decode() if packet is not None else []
+                except av.error.FFmpegError as e:
+                    if self._stop:
+                        return
+                    raise _source_error(self.name, e, f"decoding failed after {count} frames") from None
+                finally:
+                    with self._lock:
+                        self._decoding = False
+                if packet is None:
+                    return
+                for frame in frames:
+                    if self._stop:
+                        return
                     if origin is None:
-                        origin = self._origin(frame.pts)
-                    if frame.pts is not None and tb > 0:
-                        pts = frame.pts * tb - origin  # float64, as pipelines.video computes frame times
-                    else:
-                        pts = count / (self.fps or 25.0) if frame.time is None else float(frame.time) - origin
+                        origin = self._origin if self._origin is not None else (frame.pts or 0) * tb
+                    # float64 seconds, as pipelines.video computes frame times; frames without timestamps at the stated rate
+                    pts = frame.pts * tb - origin if frame.pts is not None and tb > 0 else count / (self.fps or 25.0)
                     count += 1
                     if last is not None and pts <= last:
                         continue  # a frame shown before the last one (a timestamp jump back): nothing can show it now
@@ -198,20 +223,22 @@ class _AVSource(LiveSource):
                     duration = frame.duration * tb if getattr(frame, "duration", None) and tb > 0 else None
                     self.end = pts + (duration or (1.0 / self.fps if self.fps else 0.0))
                     yield LiveFrame(pts, image, time.monotonic(), duration)
-        except av.error.FFmpegError as e:
-            if self._container is None:  # closed under it
-                return
-            raise _source_error(self.name, e, f"decoding failed after {count} frames") from None
-        except ValueError:
-            if self._container is None:  # PyAV's "I/O operation on closed file" after close()
-                return
-            raise
+        finally:
+            with self._lock:
+                self._stop = True
+                container, self._container = self._container, None
+            if container is not None:
+                container.close()
 
     def __iter__(self) -> Iterator[LiveFrame]:
         return self._decoded()
 
     def close(self) -> None:
+        """Stop and free the decoder: at once, or (during a call into FFmpeg) as soon as that call returns."""
         with self._lock:
+            self._stop = True
+            if self._decoding:
+                return  # the loop closes the container
             container, self._container = self._container, None
         if container is not None:
             container.close()
@@ -252,7 +279,8 @@ class FileSource(_AVSource):
             due = start + frame.pts / self.speed
             if due > now:
                 time.sleep(due - now)
-            yield LiveFrame(frame.pts, frame.image, max(time.monotonic(), due), frame.duration)
+            # arrival: when a live source would have delivered it, so that a consumer that falls behind counts its backlog
+            yield LiveFrame(frame.pts, frame.image, due, frame.duration)
 
 
 class NetworkSource(_AVSource):
@@ -279,17 +307,21 @@ class NetworkSource(_AVSource):
 
 class _GrowingReader:
     """A file object over a file that is still being written: a read at its current end waits for more
-    (polling every ``poll`` s) and returns b"" (the end) after ``idle_timeout`` s without growth or on close."""
+    (polling every ``poll`` s) and returns b"" (the end) after ``idle_timeout`` s without growth or once closed."""
 
     def __init__(self, path: str, idle_timeout: float, poll: float):
         self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
         self.idle_timeout, self.poll = idle_timeout, poll
         self.closed = False
+        self._lock = threading.Lock()  # close() from another thread never closes the file under a read
 
     def read(self, n: int = -1) -> bytes:
         waited_since = None
-        while not self.closed:
-            data = self._f.read(n if n and n > 0 else 1 << 16)
+        while True:
+            with self._lock:
+                if self.closed:
+                    return b""
+                data = self._f.read(n if n and n > 0 else 1 << 16)
             if data:
                 return data
             now = time.monotonic()
@@ -298,11 +330,11 @@ class _GrowingReader:
                 self.closed = True  # FFmpeg reads again after an end: it stays the end
                 return b""
             time.sleep(self.poll)
-        return b""
 
     def close(self) -> None:
-        self.closed = True
-        self._f.close()
+        with self._lock:
+            self.closed = True
+            self._f.close()
 
 
 class GrowingFileSource(_AVSource):
@@ -334,9 +366,8 @@ class GrowingFileSource(_AVSource):
             raise
 
     def close(self) -> None:
-        self._reader.closed = True  # a read waiting for growth returns at once
+        self._reader.close()  # a read waiting for growth returns the end at once
         super().close()
-        self._reader.close()
 
 
 class _Pipe:
@@ -508,8 +539,8 @@ def _source_error(name: str, e: BaseException, what: str) -> SourceError:
         return SourceError("missing", name, message)
     if isinstance(e, (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError)):
         return SourceError("unreachable", name, message)
-    if isinstance(e, TimeoutError) or "timed out" in message.lower():
-        return SourceError("timeout", name, message)
+    if isinstance(e, (TimeoutError, av.error.ExitError)) or "timed out" in message.lower():  # ExitError: PyAV's timeout fired
+        return SourceError("timeout", name, f"{message}: no data came within the time allowed")
     if isinstance(e, av.error.InvalidDataError):
         reason = "not_a_video" if what.startswith("opening") else "truncated"
         return SourceError(reason, name, message + ("" if reason == "truncated" else ": FFmpeg recognises no media stream in it"))

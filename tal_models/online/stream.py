@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tal_models.detectors.online import class_probabilities
 from tal_models.online.events import Event, EventRule, EventRuleConfig
 from tal_models.timing import STEP_TIMING, FeatureTiming
 
@@ -61,7 +62,7 @@ class OnlineStream:
         for row in x:
             fused = self.model.encoder.step(row[None], self.state)  # [1, D]
             logits, log_elapsed = self.model.heads(fused)
-            probs = torch.sigmoid(logits[0].float()).cpu().numpy()
+            probs = class_probabilities(logits[0]).cpu().numpy()
             elapsed = float(torch.expm1(log_elapsed[0].float().clamp(min=0)))
             events += self.rule.update(self.steps, probs, elapsed)
             if self.keep_scores:

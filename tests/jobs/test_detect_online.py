@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from jobs.cli import main
+from jobs.errors import UsageError
 from jobs.online import detect_online
 from pipelines.backbones import BackboneConfig, build_backbone
 from pipelines.extract import SamplingConfig, features_for_video, provenance_for, settings_json
+from pipelines.store import FeatureStore, Provenance
 from tal_models.batch import collate
 from tal_models.checkpoint import Checkpoint, save_checkpoint
 from tal_models.detectors import build_detector
@@ -47,7 +49,7 @@ class TinyFrameNet(nn.Module):
         self.fc = nn.Linear(8, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, 6]
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return 10.0 * self.fc(torch.relu(self.conv(x)).mean((2, 3)))  # x10: features that vary, as a real backbone's
 
 
 def _write_video(path, seconds: float = 5.0, size=(96, 64), fmt: str = "mp4") -> str:
@@ -67,7 +69,7 @@ def _write_video(path, seconds: float = 5.0, size=(96, 64), fmt: str = "mp4") ->
     return str(path)
 
 
-def _train(features: np.ndarray, segments_steps: np.ndarray, steps: int = 80):
+def _train(features: np.ndarray, segments_steps: np.ndarray, steps: int = 200):
     torch.manual_seed(0)
     preset = load_preset("demo-online").detector
     config = replace(
@@ -107,6 +109,7 @@ def world(tmp_path_factory):
     offline = build_detector(make_config("temporalmaxer", num_classes=1, input_dim=6, max_seq_len=64, embed_dim=16, levels=3))
     save_checkpoint(Checkpoint.from_model(offline, LABELS, provenance), root / "offline.pt")
     np.save(root / "features.npy", np.asarray(sequence.features))
+    FeatureStore(str(root / "store")).write_part([sequence], Provenance.from_dict(provenance))
     yield {"root": root, "video": video, "sequence": sequence, "model": model, "backbone": backbone}
     torch.set_num_threads(threads)
 
@@ -160,6 +163,13 @@ def test_detect_online_function_paced_and_features(world):
     report = detect_online(str(world["root"] / "features.npy"), str(world["root"] / "online.pt"), out=out, print_events=False)
     assert report["frames"] == 0 and report["steps"] == len(world["sequence"].features)
     _same_events(_events(out), world["model"].stream_events(world["sequence"].features, world["sequence"].timing))
+    # a video of a feature store: its own timing
+    out = world["root"] / "store.jsonl"
+    report = detect_online(f"{world['root'] / 'store'}#live", str(world["root"] / "online.pt"), out=out, print_events=False)
+    assert report["steps"] == len(world["sequence"].features)
+    _same_events(_events(out), world["model"].stream_events(world["sequence"].features, world["sequence"].timing))
+    with pytest.raises(UsageError, match="cannot read video 'elsewhere'.*holds no features"):
+        detect_online(f"{world['root'] / 'store'}#elsewhere", str(world["root"] / "online.pt"), out=out, print_events=False)
     # imported features have no featurizer, but their feature files run (seconds are steps then)
     out = world["root"] / "imported.jsonl"
     detect_online(str(world["root"] / "features.npy"), str(world["root"] / "imported.pt"), out=out, print_events=False)

@@ -7,6 +7,7 @@ workers run) on the same file, for frame and clip backbones, sampled below, at a
 from __future__ import annotations
 
 import http.server
+import pickle
 import socket
 import threading
 import time
@@ -38,11 +39,11 @@ from pipelines.live import (
 FPS = 10  # native rate of the test videos
 
 
-def write_video(path, fmt: str, frames: int = 30, size=(96, 64), fps: int = FPS, gop: int = 10) -> str:
+def write_video(path, fmt: str, frames: int = 30, size=(96, 64), fps: int = FPS, gop: int = 10, options=None) -> str:
     """A moving colour pattern, H.264, a keyframe every ``gop`` frames."""
     width, height = size
     yy, xx = np.mgrid[0:height, 0:width]
-    with av.open(str(path), "w", format=fmt) as container:
+    with av.open(str(path), "w", format=fmt, options=options or {}) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
@@ -61,6 +62,8 @@ def videos(tmp_path_factory):
     return {
         "mp4": write_video(root / "a.mp4", "mp4"),
         "ts": write_video(root / "a.ts", "mpegts"),
+        "fmp4": write_video(root / "f.mp4", "mp4", options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}),
+        "mkv": write_video(root / "a.mkv", "matroska"),
         "short": write_video(root / "short.mp4", "mp4", frames=3),
         "root": root,
     }
@@ -82,6 +85,9 @@ def test_file_source_frames_and_times(videos):
     assert all(f.image.shape == (64, 96, 3) and f.image.dtype == np.uint8 for f in frames)
     pts0, image0 = frames[0]  # unpacks as (pts, image)
     assert pts0 == 0.0 and image0 is frames[0].image
+    copy = pickle.loads(pickle.dumps(frames[3]))
+    assert (copy.pts, copy.arrival, copy.duration) == (frames[3].pts, frames[3].arrival, frames[3].duration)
+    assert np.array_equal(copy.image, frames[3].image)
     assert not np.array_equal(frames[0].image, frames[1].image)  # the pattern moves
     with FileSource(videos["mp4"], realtime=False, resize=(48, 32)) as source:
         small = list(source)
@@ -135,6 +141,19 @@ def test_growing_file_source_reads_while_the_file_is_written(videos, tmp_path):
     assert frames[0].arrival < done_at - 0.5  # the first frame came long before the idle timeout ended the stream
 
 
+def test_close_from_another_thread_ends_a_waiting_source(videos, tmp_path):
+    data = Path(videos["ts"]).read_bytes()
+    path = tmp_path / "stalled.ts"
+    path.write_bytes(data[: len(data) // 2])  # a recorder that stopped writing, with a long idle timeout
+    source = GrowingFileSource(path, idle_timeout=60.0, poll=0.01)
+    frames = []
+    closer = threading.Timer(0.5, source.close)
+    closer.start()
+    frames.extend(source)  # waits for growth until the other thread closes the source
+    closer.join()
+    assert 0 < len(frames) < 30 and source._container is None  # ended, decoder freed, no error
+
+
 def test_network_source_tcp_and_http(videos):
     data = Path(videos["ts"]).read_bytes()
     whole = decode_all(videos["ts"])
@@ -176,14 +195,43 @@ def test_network_source_tcp_and_http(videos):
     assert len(frames) == len(whole) and all(np.array_equal(a.image, b.image) for a, b in zip(frames, whole))
 
 
+def test_network_source_that_stalls_ends_with_a_timeout(videos):
+    data = Path(videos["ts"]).read_bytes()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    done = threading.Event()
+
+    def send_half_then_stall():
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(data[: len(data) // 2])
+            done.wait(20)
+
+    thread = threading.Thread(target=send_half_then_stall)
+    thread.start()
+    frames = []
+    try:
+        source = NetworkSource(f"tcp://127.0.0.1:{server.getsockname()[1]}", open_timeout=10, read_timeout=1.0)
+        with pytest.raises(SourceError) as e:
+            frames.extend(source)
+        source.close()
+    finally:
+        done.set()
+        thread.join()
+        server.close()
+    assert e.value.reason == "timeout" and "no data came" in str(e.value)
+    assert 0 < len(frames) < 30  # what came before the stall was handed out
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_chunk_source_in_random_chunks_equals_the_whole_file(videos, seed):
-    data = Path(videos["ts"]).read_bytes()
+@pytest.mark.parametrize(("container", "seed"), [("ts", 0), ("ts", 1), ("fmp4", 2), ("mkv", 3)])
+def test_chunk_source_in_random_chunks_equals_the_whole_file(videos, container, seed):
+    data = Path(videos[container]).read_bytes()
     rng = np.random.default_rng(seed)
     source = ChunkSource(name="upload")
 
@@ -199,7 +247,8 @@ def test_chunk_source_in_random_chunks_equals_the_whole_file(videos, seed):
     thread.start()
     frames = list(source)
     thread.join()
-    whole = decode_all(videos["ts"])
+    whole = decode_all(videos[container])
+    assert len(whole) == 30
     assert [f.pts for f in frames] == [f.pts for f in whole]
     assert all(np.array_equal(a.image, b.image) for a, b in zip(frames, whole))
     assert source.end == pytest.approx(3.0)
@@ -238,6 +287,19 @@ def test_clear_errors(videos, tmp_path):
     with pytest.raises(SourceError) as e:
         NetworkSource(f"tcp://127.0.0.1:{free_port()}", open_timeout=5)
     assert e.value.reason == "unreachable" and "refused" in str(e.value).lower()
+    audio = tmp_path / "audio.ts"
+    with av.open(str(audio), "w", format="mpegts") as container:
+        stream = container.add_stream("mp2", rate=44100)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.int16), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = 44100, i * 1152
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with pytest.raises(SourceError) as e:
+        FileSource(audio)
+    assert e.value.reason == "not_a_video" and "no video stream" in str(e.value)
+    again = pickle.loads(pickle.dumps(e.value))  # it crosses processes (Ray, Serve replicas)
+    assert (again.reason, str(again)) == (e.value.reason, str(e.value))
     with pytest.raises(SourceError, match="unsupported scheme"):
         open_source("gopher://example/video")
     with pytest.raises(ValueError, match="does not take open_timeout"):

@@ -121,9 +121,10 @@ def test_a_bad_push_is_refused_and_consumes_nothing():
 
 def test_a_video_alone_and_batched_with_a_longer_one_and_nan_padding_gives_identical_detections():
     model = _perturbed(build_detector(_tiny()))
-    with torch.no_grad():
-        model.cls_head[-1].bias.fill_(0.0)
     short, long = _samples(1, length=21)[0], _samples(1, length=60, seed=1)[0]
+    high, low = np.quantile(model.step_scores(short["features"]), [0.8, 0.6])  # thresholds the untrained model crosses
+    rule = EventRuleConfig(start_threshold=float(high), end_threshold=float(low), patience=1)
+    model.config = replace(model.config, inference=replace(model.config.inference, rule=rule))
     alone = model(collate([short], model.pad_multiple))[0]
     batch = collate([long, short], model.pad_multiple)
     batch.features[1, :, 21:] = float("nan")
