@@ -2,8 +2,10 @@
 
     HTTP ─► Detector (FastAPI ingress: limits, parsing, validation, JSON errors; holds the model, batches)
               ├─ POST /v1/detect        ─► parse the body in place ─► the model (this replica's torch thread)
-              └─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► the model, here
-                                           backbone, as its provenance records)
+              ├─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► the model, here
+              │                            backbone, as its provenance records)
+              └─ WS /v1/stream          ─► a StreamSession (jobs.stream_api) per connection: an OnlineStream here,
+                                           feature steps (or encoded video chunks) in, events out as they happen
             GET /healthz, GET /v1/model, OpenAPI at /docs
 
 One replica both answers HTTP and runs the model: a feature request's body is parsed where the model is
@@ -26,6 +28,7 @@ no weights travel through the deployment's config.
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -38,7 +41,7 @@ from typing import Any
 
 import torch
 import yaml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -70,6 +73,7 @@ from jobs.serve_api import (
     to_sequence,
 )
 from jobs.serve_config import APP_IMPORT_PATH, APP_NAME, ServeArgs
+from jobs.stream_api import Disconnected, StreamLimits, StreamSessions, stream_model, to_json, video_inputs
 from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, filesystem_for, storage_options
 from pipelines.video import VideoDecodeError
@@ -377,6 +381,29 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str | None]
         await form.close()
 
 
+class _WebSocketTransport:
+    """A Starlette WebSocket as ``jobs.stream_api.Transport``: JSON text out, text or bytes in."""
+
+    def __init__(self, websocket: WebSocket):
+        self.websocket = websocket
+
+    async def receive(self) -> str | bytes:
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise Disconnected()
+        return message["text"] if message.get("text") is not None else message.get("bytes") or b""
+
+    async def send(self, message: dict[str, Any]) -> None:
+        try:
+            await self.websocket.send_text(to_json(message))
+        except (WebSocketDisconnect, RuntimeError, OSError) as e:  # RuntimeError: Starlette's "after close", the client went
+            raise Disconnected() from e
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(RuntimeError, OSError):  # closed already: the client went first
+            await self.websocket.close(code, reason)
+
+
 # Everything the ingress's methods call must be defined above it: serve.ingress pickles the FastAPI app
 # (and with it the endpoints and the globals they name) when the class is decorated.
 @serve.deployment(name="Detector", max_ongoing_requests=64)
@@ -398,6 +425,8 @@ class DetectorIngress:
         num_threads: int,
         use_gpu: bool,
         runtime: str = "torch",
+        stream_limits: StreamLimits | None = None,
+        backbone_weights: str | None = None,
     ):
         self.featurizer = featurizer
         self.info = info
@@ -419,6 +448,9 @@ class DetectorIngress:
         self.batcher = DynamicBatcher(
             self._detect_batch, limits.max_batch_size, batch_wait_timeout_s, executor=self.torch.executor, arriving=lambda: self.arriving
         )
+        video = video_inputs(info.provenance, _device(use_gpu), backbone_weights, storage_options, num_threads, self.torch.run)
+        self.stream_model = stream_model(self.model, info, self.torch.executor, video)
+        self.sessions = StreamSessions(stream_limits or StreamLimits())
 
     async def _detect(self, seq: FeatureSequence, score_threshold: float | None, top_k: int | None) -> dict[str, Any]:
         return await self.batcher.submit((seq, score_threshold, top_k))
@@ -554,6 +586,12 @@ class DetectorIngress:
         }
         return self._response(seq, result, timing)
 
+    @api.websocket("/v1/stream")
+    async def stream(self, websocket: WebSocket) -> None:
+        """Online detection over a WebSocket (protocol: ``jobs.stream_api``); the session lives in this replica."""
+        await websocket.accept()
+        await self.sessions.serve(self.stream_model, _WebSocketTransport(websocket))
+
     def _response(self, seq: FeatureSequence, result: dict[str, Any], timing: dict[str, float]) -> JSONResponse:
         return JSONResponse(
             {
@@ -629,8 +667,10 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
     threads = max(1, int(args.cpus_per_replica))
     resources = {"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica}
     use_gpu = args.gpus_per_replica > 0
-    # every HTTP request in flight counts (a video one while it is featurized); 4 x max_batch_size at least, so a batch can fill
-    detector_options: dict[str, Any] = {"ray_actor_options": resources, "max_ongoing_requests": max(64, 4 * args.max_batch_size)}
+    # every HTTP request in flight counts (a video one while it is featurized); 4 x max_batch_size at least, so a batch can fill;
+    # an open /v1/stream WebSocket counts for its whole life: room for stream_max_sessions of them on top, so they never starve HTTP
+    ongoing = max(64, 4 * args.max_batch_size) + args.stream_max_sessions
+    detector_options: dict[str, Any] = {"ray_actor_options": resources, "max_ongoing_requests": ongoing}
     featurizer_options: dict[str, Any] = {"ray_actor_options": resources}
     if args.detector_replicas != 1:  # left unset otherwise, so a config file's autoscaling_config can apply
         detector_options["num_replicas"] = args.detector_replicas
@@ -640,9 +680,13 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
         info.provenance, args.backbone_weights, storage, args.video_roots, threads, use_gpu
     )
     limits = Limits(int(args.max_body_mb * MB), int(args.max_upload_mb * MB), args.max_steps, args.max_batch_size, bool(args.video_roots))
-    return DetectorIngress.options(**detector_options).bind(
-        featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime
+    stream_limits = StreamLimits(
+        args.stream_max_sessions, args.stream_idle_timeout_s, args.stream_max_session_s, int(args.stream_max_message_mb * MB)
     )
+    return DetectorIngress.options(**detector_options).bind(
+        featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime,
+        stream_limits, args.backbone_weights,
+    )  # fmt: skip
 
 
 def serve_env(port: int | None = None) -> dict[str, str]:

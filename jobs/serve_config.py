@@ -52,6 +52,16 @@ class ServeArgs(BaseModel):
         description="torch, or onnx: the detector's dense part in ONNX Runtime (CPU, cpus_per_replica threads); "
         "model may then be a .onnx file of tal export, a checkpoint is exported when the replica starts",
     )
+    stream_max_sessions: int = Field(
+        16, ge=1, description="/v1/stream WebSocket sessions per Detector replica (a new one over it: close code 1013)"
+    )
+    stream_idle_timeout_s: float = Field(
+        60.0, gt=0, description="a /v1/stream session with no message for this long is closed (its end events sent first)"
+    )
+    stream_max_session_s: float = Field(14400.0, gt=0, description="longest /v1/stream session, seconds (then closed like an idle one)")
+    stream_max_message_mb: float = Field(
+        8.0, gt=0, le=15.0, description="largest /v1/stream message (error payload_too_large above; under the WebSocket server's 16 MiB)"
+    )
     detector_replicas: int = Field(1, ge=1)
     featurizer_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs of each Detector / VideoFeaturizer replica (also its torch threads)")

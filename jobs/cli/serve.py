@@ -95,6 +95,7 @@ def handle(args: argparse.Namespace) -> int:
     print(f"serving {serve_args.model} at {url}  (OpenAPI: {url}/docs)")
     print(f"  curl {url}/v1/model")
     print(f"  curl -F video=@my_video.mp4 {url}/v1/detect/video")
+    print(f"  python -m jobs.stream_client --url {url} --features steps.npy  (an online model: WebSocket ws{url[4:]}/v1/stream)")
     print("Ctrl-C stops it.")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
