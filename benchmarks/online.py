@@ -191,6 +191,87 @@ def latency(kinds: tuple[str, ...], stream_steps: int = STREAM_STEPS, measured: 
     return out
 
 
+# --- concurrent streams on one Serve replica -------------------------------------------------------------------
+def serve_capacity(workdir: Path, seconds: float = 15.0, max_sessions: int = 128) -> dict:
+    """``tal serve`` of the ``thumos14-online`` preset at its full size (untrained weights: the cost does not depend on
+    them; at the default thresholds its scores still make events) on a local Ray, one Detector replica of one CPU;
+    ``benchmarks/_stream_load.search``: N = 1, 2, 4, ... sessions each sending a 2048-d step every 0.25 s for
+    ``seconds``, until the event p99 exceeds 1 s (or sessions are refused)."""
+    import asyncio
+
+    import ray
+    import torch
+    from ray import serve
+
+    from benchmarks._stream_load import search
+    from jobs.serve import run_app
+    from jobs.serve_config import ServeArgs
+    from tal_models.checkpoint import Checkpoint, save_checkpoint
+    from tal_models.detectors import build_detector
+    from tal_models.presets import load_preset
+
+    torch.manual_seed(0)
+    model = build_detector(load_preset("thumos14-online").detector)
+    path = workdir / "thumos14-online.pt"
+    save_checkpoint(Checkpoint.from_model(model, [f"class{k}" for k in range(model.config.num_classes)], {"feature_dim": 2048}), path)
+    port = 8765
+    url = run_app(ServeArgs(model=str(path), stream_max_sessions=max_sessions, cpus_per_replica=1.0), "127.0.0.1", port, quiet=True)
+    try:
+        found = asyncio.run(search(url, seconds, rate=4.0, max_sessions=max_sessions))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    runs = [{"sessions": r["sessions"], "event_delay_s": r["event_delay_s"], "step_delay_s": r["step_delay_s"], "errors": r["errors"]}
+            for r in found["runs"]]  # fmt: skip
+    return {"model": "thumos14-online (2048-d, 512 channels, 6 levels)", "replica_cpus": 1, "rate_steps_per_s": 4,
+            "seconds_per_run": seconds, "max_sessions_within_p99_1s": found["max_sessions_within_target"], "runs": runs}  # fmt: skip
+
+
+# --- live, end to end ------------------------------------------------------------------------------------------
+def live_delay(workdir: Path, seconds: float = 30.0) -> dict:
+    """``tal detect --online`` on a ``seconds``-long 320x240 30 fps MP4 played at its own rate (``--realtime``) with the
+    demo's real backbone (MobileNetV2, ImageNet weights from the torch hub cache; 15 fps, window 4, stride 4) and a
+    ``demo-online`` model (untrained weights: the delay does not depend on them): the delay from a step's last frame
+    arriving to its scores, one torch thread."""
+    from fractions import Fraction
+
+    import av
+    import torch
+
+    from jobs.online import detect_online
+    from pipelines.backbones import BackboneConfig, build_backbone
+    from pipelines.extract import SamplingConfig, provenance_for, settings_json
+    from tal_models.checkpoint import Checkpoint, save_checkpoint
+    from tal_models.detectors import build_detector
+    from tal_models.presets import load_preset
+
+    torch.set_num_threads(1)
+    video = workdir / "live.mp4"
+    width, height, fps = 320, 240, 30
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        yy, xx = np.mgrid[0:height, 0:width]
+        for k in range(int(seconds * fps)):
+            image = np.stack([(xx + 3 * k) % 256, (yy + k) % 256, (xx + yy + 2 * k) % 256], -1).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = k
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    backbone_config, sampling = BackboneConfig(name="mobilenet_v2"), SamplingConfig(fps=15.0, window=4, stride=4)
+    backbone = build_backbone(backbone_config, "cpu", num_threads=1)
+    provenance = provenance_for(backbone, sampling, settings_json(backbone_config, sampling)).to_dict()
+    torch.manual_seed(0)
+    detector = load_preset("demo-online").detector
+    model = build_detector(replace(detector, encoder=replace(detector.encoder, input_dim=backbone.feature_dim)))
+    checkpoint = workdir / "live-online.pt"
+    save_checkpoint(Checkpoint.from_model(model, [f"class{k}" for k in range(detector.num_classes)], provenance), checkpoint)
+    report = detect_online(str(video), str(checkpoint), realtime=True, out=workdir / "live-events.jsonl", print_events=False, device="cpu")
+    return {"video": f"{seconds:g} s, {width}x{height}, {fps} fps, paced at its own rate", "backbone": "mobilenet_v2 (ImageNet)",
+            "steps": report["steps"], "frames": report["frames"], "seconds": round(report["seconds"], 1),
+            "delay_ms": {k: round(v, 1) for k, v in report["delay_ms"].items()}}  # fmt: skip
+
+
 # --- the driver -------------------------------------------------------------------------------------------------
 def _run_jobs(jobs: list[dict], args) -> None:
     def cached(job):
@@ -285,12 +366,8 @@ def main() -> None:
     if "latency" in args.parts:
         report["latency"] = latency(tuple(args.kinds))
     if "serve" in args.parts:
-        from benchmarks._stream_load import serve_capacity
-
         report["serve"] = serve_capacity(workdir)
     if "live" in args.parts:
-        from benchmarks._stream_load import live_delay
-
         report["live"] = live_delay(workdir)
     report["machine"] = {"load_before": load_before, "load_after": loadavg(), "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(report))

@@ -617,7 +617,7 @@ class StreamSession:
         first = self.stream.steps
         events = self.stream.push(features)
         steps = range(first, self.stream.steps)
-        scores = self.stream.scores()[first:] if self.scores_on else None
+        scores = self.stream.scores(first) if self.scores_on else None
         return events, scores, [self.stream.time_of(i) for i in steps]
 
     async def _push_video(self, steps: asyncio.Queue) -> None:

@@ -70,11 +70,13 @@ class OnlineStream:
             self.steps += 1
         return events
 
-    def scores(self) -> np.ndarray:
-        """``[steps, K]`` float32: every step's class probabilities so far (``keep_scores=True``)."""
+    def scores(self, since: int = 0) -> np.ndarray:
+        """``[steps - since, K]`` float32: the class probabilities of steps ``since ..`` so far (``keep_scores=True``);
+        the cost is that of the rows returned."""
         if not self.keep_scores:
             raise ValueError("OnlineStream: scores were not kept (keep_scores=False)")
-        return np.stack(self._scores) if self._scores else np.zeros((0, self.num_classes), np.float32)
+        rows = self._scores[since:]
+        return np.stack(rows) if rows else np.zeros((0, self.num_classes), np.float32)
 
     def close(self) -> list[Event]:
         """End every open instance; the stream takes no further step."""

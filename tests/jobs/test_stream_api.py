@@ -79,8 +79,8 @@ class FakeStream:
             self.steps += 1
         return events
 
-    def scores(self) -> np.ndarray:
-        return np.asarray(self.rows, np.float32).reshape(-1, 2)
+    def scores(self, since: int = 0) -> np.ndarray:
+        return np.asarray(self.rows[since:], np.float32).reshape(-1, 2)
 
     def close(self) -> list[FakeEvent]:
         self.closed = True
