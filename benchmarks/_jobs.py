@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,3 +32,28 @@ def run_workers(
             running.remove(item)
             stdout, stderr = proc.communicate()
             yield job, proc.returncode, stdout, stderr
+
+
+def run_model_jobs(jobs: list[dict], args: Any, script: str | Path, cwd: Path) -> None:
+    """The accuracy drivers' trainings: for each job ``{"model", "data", "out", "info", "seed", "steps", "lr"}``, the worker
+    ``script --worker MODEL ...`` (with ``args``' batch size, widths and crop), ``args.jobs`` at a time; its JSON line (or its
+    error) goes into ``job["result"]`` and is kept in ``job["info"]``, so a finished run is reused."""
+
+    def cached(job):
+        return json.loads(job["info"].read_text()) if job["info"].exists() and job["out"].exists() else None
+
+    def command(job):
+        return [sys.executable, str(script), "--worker", job["model"], "--data", str(job["data"]), "--out", str(job["out"]),
+                "--seed", str(job["seed"]), "--steps", str(job["steps"]), "--batch-size", str(args.batch_size),
+                "--embed-dim", str(args.embed_dim), "--max-seq-len", str(args.max_seq_len), "--lr", str(job["lr"])]  # fmt: skip
+
+    for job, returncode, stdout, stderr in run_workers(jobs, command, args.jobs, cwd, cached):
+        if returncode is None:
+            job["result"] = cached(job)
+        elif returncode != 0:
+            job["result"] = {"error": stderr[-1500:]}
+            print(f"{job['model']} seed {job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
+        else:
+            job["result"] = json.loads(stdout.strip().splitlines()[-1])
+            job["info"].write_text(json.dumps(job["result"]))
+            print(f"{job['data'].name} {job['model']}: {json.dumps(job['result'])}", file=sys.stderr, flush=True)

@@ -40,7 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._jobs import run_workers  # noqa: E402 (after the path)
+from benchmarks._jobs import run_model_jobs  # noqa: E402 (after the path)
 
 MODELS = ("actionformer", "online")
 LR = {"actionformer": 4e-4, "online": 4e-4}
@@ -194,7 +194,7 @@ def latency(kinds: tuple[str, ...], stream_steps: int = STREAM_STEPS, measured: 
 # --- concurrent streams on one Serve replica -------------------------------------------------------------------
 def serve_capacity(workdir: Path, seconds: float = 15.0, max_sessions: int = 128) -> dict:
     """``tal serve`` of the ``thumos14-online`` preset at its full size (untrained weights: the cost does not depend on
-    them; at the default thresholds its scores still make events) on a local Ray, one Detector replica of one CPU;
+    them; they made no events in our runs, so the delay is then that of each step's ``scores`` message) on a local Ray, one Detector replica of one CPU;
     ``benchmarks/_stream_load.search``: N = 1, 2, 4, ... sessions each sending a 2048-d step every 0.25 s for
     ``seconds``, until the event p99 exceeds 1 s (or sessions are refused)."""
     import asyncio
@@ -273,27 +273,6 @@ def live_delay(workdir: Path, seconds: float = 30.0) -> dict:
 
 
 # --- the driver -------------------------------------------------------------------------------------------------
-def _run_jobs(jobs: list[dict], args) -> None:
-    def cached(job):
-        return json.loads(job["info"].read_text()) if job["info"].exists() and job["out"].exists() else None
-
-    def command(job):
-        return [sys.executable, __file__, "--worker", job["model"], "--data", str(job["data"]), "--out", str(job["out"]),
-                "--seed", str(job["seed"]), "--steps", str(job["steps"]), "--batch-size", str(args.batch_size),
-                "--embed-dim", str(args.embed_dim), "--max-seq-len", str(args.max_seq_len), "--lr", str(job["lr"])]  # fmt: skip
-
-    for job, returncode, stdout, stderr in run_workers(jobs, command, args.jobs, ROOT, cached):
-        if returncode is None:
-            job["result"] = cached(job)
-        elif returncode != 0:
-            job["result"] = {"error": stderr[-1500:]}
-            print(f"{job['model']} seed {job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
-        else:
-            job["result"] = json.loads(stdout.strip().splitlines()[-1])
-            job["info"].write_text(json.dumps(job["result"]))
-            print(f"{job['data'].name} {job['model']}: {json.dumps(job['result'])}", file=sys.stderr, flush=True)
-
-
 def accuracy(args, workdir: Path) -> dict:
     from benchmarks._thumos_like import make_thumos_like
 
@@ -309,7 +288,7 @@ def accuracy(args, workdir: Path) -> dict:
                 name = f"{data.name}-{m}-{tag}-lr{lrs[m]:g}"
                 jobs.append({"profile": profile, "seed": seed, "model": m, "data": data, "steps": args.steps, "lr": lrs[m],
                              "out": workdir / f"{name}.json", "info": workdir / f"{name}.info.json"})  # fmt: skip
-    _run_jobs(jobs, args)
+    run_model_jobs(jobs, args, __file__, ROOT)
     report = {}
     for profile in args.profiles:
         rows = {}

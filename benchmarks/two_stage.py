@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._jobs import run_workers  # noqa: E402 (after the path)
+from benchmarks._jobs import run_model_jobs  # noqa: E402 (after the path)
 
 THUMOS_MODELS = ("actionformer", "bmn", "tadtr")
 ANET_MODELS = ("anet-actionformer", "anet-bmn", "classifier")
@@ -206,29 +206,6 @@ def _summary(values: list[float]) -> dict:
             "min": round(float(a.min()), 4), "max": round(float(a.max()), 4), "n": len(a)}  # fmt: skip
 
 
-def _run_jobs(jobs: list[dict], args) -> None:
-    """Each job's worker, ``--jobs`` at a time; results (or errors) into the job dicts; finished runs are reused."""
-
-    def cached(job):
-        return json.loads(job["info"].read_text()) if job["info"].exists() and job["out"].exists() else None
-
-    def command(job):
-        return [sys.executable, __file__, "--worker", job["model"], "--data", str(job["data"]), "--out", str(job["out"]),
-                "--seed", str(job["seed"]), "--steps", str(job["steps"]), "--batch-size", str(args.batch_size),
-                "--embed-dim", str(args.embed_dim), "--max-seq-len", str(args.max_seq_len), "--lr", str(job["lr"])]  # fmt: skip
-
-    for job, returncode, stdout, stderr in run_workers(jobs, command, args.jobs, ROOT, cached):
-        if returncode is None:
-            job["result"] = cached(job)
-        elif returncode != 0:
-            job["result"] = {"error": stderr[-1500:]}
-            print(f"{job['model']} seed {job['seed']} failed:\n{stderr[-1500:]}", file=sys.stderr)
-        else:
-            job["result"] = json.loads(stdout.strip().splitlines()[-1])
-            job["info"].write_text(json.dumps(job["result"]))
-            print(f"{job['data'].name} {job['model']}: {json.dumps(job['result'])}", file=sys.stderr, flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["thumos", "anet", "speed"], choices=["thumos", "anet", "speed"])
@@ -294,7 +271,7 @@ def main() -> None:
                 name = f"{data.name}-{m}-{tag}-s{steps}" + (f"-lr{lr:g}" if lr != LR[m.removeprefix("anet-")] else "")
                 jobs.append({"part": "anet", "seed": seed, "model": m, "data": data, "steps": steps, "lr": lr,
                              "out": workdir / f"{name}.json", "info": workdir / f"{name}.info.json"})  # fmt: skip
-    _run_jobs(jobs, args)
+    run_model_jobs(jobs, args, __file__, ROOT)
 
     report: dict = {
         "benchmark": "two_stage",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tal_models.timing import FeatureTiming
@@ -93,3 +94,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class TinyFrameNet(nn.Module):
+    """A tiny frame backbone for TorchScript tests: ``[N, 3, H, W] -> [N, dim]`` (``gain`` spreads the features, as a
+    real backbone's vary)."""
+
+    def __init__(self, dim: int = 6, gain: float = 1.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, dim)
+        self.gain = gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gain * self.fc(torch.relu(self.conv(x)).mean((2, 3)))

@@ -20,7 +20,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from helpers import TinyFrameNet
 
 from jobs.cli import main
 from jobs.errors import UsageError
@@ -40,16 +40,6 @@ FPS = 10
 ACTION = (1.5, 3.0)  # seconds in which the square is shown
 SAMPLING = SamplingConfig(fps=10.0, window=2, stride=1, chunk_frames=16)
 LABELS = ["square"]
-
-
-class TinyFrameNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, 6]
-        return 10.0 * self.fc(torch.relu(self.conv(x)).mean((2, 3)))  # x10: features that vary, as a real backbone's
 
 
 def _write_video(path, seconds: float = 5.0, size=(96, 64), fmt: str = "mp4") -> str:
@@ -96,7 +86,7 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(TinyFrameNet().eval()), root / "frame.pt")
+        torch.jit.save(torch.jit.script(TinyFrameNet(gain=10.0).eval()), root / "frame.pt")
     config = BackboneConfig(name="torchscript", weights=str(root / "frame.pt"), kind="frame", input_size=(32, 40), batch_size=16)
     backbone = build_backbone(config, "cpu", num_threads=1)
     sequence = features_for_video(backbone, video, SAMPLING)  # what tal extract stores for this video

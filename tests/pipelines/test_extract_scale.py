@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TinyFrameNet
 from torch import nn
 
 from pipelines.backbones import BackboneConfig, build_backbone
@@ -25,16 +26,6 @@ from pipelines.synth import synthesize
 from pipelines.video import probe
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class TinyFrameNet(nn.Module):
-    def __init__(self, dim: int = 6) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
 class TinyClipNet(nn.Module):

@@ -20,7 +20,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from helpers import free_port
+from helpers import TinyFrameNet, free_port
 from torch import nn
 
 from pipelines.backbones import BackboneConfig, build_backbone
@@ -308,16 +308,6 @@ def test_clear_errors(videos, tmp_path):
 
 
 # --- the incremental featurizer ------------------------------------------------------------------------
-
-
-class TinyFrameNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, 6]
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
 class TinyClipNet(nn.Module):
