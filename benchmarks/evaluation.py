@@ -40,19 +40,9 @@ def cases(data: Path) -> list[tuple[str, Path, Path, np.ndarray, list[float] | N
         if not (case_dir / "expected.json").exists():
             continue
         expected = json.loads((case_dir / "expected.json").read_text())
-        out.append(
-            (case_dir.name, case_dir / "ground_truth.json", case_dir / "predictions.json", np.array(expected["tiou"]), expected["mAP"])
-        )
+        out.append((case_dir.name, case_dir / "ground_truth.json", case_dir / "predictions.json", np.array(expected["tiou"]), expected["mAP"]))
     anet = data / "activitynet13"
-    out.append(
-        (
-            "activitynet13_sample_submission",
-            anet / "validation_ground_truth.json",
-            anet / "sample_detection_prediction.json",
-            ACTIVITYNET_TIOU,
-            [1.0] * 10,
-        )
-    )
+    out.append(("activitynet13_sample_submission", anet / "validation_ground_truth.json", anet / "sample_detection_prediction.json", ACTIVITYNET_TIOU, [1.0] * 10))
     return out
 
 
@@ -112,13 +102,7 @@ def main() -> None:
                 "benchmark": "evaluation",
                 "reference": str(ref_python) if ref_python else None,
                 "cases": results,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "loadavg_1m": round(load1, 2),
-                    "loadavg_5m": round(load5, 2),
-                    "python": sys.version.split()[0],
-                    "numpy": np.__version__,
-                },
+                "machine": {"cpus": os.cpu_count(), "loadavg_1m": round(load1, 2), "loadavg_5m": round(load5, 2), "python": sys.version.split()[0], "numpy": np.__version__},
             }
         )
     )

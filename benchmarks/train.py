@@ -138,28 +138,16 @@ def main() -> None:
     one = next((r for r in results if r["workers"] == 1), None)
     two = next((r for r in results if r["workers"] == 2), None)
     print(
-        json.dumps(
-            {
-                "benchmark": "train",
-                "setting": {
-                    "videos": args.videos,
-                    "epochs": args.epochs,
-                    "val_every": args.val_every,
-                    "input_dim": args.input_dim,
-                    "embed_dim": args.embed_dim,
-                    "arch": "actionformer",
-                    "batch_per_worker": 2,
-                    "cpus": os.cpu_count(),
-                },
-                "results": results,
-                "speedup_2_vs_1_samples_per_second": round(two["samples_per_second"] / one["samples_per_second"], 3)
-                if one and two
-                else None,
-                "load_before": [round(x, 2) for x in load_before],
-                "load_after": [round(x, 2) for x in os.getloadavg()],
-                "wall_s": round(time.perf_counter() - started, 1),
-            }
-        )  # fmt: skip
+        json.dumps({
+            "benchmark": "train",
+            "setting": {"videos": args.videos, "epochs": args.epochs, "val_every": args.val_every, "input_dim": args.input_dim, "embed_dim": args.embed_dim,
+                        "arch": "actionformer", "batch_per_worker": 2, "cpus": os.cpu_count()},
+            "results": results,
+            "speedup_2_vs_1_samples_per_second": round(two["samples_per_second"] / one["samples_per_second"], 3) if one and two else None,
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()],
+            "wall_s": round(time.perf_counter() - started, 1),
+        })  # fmt: skip
     )
 
 
