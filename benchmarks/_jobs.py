@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -32,6 +33,15 @@ def run_workers(
             running.remove(item)
             stdout, stderr = proc.communicate()
             yield job, proc.returncode, stdout, stderr
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden arguments ``run_model_jobs`` gives a driver's worker (with ``--steps``, ``--batch-size``, ``--embed-dim``,
+    ``--max-seq-len`` and ``--lr``, which the drivers document themselves)."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def run_model_jobs(jobs: list[dict], args: Any, script: str | Path, cwd: Path) -> None:

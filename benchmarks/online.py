@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._jobs import run_model_jobs  # noqa: E402 (after the path)
+from benchmarks._jobs import add_worker_arguments, run_model_jobs  # noqa: E402 (after the path)
 
 MODELS = ("actionformer", "online")
 LR = {"actionformer": 4e-4, "online": 4e-4}
@@ -64,12 +63,10 @@ def train_and_run(model: str, data_dir: Path, out: Path, steps: int, batch_size:
                   lr: float) -> dict:  # fmt: skip
     import torch
 
-    from benchmarks.accuracy_vs_actionformer import crop_batches, load_split
+    from benchmarks.accuracy_vs_actionformer import fit_crops, load_split
     from pipelines.annotations import write_activitynet_results
     from tal_models.detectors import build_detector
-    from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
     from tal_models.structures import LabelMap
-    from tal_models.training import train_one_epoch
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -77,20 +74,7 @@ def train_and_run(model: str, data_dir: Path, out: Path, steps: int, batch_size:
     test, _, _ = load_split(data_dir, "test")
     config = build_config(model, len(meta["classes"]), meta["input_dim"], embed, max_seq_len)
     net = build_detector(config)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    epochs = max(1, round(steps / steps_per_epoch))
-    optim = OptimConfig(lr=lr, weight_decay=0.05, warmup_epochs=min(epochs - 1, max(1, epochs // 10)), epochs=epochs, ema_decay=0.99)
-    optimizer = build_optimizer(net, optim)
-    scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
-    ema = ModelEMA(net, optim.ema_decay)
-    g = np.random.default_rng(seed)
-    started = time.perf_counter()
-    stats = train_one_epoch(
-        net, crop_batches(train, steps, batch_size, config.max_seq_len, g, net.pad_multiple), optimizer, scheduler, ema=ema,
-        clip_grad_norm=optim.clip_grad_norm,
-    )  # fmt: skip
-    train_seconds = time.perf_counter() - started
-    evaluated = ema.module.eval()
+    evaluated, stats, train_seconds, epochs = fit_crops(net, train, steps, batch_size, config.max_seq_len, lr, 0.05, seed)
     started = time.perf_counter()
     with torch.inference_mode():
         found = {s["video_id"]: evaluated.detect(s["features"], s["timing"], s["duration"], s["video_id"]) for s in test}
@@ -321,10 +305,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["transformer", "conv", "mamba", "maxpool"], help="encoder kinds of the latency part")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     parser.add_argument("--lr", nargs="*", default=[], help="MODEL=LR overrides of the learning rates (default: " + str(LR) + ")")
     args = parser.parse_args()
     if args.worker:

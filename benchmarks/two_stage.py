@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._jobs import run_model_jobs  # noqa: E402 (after the path)
+from benchmarks._jobs import add_worker_arguments, run_model_jobs  # noqa: E402 (after the path)
 
 THUMOS_MODELS = ("actionformer", "bmn", "tadtr")
 ANET_MODELS = ("anet-actionformer", "anet-bmn", "classifier")
@@ -83,10 +82,8 @@ def train_and_run(
 ) -> dict:
     import torch
 
-    from benchmarks.accuracy_vs_actionformer import crop_batches, load_split
+    from benchmarks.accuracy_vs_actionformer import fit_crops, load_split
     from tal_models.detectors import build_detector
-    from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
-    from tal_models.training import train_one_epoch
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -95,25 +92,10 @@ def train_and_run(
     agnostic = model.startswith("anet-")
     config = build_config(model, 1 if agnostic else len(meta["classes"]), meta["input_dim"], embed, max_seq_len)
     net = build_detector(config)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    epochs = max(1, round(steps / steps_per_epoch))
-    optim = OptimConfig(lr=lr or LR[model.removeprefix("anet-")], weight_decay=0.05 if "actionformer" in model else 1e-4,
-                        warmup_epochs=min(epochs - 1, max(1, epochs // 10)), epochs=epochs, ema_decay=0.99)  # fmt: skip
-    optimizer = build_optimizer(net, optim)
-    scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
-    ema = ModelEMA(net, optim.ema_decay)
-    g = np.random.default_rng(seed)
-    started = time.perf_counter()
-    stats = train_one_epoch(
-        net,
-        crop_batches(train, steps, batch_size, config.max_seq_len, g, net.pad_multiple, agnostic),
-        optimizer,
-        scheduler,
-        ema=ema,
-        clip_grad_norm=optim.clip_grad_norm,
+    weight_decay = 0.05 if "actionformer" in model else 1e-4
+    evaluated, stats, train_seconds, epochs = fit_crops(
+        net, train, steps, batch_size, config.max_seq_len, lr or LR[model.removeprefix("anet-")], weight_decay, seed, agnostic
     )
-    train_seconds = time.perf_counter() - started
-    evaluated = ema.module.eval()
     started = time.perf_counter()
     with torch.inference_mode():
         if model == "classifier":
@@ -225,10 +207,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", help=f"only these of {THUMOS_MODELS + ANET_MODELS} (e.g. a learning-rate probe)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     parser.add_argument("--lr", nargs="*", default=[], help="MODEL=LR overrides of the learning rates (default: " + str(LR) + ")")
     args = parser.parse_args()
     if args.worker:

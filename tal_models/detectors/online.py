@@ -257,6 +257,5 @@ def online_config(
     levels: int = 6, **encoder: Any,
 ) -> OnlineConfig:  # fmt: skip
     """Our THUMOS14 online configuration at the given sizes (the base of the ``*-online`` presets)."""
-    window = encoder.pop("window", 16)
-    enc = CausalEncoderConfig(kind=kind, input_dim=input_dim, embed_dim=embed_dim, levels=levels, window=window, **encoder)
+    enc = CausalEncoderConfig(kind=kind, input_dim=input_dim, embed_dim=embed_dim, levels=levels, **encoder)
     return OnlineConfig(num_classes=num_classes, max_seq_len=max_seq_len, encoder=enc)

@@ -59,6 +59,7 @@ from tal_models.online.layers import (
     KVCache,
     MambaCache,
     causal_max_pool,
+    step_layer_norm,
 )
 
 BlockCache = ConvTail | KVCache | MambaCache
@@ -251,7 +252,7 @@ class CausalPyramid(nn.Module):
         )
         h = x
         for conv, norm, tail in zip(self.embed, self.embed_norms, state.embed):
-            h = F.relu(F.layer_norm(conv.step(h, tail), norm.weight.shape, norm.weight, norm.bias, norm.eps))
+            h = F.relu(step_layer_norm(norm, conv.step(h, tail)))
         for block, cache in zip(self.stem, state.stem):
             h = block.step(h, cache)
         latest = state.latest
@@ -266,5 +267,4 @@ class CausalPyramid(nn.Module):
             if self.branch is not None:
                 h = self.branch[level - 1].step(h, state.blocks[level - 1])
             torch.mm(h, self.fuse[level].weight.t(), out=latest[level])
-        fused = latest.sum(dim=0)
-        return F.layer_norm(fused, (cfg.embed_dim,), self.fuse_norm.weight, self.fuse_norm.bias, self.fuse_norm.eps)
+        return step_layer_norm(self.fuse_norm, latest.sum(dim=0))

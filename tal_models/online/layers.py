@@ -122,8 +122,8 @@ class MambaCache:
         yield self.h
 
 
-def _layer_norm(norm: LayerNormC, x: Tensor) -> Tensor:
-    """``LayerNormC`` on one step ``[B, C]``."""
+def step_layer_norm(norm: LayerNormC, x: Tensor) -> Tensor:
+    """``LayerNormC`` on one step ``[B, C]`` (its channels last)."""
     return F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps)
 
 
@@ -180,7 +180,7 @@ class CausalConvBlock(nn.Module):
         return self.conv.init_cache(batch_size, device, dtype)
 
     def step(self, x: Tensor, cache: ConvTail) -> Tensor:
-        return x + _pointwise(self.pointwise, torch.relu(self.conv.step(_layer_norm(self.norm, x), cache)))
+        return x + _pointwise(self.pointwise, torch.relu(self.conv.step(step_layer_norm(self.norm, x), cache)))
 
 
 # --- attention ----------------------------------------------------------------------------------
@@ -227,12 +227,12 @@ class CausalTransformerBlock(nn.Module):
     def step(self, x: Tensor, cache: KVCache) -> Tensor:
         B, C = x.shape
         H = self.heads
-        q, k, v = _pointwise(self.qkv, _layer_norm(self.norm1, x)).view(B, 3, H, C // H).unbind(1)  # 3 x [B, H, d]
+        q, k, v = _pointwise(self.qkv, step_layer_norm(self.norm1, x)).view(B, 3, H, C // H).unbind(1)  # 3 x [B, H, d]
         keys, values = cache.push(k, v)  # [B, H, n, d]
         scores = (q[:, :, None] * (C // H) ** -0.5) @ keys.transpose(-1, -2)  # [B, H, 1, n]
         out = (scores.softmax(dim=-1) @ values).view(B, C)  # [B, H, 1, d] -> [B, C]
         x = x + _pointwise(self.out_proj, out)
-        h = F.gelu(_pointwise(self.mlp.fc1, _layer_norm(self.norm2, x)))
+        h = F.gelu(_pointwise(self.mlp.fc1, step_layer_norm(self.norm2, x)))
         return x + _pointwise(self.mlp.fc2, h)
 
 
@@ -260,7 +260,7 @@ class CausalMamba(nn.Module):
         mixer = self.block.mixer
         core = mixer.core
         E, N = core.inner, core.state_dim
-        xs, z = F.linear(_layer_norm(self.block.norm, x), mixer.in_proj.weight).split(E, dim=1)  # 2 x [B, E]
+        xs, z = F.linear(step_layer_norm(self.block.norm, x), mixer.in_proj.weight).split(E, dim=1)  # 2 x [B, E]
         taps = cache.conv.push(xs)  # [B, E, k]
         u = F.silu(torch.einsum("bek,ek->be", taps, core.conv1d.weight[:, 0]) + core.conv1d.bias)  # [B, E]
         dt, B_t, C_t = F.linear(u, core.x_proj.weight).split([core.dt_rank, N, N], dim=1)  # [B, R], [B, N], [B, N]
