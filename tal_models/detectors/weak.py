@@ -29,6 +29,13 @@ lose an action the label promises). Inference runs on the whole video at once: t
 convolutional (a receptive field of ``kernel_size`` steps), so no windows are needed and
 ``scale`` is None. Padding never reaches a valid output: the convolution reads zeros there, the
 1x1 convolutions read nothing else, the pooling and the normalization read valid steps only.
+
+Differences from the papers' code: one k3 convolution as UM's embedding (BaS-Net has two), ReLU
+(BaS-Net: LeakyReLU), a classifier with a bias (theirs has none: here it is what a fully
+suppressed step scores), the attention computed from the embedding (BaS-Net: from the input
+features, 2048 -> 512 -> 1), ``k`` per video from its own valid length (BaS-Net: from the fixed
+750-step sample), and the CAS thresholded at feature resolution (the papers upsample it 24 times
+first, which only refines the boundaries between two steps).
 """
 
 from __future__ import annotations

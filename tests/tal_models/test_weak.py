@@ -114,8 +114,9 @@ def test_build_detector_protocol_and_parameter_count():
     D = 16
     # embedding conv k3 C -> D, classifier 1x1 D -> K + 1, attention 1x1 D -> 1
     assert sum(p.numel() for p in model.parameters()) == (C * D * 3 + D) + (D * (K + 1) + K + 1) + (D + 1)
-    # BaS-Net at its own width (2048 -> 2048, 20 classes): the CAS module's conv + classifier as ours;
-    # its filtering module (2048 -> 512 -> 1 on the input features) is 1,049,601 more than our 2,049
+    # at the papers' width (2048 -> 2048, 20 classes + background): UM's CAS module (conv k3 + a bias-free
+    # 1x1 classifier) is 12,627,968; ours adds the classifier's 21 biases and the 2,049 of the attention.
+    # BaS-Net's (two k3 convs, the bias-free classifier, a 2048 -> 512 -> 1 filtering module) is 26,262,529.
     paper = WeakDetector(WeakConfig(num_classes=20, input_dim=2048, hidden_dim=2048))
     assert sum(p.numel() for p in paper.parameters()) == 12_630_038
     ours = WeakDetector(weak_config(num_classes=20, input_dim=2048))
