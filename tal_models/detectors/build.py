@@ -32,6 +32,7 @@ from tal_models.layers import (
     TransformerBlock,
 )
 from tal_models.necks import FPNConfig, FPNNeck
+from tal_models.open_vocab import TextClassificationHead
 from tal_models.refine import build_refiner
 from tal_models.targets import CenterSamplingAssigner, DynamicAssigner
 from tal_models.trident import TridentHead, TridentHeadConfig
@@ -69,7 +70,10 @@ def build_detector(
 def _one_stage(config: OneStageConfig) -> OneStageDetector:
     encoder = build_encoder(config.encoder)
     neck = build_neck(config.neck)
-    cls_head = ClassificationHead(config.head, config.num_classes)
+    if config.head.classifier == "text":  # open vocabulary: cosine against class-name embeddings
+        cls_head: nn.Module = TextClassificationHead(config.head, config.num_classes)
+    else:
+        cls_head = ClassificationHead(config.head, config.num_classes)
     match config.head.regression:
         case "offsets":
             reg_head: nn.Module = OffsetRegressionHead(config.head, config.encoder.levels)
