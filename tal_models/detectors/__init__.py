@@ -14,6 +14,7 @@
   O(1) incremental state: ``tal_models.online``);
 - ``weak``: weakly supervised localization from video-level labels only (BaS-Net style CAS,
   top-k MIL pooling, outer-inner contrast scoring: ``tal_models.cam``);
+- ``zero_shot``: training-free zero-shot detection from a VLM's frame features and class-name embeddings (T3AL);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
 Presets (the papers' configurations) are in ``tal_models.presets``.
@@ -36,6 +37,7 @@ from tal_models.detectors.one_stage import (
 from tal_models.detectors.online import OnlineConfig, OnlineDetector, OnlineInferenceConfig, OnlineLossConfig, online_config
 from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector, TadTRInferenceConfig, TadTRLossConfig, tadtr_config
 from tal_models.detectors.weak import WeakConfig, WeakDetector, WeakInferenceConfig, WeakLossConfig, weak_config
+from tal_models.detectors.zero_shot import ZeroShotConfig, ZeroShotDetector, ZeroShotInferenceConfig, zero_shot_config
 
 __all__ = [
     "ARCHS",
@@ -81,4 +83,8 @@ __all__ = [
     "WeakInferenceConfig",
     "WeakLossConfig",
     "weak_config",
+    "ZeroShotConfig",
+    "ZeroShotDetector",
+    "ZeroShotInferenceConfig",
+    "zero_shot_config",
 ]
