@@ -211,3 +211,19 @@ def test_config_validation_and_width_errors():
         linear.set_class_embeddings(torch.randn(K, C))
     with pytest.raises(ValueError, match="linear classifier"):
         linear.detect(torch.randn(20, C), class_embeddings=torch.randn(K, 512))
+
+
+def test_losses_under_bf16_autocast_and_every_parameter_gets_a_gradient():
+    text = _text_embeddings()[: K + 1]
+    model = build_detector(_config()).train()
+    model.set_class_embeddings(text[:K])
+    batch = collate(_samples(text, [0, 1, 2], 2), model.pad_multiple)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # forward only: the backward of LayerNormC's kernel (tal_models.layers.kernels) refuses CPU bf16, with either head
+        half = model(batch)
+    assert half["cls_loss"].dtype == torch.float32 and torch.isfinite(half["final_loss"])
+    losses = model(batch)
+    losses["final_loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, f"parameters without a gradient (DDP would need find_unused_parameters): {unused}"
+    assert float(model.cls_head.log_scale.grad.abs()) > 0 and float(model.cls_head.bias.grad.abs()) > 0
