@@ -34,8 +34,9 @@ device for ``run_sequence``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tal_models.batch import Batch
-from tal_models.config import require_positive_int
+from tal_models.config import config_from_dict, require_positive_int
 from tal_models.detectors.base import DetectorModule, run_sequence
 from tal_models.open_vocab import normalized_class_embeddings
 from tal_models.postprocess import NMSConfig
@@ -128,10 +129,13 @@ class ZeroShotConfig:
 
 
 def zero_shot_config(
-    *, num_classes: int, input_dim: int, text: TextEncoderConfig, video_top_k: int = 1, max_seq_len: int = 2304
+    *, num_classes: int, input_dim: int, text: TextEncoderConfig | Mapping[str, Any], video_top_k: int = 1, max_seq_len: int = 2304
 ) -> ZeroShotConfig:
     """T3AL's training-free configuration at the given sizes: the top class per video, the curve thresholded at its
-    mean (alpha 0), runs of at least 2 steps, Gaussian smoothing of 2 steps (T3AL: a moving average), hard NMS."""
+    mean (alpha 0), runs of at least 2 steps, Gaussian smoothing of 2 steps (T3AL: a moving average), hard NMS.
+    ``text``: the class names' encoder (its stored form, a mapping, too: a preset's ``base``)."""
+    if isinstance(text, Mapping):
+        text = config_from_dict(TextEncoderConfig, text, where="ZeroShotConfig.text")
     return ZeroShotConfig(num_classes=num_classes, input_dim=input_dim, text=text, video_top_k=video_top_k, max_seq_len=max_seq_len)
 
 

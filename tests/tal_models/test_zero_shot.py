@@ -189,6 +189,7 @@ def test_config_round_trip_and_validation():
     config = zero_shot_config(num_classes=K, input_dim=C, text=TEXT, video_top_k=2)
     assert config_from_dict(ZeroShotConfig, config_to_dict(config)) == config
     assert ZeroShotConfig().text.kind == "open_clip"
+    assert zero_shot_config(num_classes=K, input_dim=C, text={"kind": "table", "weights": "names.npz"}, video_top_k=2) == config
     for change, message in [
         ({"text": TextEncoderConfig()}, "ZeroShotConfig.text must name a text encoder"),
         ({"temperature": 0.0}, "ZeroShotConfig.temperature must be > 0"),
