@@ -32,7 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (YAML value), e.g. sampling.fps=10")
     p.add_argument("--print-config", action="store_true", help="write the effective settings as YAML to stdout and exit")
     # Defaults are None (= not given) so that a flag left out keeps the --config value; the help states the built-in default.
-    p.add_argument("--backbone", help="mobilenet_v2 (default), resnet50, r2plus1d_18, r3d_18, s3d, mvit_v2_s, swin3d_t, torchscript")
+    p.add_argument(
+        "--backbone",
+        help="mobilenet_v2 (default), resnet50, r2plus1d_18, r3d_18, s3d, mvit_v2_s, swin3d_t, torchscript, or clip:ARCH "
+        "(an open_clip image tower, e.g. clip:ViT-B-32 or clip:/path/model_config.json: unit image embeddings)",
+    )
     p.add_argument("--weights", help="weights: a path or s3:// URI (default: the torch hub cache)")
     p.add_argument("--flow", action="store_true", default=None, help="add an optical-flow stream (frame backbones; doubles the features)")
     p.add_argument("--fps", type=float, help=f"sampling rate (default {DEFAULT_SAMPLING['fps']:g}; 0 = the video's own rate)")
