@@ -27,7 +27,9 @@ Other families (``family:`` in a full preset, set from the ``base``): ``bmn`` an
 (``base: {arch: bmn, protocol: thumos14 | activitynet, num_classes, input_dim}``: windows of 128 steps
 or every video resized to 100) and ``video_classifier`` (``base: {arch: video_classifier, num_classes,
 input_dim}``) and ``online`` (``base: {arch: online, kind: transformer | conv | mamba | maxpool, num_classes,
-input_dim, max_seq_len, embed_dim, levels}``: causal, for live streams). ``class_agnostic: true`` (every ``anet-*`` detector) trains on one class, "action";
+input_dim, max_seq_len, embed_dim, levels}``: causal, for live streams), ``weak`` (``base: {arch: weak, num_classes, input_dim, hidden_dim,
+max_seq_len}``: trained from video-level labels) and ``zero_shot`` (``base: {arch: zero_shot, num_classes, input_dim,
+text}``: training-free). ``thumos14-actionformer-openvocab`` is ActionFormer with the text-conditioned head. ``class_agnostic: true`` (every ``anet-*`` detector) trains on one class, "action";
 ``anet-classifier`` names its segments (``tal_models.detectors.fused``).
 """
 
