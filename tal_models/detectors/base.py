@@ -106,10 +106,14 @@ def detect_sequence(
     timing: FeatureTiming | None = None,
     duration: float | None = None,
     video_id: str = "video",
+    class_embeddings: Tensor | None = None,
 ) -> Detections:
     """``model.forward_inference`` on one feature sequence ``[T, input_dim]``: the shared body of
     every detector's ``detect``. The sequence is checked here (the edge where a user's array
-    enters); the model's training/eval mode is kept."""
+    enters); the model's training/eval mode is kept. ``class_embeddings [K', E]`` (an
+    open-vocabulary detector only) go to ``forward_inference``: the classes to detect."""
+    extra = {} if class_embeddings is None else {"class_embeddings": class_embeddings}
     return run_sequence(
-        model, features, input_dim, lambda batch: model.forward_inference(batch)[0], timing=timing, duration=duration, video_id=video_id
-    )
+        model, features, input_dim, lambda batch: model.forward_inference(batch, **extra)[0], timing=timing, duration=duration,
+        video_id=video_id,
+    )  # fmt: skip

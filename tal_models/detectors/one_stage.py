@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from tal_models.batch import Batch
 from tal_models.config import require_positive_int
 from tal_models.decode import decode
-from tal_models.detectors.base import detect_sequence, run_sequence
+from tal_models.detectors.base import detect_sequence
 from tal_models.encoders import EncoderConfig, EncoderKind, PyramidEncoder
 from tal_models.heads import HeadConfig, RegressionKind, TowerKind
 from tal_models.losses import LossNormalizer, RegLoss, detection_losses
@@ -374,16 +374,6 @@ class OneStageDetector(nn.Module):
     ) -> Detections:
         """Detections of one feature sequence ``[T, C]`` (the serving path); the model's mode is kept.
         ``class_embeddings [K', E]`` (a text head only): detect these classes, labels index them."""
-        if class_embeddings is None:
-            return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id)
-        if not self.open_vocabulary:
+        if class_embeddings is not None and not self.open_vocabulary:
             raise ValueError("class_embeddings were given but this detector has a linear classifier (head.classifier 'linear')")
-        return run_sequence(
-            self,
-            features,
-            self.config.input_dim,
-            lambda batch: self.forward_inference(batch, class_embeddings)[0],
-            timing=timing,
-            duration=duration,
-            video_id=video_id,
-        )
+        return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id, class_embeddings)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from tal_models.batch import Batch
 from tal_models.config import config_from_dict, require_positive_int
-from tal_models.detectors.base import DetectorModule, run_sequence
+from tal_models.detectors.base import DetectorModule, detect_sequence
 from tal_models.open_vocab import normalized_class_embeddings
 from tal_models.postprocess import NMSConfig
 from tal_models.structures import Detections
@@ -278,12 +278,4 @@ class ZeroShotDetector(DetectorModule):
         class_embeddings: Tensor | None = None,
     ) -> Detections:
         """Detections of one feature sequence ``[T, C]`` (the serving path); ``class_embeddings [K', C]``: these classes."""
-        return run_sequence(
-            self,
-            features,
-            self.config.input_dim,
-            lambda batch: self.forward_inference(batch, class_embeddings)[0],
-            timing=timing,
-            duration=duration,
-            video_id=video_id,
-        )
+        return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id, class_embeddings)
