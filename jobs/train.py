@@ -464,11 +464,7 @@ def train_round(job: TrainJob) -> dict[str, Any]:
         if stopped:
             print(f"stopped after epoch {job.stop_after} of {epochs}: continue with --resume {run_name}")
         elif job.register:
-            registration = tracking.register_checkpoint(
-                uri, run.run_id, "checkpoint/model.pt", score, planned.validation_key, model_name=registered_name(planned.detector), metric_name=key
-            )  # fmt: skip
-            summary["registration"] = asdict(registration)
-            print(f"registered {registered_name(planned.detector)} version {registration.version}: {registration.reason}")
+            summary["registration"] = _register(uri, run.run_id, score, planned, key)
     print(f"done in {summary['wall_s']:.0f} s: best {key} {score:.4f}; MLflow run {summary['mlflow_run_id']} ({uri})")
     return summary
 
@@ -483,8 +479,10 @@ def _training_free(job: TrainJob, planned: TrainPlan, run, key: str, run_name: s
     val_ids = sorted(planned.val)
     print(f"{planned.detector.arch} is training-free: validating on {len(val_ids)} videos")
     scores, predictions = _validate(model, _Shard([], val_ids, store.read_videos(val_ids)), planned, 0, 1, "cpu")
-    run.log_metrics(scores, step=0)
-    directory = Path(_storage_path(job.out)) / run_name
+    score = scores[key]
+    run.log_metrics({**scores, f"best_{key}": score}, step=0)
+    out = _storage_path(job.out)
+    directory = Path(out) / run_name if "://" not in out else Path(tempfile.mkdtemp(prefix="tal-training-free-"))
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"epoch": 0, "preset": planned.preset, "class_agnostic": planned.class_agnostic, "training_free": True, **_scalars(scores)}
     save_checkpoint(Checkpoint.from_model(model, planned.labels, planned.provenance.to_dict(), meta), directory / "model.pt")
@@ -492,17 +490,22 @@ def _training_free(job: TrainJob, planned: TrainPlan, run, key: str, run_name: s
     run.log_artifact(str(directory / "model.pt"), "checkpoint")
     _log_validation_artifacts(run, directory / "val_predictions.json", job, planned)
     run.log_text(_preset_yaml(job), "config/preset.yaml")
-    score = scores[key]
     summary: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run.run_id, "best_score": score}
     if job.register:
-        registration = tracking.register_checkpoint(
-            uri, run.run_id, "checkpoint/model.pt", score, planned.validation_key, model_name=registered_name(planned.detector), metric_name=key
-        )  # fmt: skip
-        summary["registration"] = asdict(registration)
-        print(f"registered {registered_name(planned.detector)} version {registration.version}: {registration.reason}")
+        summary["registration"] = _register(uri, run.run_id, score, planned, key)
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     print(f"done in {summary['wall_s']:.0f} s: {key} {score:.4f}; MLflow run {run.run_id} ({uri})")
     return summary
+
+
+def _register(uri: str, run_id: str, score: float, planned: TrainPlan, key: str) -> dict[str, Any]:
+    """Register the run's ``checkpoint/model.pt`` (the champion alias moves only if it beats the champion on the same
+    validation set); prints and returns what happened."""
+    name = registered_name(planned.detector)
+    registration = tracking.register_checkpoint(uri, run_id, "checkpoint/model.pt", score, planned.validation_key, model_name=name,
+                                                metric_name=key)  # fmt: skip
+    print(f"registered {name} version {registration.version}: {registration.reason}")
+    return asdict(registration)
 
 
 def _log_cache_params(run, job: TrainJob) -> None:
