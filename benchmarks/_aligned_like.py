@@ -53,6 +53,17 @@ except ImportError:  # pragma: no cover
 TEXT_TABLE = "text_embeddings.npz"
 
 
+def text_embeddings(num_classes: int, input_dim: int, seed: int, rank: int | None = None) -> np.ndarray:
+    """The classes' text embeddings ``t_k`` ``[K, E]``, unit rows: random directions of the whole space (``rank``
+    None: ``_thumos_like.class_directions``), or of a random ``rank``-dimensional subspace that every class shares."""
+    if rank is None:
+        return class_directions(num_classes, input_dim, seed)
+    if not 0 < rank <= input_dim:
+        raise ValueError(f"text_rank must be in 1..input_dim={input_dim}, got {rank}")
+    basis = np.linalg.qr(np.random.default_rng([seed, 0x5E6]).standard_normal((input_dim, rank)))[0]  # [E, r], orthonormal columns
+    return class_directions(num_classes, rank, seed) @ basis.T
+
+
 def prototype_offsets(text: np.ndarray, proto_noise: float, seed: int) -> np.ndarray:
     """The fixed per-class offsets ``o_k`` ``[K, E]``: norm ``proto_noise``, orthogonal to ``text [K, E]``'s unit row ``k``."""
     rng = np.random.default_rng([seed, 0xA1196])
@@ -96,6 +107,7 @@ def make_aligned_like(
     noise: float = 1.0,
     drift: float = 0.5,
     background: float = 1.0,
+    text_rank: int | None = None,
     seed: int = 0,
     max_videos_per_split: int | None = None,
 ) -> dict[str, Any]:
@@ -105,7 +117,8 @@ def make_aligned_like(
     scale of a class prototype inside its segments; ``proto_noise``: the norm of each class's fixed
     visual-text offset (0: the prototype is the text embedding); ``noise``: std of the per-step Gaussian
     noise per element; ``drift``: amplitude of the slow background drift; ``background``: norm of the
-    background direction on steps outside every segment. ``fps``, ``stride``, ``window``, ``seed`` and
+    background direction on steps outside every segment; ``text_rank``: the text embeddings span a random subspace
+    of this dimension (None: the whole space; see the module docstring). ``fps``, ``stride``, ``window``, ``seed`` and
     ``max_videos_per_split`` as ``make_thumos_like``.
     """
     if proto_noise < 0 or background < 0:
@@ -118,7 +131,7 @@ def make_aligned_like(
     database = json.loads((out / "annotations.json").read_text())["database"]
     classes = meta["classes"]
 
-    text = class_directions(len(classes), input_dim, seed)  # t_k
+    text = text_embeddings(len(classes), input_dim, seed, text_rank)  # t_k
     prototypes = text + prototype_offsets(text, proto_noise, seed)  # p_k = t_k + o_k
     b = background_direction(input_dim, seed)
     for vid in meta["splits"]["train"] + meta["splits"]["test"]:
@@ -134,7 +147,7 @@ def make_aligned_like(
 
     np.savez(out / TEXT_TABLE, names=np.asarray(classes), embeddings=text.astype(np.float32))
     meta.update(profile="aligned", signal=signal, proto_noise=proto_noise, noise=noise, drift=drift, background=background,
-                text_table=TEXT_TABLE)  # fmt: skip
+                text_rank=text_rank, text_table=TEXT_TABLE)  # fmt: skip
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return summary | {"text_table": str(out / TEXT_TABLE)}
 
@@ -179,6 +192,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=1.0)
     parser.add_argument("--drift", type=float, default=0.5)
     parser.add_argument("--background", type=float, default=1.0, help="norm of the background direction outside the segments")
+    parser.add_argument("--text-rank", type=int, default=None, help="the text embeddings' subspace dimension (default: all of E)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-videos-per-split", type=int, default=None)
     args = parser.parse_args()
@@ -194,6 +208,7 @@ def main() -> None:
         noise=args.noise,
         drift=args.drift,
         background=args.background,
+        text_rank=args.text_rank,
         seed=args.seed,
         max_videos_per_split=args.max_videos_per_split,
     )

@@ -127,3 +127,13 @@ def test_class_splits_rejects_impossible_requests():
         aligned_like.class_splits(CLASSES, 0.0)
     with pytest.raises(ValueError, match="distinct"):
         aligned_like.class_splits(CLASSES[:3], 1 / 3, n_splits=4)  # only 3 ways to pick 1 of 3
+
+
+def test_text_rank_puts_every_class_in_one_subspace():
+    full = aligned_like.text_embeddings(20, 32, 0)
+    low = aligned_like.text_embeddings(20, 32, 0, rank=6)
+    np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1.0, atol=1e-12)
+    assert np.linalg.matrix_rank(low) == 6 and np.linalg.matrix_rank(full) == 20
+    assert np.array_equal(full, aligned_like.class_directions(20, 32, 0))
+    with pytest.raises(ValueError, match="text_rank"):
+        aligned_like.text_embeddings(20, 32, 0, rank=33)
