@@ -137,7 +137,8 @@ def run_split(spec: str, data_dir: Path, out: Path, steps: int, batch_size: int,
     gt = gt.subset("Test")
     classes = meta["classes"]
     names, table = load_text_table(data_dir)
-    assert names == classes, "the text table and meta.json name different classes"
+    if names != classes:
+        raise ValueError(f"{data_dir}: the text table and meta.json name different classes")
     seen, unseen = split_classes(classes, int(unseen_percent), int(split))
     seen_emb = torch.from_numpy(table[[classes.index(c) for c in seen]])  # [K_seen, E]
     unseen_emb = torch.from_numpy(table[[classes.index(c) for c in unseen]])  # [K_unseen, E]
@@ -147,8 +148,7 @@ def run_split(spec: str, data_dir: Path, out: Path, steps: int, batch_size: int,
     result: dict = {"model": model, "protocol": f"{100 - int(unseen_percent)}/{unseen_percent}", "split": int(split), "unseen": unseen,
                     "params": sum(p.numel() for p in net.parameters())}  # fmt: skip
     if model == "zero_shot":
-        net.eval()
-        train_seconds = 0.0
+        net.eval()  # training-free
     else:
         train = seen_only(load_split(data_dir, "train")[0], classes, seen)
         if model == "text":
