@@ -252,7 +252,8 @@ def main() -> None:
                     jobs.append({"model": f"{m}:{percent}:{split}", "data": data, "seed": 1000 * seed + split, "steps": args.steps, "lr": lr,
                                  "out": workdir / f"{name}.json", "info": workdir / f"{name}.info.json", "protocol": protocol,
                                  "kind": m, "split": split, "seed_data": seed})  # fmt: skip
-    jobs.sort(key=lambda j: j["model"].startswith("zero_shot"))  # the trainings first: the cheap runs fill the end
+    # the cheap training-free runs first, then the trainings split by split: an interrupted run has whole splits of every protocol
+    jobs.sort(key=lambda j: (j["kind"] != "zero_shot", j["split"]))
     run_model_jobs(jobs, args, __file__, ROOT)
 
     report = {
