@@ -6,7 +6,9 @@ of the real THUMOS14 annotation file keeps its real duration and segments (``ben
 writes the layout: the same videos, splits, timing and ``annotations.json``), and its features live in
 one space of width ``E`` (``input_dim``) shared with the class-name "text embeddings":
 
-- each class ``k`` has a text embedding ``t_k``: a random unit vector (``_thumos_like.class_directions``),
+- each class ``k`` has a text embedding ``t_k``: a random unit vector (``_thumos_like.class_directions``), of the
+  whole space or (``text_rank`` r) of one random r-dimensional subspace shared by every class, as real class-name
+  embeddings share a low-dimensional structure (what lets a head trained on some classes transfer to others),
   written as the embedding table ``text_embeddings.npz`` (``names [K]``, ``embeddings [K, E]`` float32:
   the keys of ``pipelines.vlm``'s table, so a ``table`` TextEncoderConfig reads it);
 - its visual prototype is ``p_k = t_k + o_k``, with ``o_k`` a fixed offset of norm ``proto_noise``
@@ -32,7 +34,7 @@ Output layout (``_thumos_like``'s, plus the table):
 
 Usage:
     python benchmarks/_aligned_like.py OUT_DIR [--input-dim 64] [--max-videos-per-split N] [--seed 0]
-        [--signal 3.0] [--proto-noise 0.5] [--noise 1.0] [--drift 0.5] [--background 1.0]
+        [--signal 3.0] [--proto-noise 0.5] [--noise 1.0] [--drift 0.5] [--background 1.0] [--text-rank R]
         [--fps 30 | --fps video] [--stride 4] [--window 16]
 """
 
