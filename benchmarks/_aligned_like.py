@@ -19,9 +19,10 @@ one space of width ``E`` (``input_dim``) shared with the class-name "text embedd
 - every step also carries i.i.d. Gaussian noise (std ``noise`` per element) and a slow per-video drift
   (``_thumos_like``'s sine drift, amplitude ``drift``).
 
-The classes' prototypes are as far apart as their text embeddings (random directions), so a detector
-that learns the seen classes' visual-text relation can transfer it to unseen ones, and a training-free
-detector that scores steps by their cosine with ``t_k`` works up to the modality gap and the noise.
+The classes' prototypes are as far apart as their text embeddings. A detector that learns the seen classes'
+visual-text relation can transfer it to an unseen class only along directions the seen classes span (all of
+them when ``text_rank`` is at most the number of seen classes; about K_seen / E of an unseen class otherwise); a
+training-free detector that scores steps by their cosine with ``t_k`` works up to the modality gap and the noise.
 
 ``class_splits`` draws the zero-shot protocol's seen / unseen class splits (EffPrompt, STALE: THUMOS14's
 20 classes split 75/25 or 50/50, 10 random splits each).
