@@ -40,7 +40,8 @@ from pipelines.extract import (
 from pipelines.store import FeatureSequence, filesystem_for
 from pipelines.video import VideoDecodeError
 from pipelines.weights import WeightsNotFoundError
-from tal_models.structures import Detections
+from tal_models.structures import Detections, LabelMap
+from tal_models.text import is_open_vocabulary
 
 EXIT_SOME_FAILED = 3
 EXIT_NOTHING_USABLE = 2  # as jobs.cli.EXIT_BAD_INPUT
@@ -66,6 +67,7 @@ class DetectRequest:
     storage_options: dict[str, Any] | None = None  # fsspec options for s3://
     progress: bool = True
     runtime: str = "torch"  # or onnx: the detector's dense part in ONNX Runtime (jobs.export), as many threads as torch's
+    classes: tuple[str, ...] | None = None  # an open-vocabulary model: the class names to detect (None: its own)
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,13 @@ def run(request: DetectRequest) -> DetectReport:
         model = build_for_runtime(checkpoint, request.runtime, device, num_threads=torch.get_num_threads())
     except ExportError as e:
         raise UsageError(f"--model {request.model}: {e}") from None
+    labels = list(checkpoint.labels)
+    if request.classes is not None:
+        model, labels = NamedClasses.open(model, checkpoint.config, request.classes, request.storage_options), list(request.classes)
     prov = checkpoint.provenance
     report = DetectReport(
         checkpoint=checkpoint_uri,
-        labels=list(checkpoint.labels),
+        labels=labels,
         featurizer=f"{prov.get('backbone')} ({backbone.weights_name}, sha256 {backbone.weights_sha256[:12]}...), "
         f"{sampling.fps or 'native'} fps, window {sampling.window}, stride {sampling.stride}, on {device}"
         + (f"; detector on ONNX Runtime ({torch.get_num_threads()} threads)" if request.runtime == "onnx" else ""),
@@ -138,8 +143,34 @@ def run(request: DetectRequest) -> DetectReport:
             (report.failed if isinstance(outcome, VideoFailure) else report.videos).append(outcome)
             bar.set_postfix(failed=len(report.failed))
     report.seconds = time.perf_counter() - started
-    _write_outputs(report, request, checkpoint.label_map)
+    _write_outputs(report, request, LabelMap.from_names(labels))
     return report
+
+
+@dataclass(frozen=True)
+class NamedClasses:
+    """An open-vocabulary model detecting the classes a user names (``--classes``): their text embeddings, made once
+    by the model's own text encoder (``pipelines.vlm``), go with every ``detect``; labels index ``classes``."""
+
+    model: Any
+    embeddings: torch.Tensor  # [K', E]
+
+    @classmethod
+    def open(cls, model, config, classes: tuple[str, ...], storage_options: dict[str, Any] | None) -> NamedClasses:
+        from pipelines.vlm import load_text_encoder, parse_class_names
+
+        if not is_open_vocabulary(config):
+            raise UsageError(f"--classes: this model ({config.arch}) detects its own classes only; an open-vocabulary one names them")
+        try:
+            names = parse_class_names(list(classes))
+            text = load_text_encoder(config.text, storage_options)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--classes: {e}") from None
+        device = next(model.parameters()).device
+        return cls(model, torch.as_tensor(text.encode(names), device=device))
+
+    def detect(self, features, timing=None, duration=None, video_id: str = "video") -> Detections:
+        return self.model.detect(features, timing, duration, video_id, class_embeddings=self.embeddings)
 
 
 def detect_video(

@@ -47,15 +47,19 @@ DETECTIONS_SCHEMA = pa.schema(
 )
 
 
-def detect_batch(model: Detector, sequences: Sequence[FeatureSequence]) -> list[Detections]:
-    """Detections (NumPy, seconds) of one batch of sequences, each with its own timing and duration."""
+def detect_batch(model: Detector, sequences: Sequence[FeatureSequence], class_embeddings: torch.Tensor | None = None) -> list[Detections]:
+    """Detections (NumPy, seconds) of one batch of sequences, each with its own timing and duration; an open-vocabulary
+    model scores ``class_embeddings [K', E]`` when given (labels index them), its training classes otherwise."""
     with warnings.catch_warnings():
         # store features are read-only views of Arrow buffers; collate copies them into the padded batch
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         batch = collate(sequences, pad_to_multiple=model.pad_multiple)  # features [B, C, T], T padded
     device = model.device if isinstance(model, RuntimeDetector) else next(model.parameters()).device
     with torch.inference_mode():
-        detections = model.forward_inference(batch.to(device))
+        if class_embeddings is None:
+            detections = model.forward_inference(batch.to(device))
+        else:
+            detections = model.forward_inference(batch.to(device), class_embeddings=class_embeddings.to(device))
     return [d.to_numpy() for d in detections]
 
 

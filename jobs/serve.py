@@ -70,6 +70,7 @@ from jobs.serve_api import (
     options_from_query,
     parse_json_request,
     parse_npy,
+    request_classes,
     to_sequence,
 )
 from jobs.serve_config import APP_IMPORT_PATH, APP_NAME, ServeArgs
@@ -77,8 +78,9 @@ from jobs.stream_api import Disconnected, StreamLimits, StreamSessions, stream_m
 from pipelines.ray_runtime import init_ray
 from pipelines.store import FeatureSequence, filesystem_for, storage_options
 from pipelines.video import VideoDecodeError
-from tal_models.config import apply_overrides
+from tal_models.config import apply_overrides, config_from_dict, config_to_dict
 from tal_models.detectors.fused import FusedDetector, is_class_agnostic
+from tal_models.text import TextEncoderConfig, is_open_vocabulary
 
 MB = 2**20
 
@@ -107,6 +109,9 @@ def describe_model(args: ServeArgs) -> ModelInfo:
     checkpoint = load_served_checkpoint(pinned, args.mlflow_uri, _storage_options(args))
     if args.runtime == "torch" and isinstance(checkpoint, ExportedModel):
         raise ExportError(f"{args.model} is an exported {checkpoint.info.format} file: serve it with runtime onnx (--runtime onnx)")
+    open_vocabulary = is_open_vocabulary(checkpoint.config)
+    if open_vocabulary and args.runtime != "torch":
+        raise ExportError(f"{args.model} is an open-vocabulary model: serve it with runtime torch (class names are embedded per request)")
     metadata = {k: v for k, v in checkpoint.metadata.items() if isinstance(v, str | int | float | bool | type(None) | dict | list)}
     labels, classifier = list(checkpoint.labels), None
     if args.classifier is not None or is_class_agnostic(checkpoint):
@@ -122,6 +127,8 @@ def describe_model(args: ServeArgs) -> ModelInfo:
         provenance=dict(checkpoint.provenance),
         registry=registry,
         metadata=metadata,
+        open_vocabulary=open_vocabulary,
+        text=config_to_dict(checkpoint.config.text) if open_vocabulary else None,
     )
 
 
@@ -444,6 +451,14 @@ class DetectorIngress:
             return FusedDetector(model, classifier, info.classifier["top_k"]).eval()
 
         self.model = self.torch.run(load_model)
+        # an open-vocabulary model: its text encoder embeds the class names requests give (each name once per replica)
+        self.text = None
+        if info.open_vocabulary:
+            from pipelines.vlm import load_text_encoder  # here: open_clip is slow to import, and most models are closed-set
+
+            text = config_from_dict(TextEncoderConfig, info.text or {}, where="the model's text encoder")
+            self.text = self.torch.run(lambda: load_text_encoder(text, storage_options or None))
+        self.class_embeddings: dict[str, torch.Tensor] = {}
         self.arriving = 0  # feature requests being received or parsed: a batch may wait for them, never for nobody
         self.batcher = DynamicBatcher(
             self._detect_batch, limits.max_batch_size, batch_wait_timeout_s, executor=self.torch.executor, arriving=lambda: self.arriving
@@ -452,17 +467,39 @@ class DetectorIngress:
         self.stream_model = stream_model(self.model, info, self.torch.executor, video)
         self.sessions = StreamSessions(stream_limits or StreamLimits())
 
-    async def _detect(self, seq: FeatureSequence, score_threshold: float | None, top_k: int | None) -> dict[str, Any]:
-        return await self.batcher.submit((seq, score_threshold, top_k))
+    async def _detect(
+        self, seq: FeatureSequence, score_threshold: float | None, top_k: int | None, classes: list[str] | None = None
+    ) -> dict[str, Any]:
+        if classes:  # embedded before batching: a name the text encoder refuses fails this request only
+            await asyncio.get_running_loop().run_in_executor(self.torch.executor, self._embed, tuple(classes))
+        return await self.batcher.submit((seq, score_threshold, top_k, tuple(classes) if classes else None))
 
-    def _detect_batch(self, items: list[tuple[FeatureSequence, float | None, int | None]]) -> list[dict[str, Any]]:
+    def _detect_batch(self, items: list[tuple[FeatureSequence, float | None, int | None, tuple[str, ...] | None]]) -> list[dict[str, Any]]:
+        """One forward pass per class set in the batch (the model's own classes, and each set requests named)."""
         start = time.perf_counter()
-        detections = detect_batch(self.model, [seq for seq, _, _ in items])
+        results: list[dict[str, Any] | None] = [None] * len(items)
+        for classes in dict.fromkeys(item[3] for item in items):
+            picked = [i for i, item in enumerate(items) if item[3] == classes]
+            embeddings = None if classes is None else self._embed(classes)
+            detections = detect_batch(self.model, [items[i][0] for i in picked], class_embeddings=embeddings)
+            labels = self.info.labels if classes is None else list(classes)
+            for i, d in zip(picked, detections):
+                results[i] = {"detections": detections_payload(d, labels, items[i][1], items[i][2])}
         seconds = time.perf_counter() - start
-        return [
-            {"detections": detections_payload(d, self.info.labels, threshold, top_k), "detect_s": seconds, "batch_size": len(items)}
-            for d, (_, threshold, top_k) in zip(detections, items)
-        ]
+        return [{**r, "detect_s": seconds, "batch_size": len(items)} for r in results]
+
+    def _embed(self, classes: tuple[str, ...]) -> torch.Tensor:
+        """The text embeddings ``[K', E]`` of ``classes``, each name embedded once per replica (at most 10,000 kept)."""
+        new = [c for c in classes if c not in self.class_embeddings]
+        if new:
+            try:
+                embedded = torch.as_tensor(self.text.encode(new))
+            except ValueError as exc:  # e.g. a name an embedding table does not hold
+                raise RequestError(422, "invalid_classes", str(exc)) from None
+            if len(self.class_embeddings) + len(new) > 10_000:
+                self.class_embeddings.clear()
+            self.class_embeddings.update(zip(new, embedded))
+        return torch.stack([self.class_embeddings[c] for c in classes])
 
     @api.get("/healthz", summary="liveness: the app is up and which model it serves")
     async def healthz(self) -> dict[str, Any]:
@@ -491,7 +528,7 @@ class DetectorIngress:
             seq, req, received, parsed = await self._read_features(request)
         finally:
             self.arriving -= 1
-        result = await self._detect(seq, req.score_threshold, req.top_k)
+        result = await self._detect(seq, req.score_threshold, req.top_k, request_classes(req.classes, self.info))
         timing = {
             "receive_s": received - start,  # the body, from the client (direct ingress) or from Serve's proxy
             "parse_s": parsed - received,  # JSON / .npy -> checked FeatureSequence
@@ -566,6 +603,7 @@ class DetectorIngress:
             )
         if data is not None and not data:
             raise RequestError(422, "video_empty", "the uploaded video has 0 bytes")
+        classes = request_classes(options.classes, self.info)
         received = time.perf_counter()
         features = await self.featurizer.featurize.remote(video_id, data=data, uri=uri)
         if not features["ok"]:
@@ -577,7 +615,7 @@ class DetectorIngress:
                 "sequence_too_long",
                 f"the video gives {seq.features.shape[0]} feature steps; this server accepts at most {self.limits.max_steps}",
             )
-        result = await self._detect(seq, options.score_threshold, options.top_k)
+        result = await self._detect(seq, options.score_threshold, options.top_k, classes)
         timing = {
             "receive_s": received - start,
             **features["timing"],

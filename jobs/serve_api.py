@@ -49,6 +49,10 @@ class RequestError(Exception):
 # --- request and response models (they are also the OpenAPI schema) ---------------------------
 
 
+MAX_CLASSES = 200  # class names per request (an open-vocabulary model embeds each)
+MAX_CLASS_NAME = 100  # characters per class name
+
+
 class DetectOptions(BaseModel):
     """What a caller may ask of the detections (applied after the model's own post-processing)."""
 
@@ -57,6 +61,11 @@ class DetectOptions(BaseModel):
     video_id: str | None = Field(None, max_length=512, description="echoed in the response (default 'video')")
     score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="drop detections scoring below this")
     top_k: int | None = Field(None, ge=1, le=100_000, description="keep at most this many detections (best first)")
+    classes: list[str] | str | None = Field(
+        None,
+        description="an open-vocabulary model: the class names to detect (a list, or comma-separated), at most "
+        f"{MAX_CLASSES} names of at most {MAX_CLASS_NAME} characters; default: the model's own classes",
+    )
 
 
 class DetectFeaturesRequest(DetectOptions):
@@ -134,6 +143,8 @@ class ModelInfo:
     registry: dict[str, Any] = field(default_factory=dict)  # name, version, alias, run_id
     metadata: dict[str, Any] = field(default_factory=dict)
     classifier: dict[str, Any] | None = None  # a class-agnostic model's labeller: reference, pinned, registry (labels are its)
+    open_vocabulary: bool = False  # the model takes class names per request (a text head or a zero-shot model)
+    text: dict[str, Any] | None = None  # ... and its text encoder (tal_models.text.TextEncoderConfig as a dict)
 
     @property
     def timing(self) -> FeatureTiming | None:
@@ -163,6 +174,7 @@ class ModelInfo:
             "extract_config": self.provenance.get("extract_config"),
             "metadata": self.metadata,
             "classifier": self.classifier,
+            "open_vocabulary": self.open_vocabulary,
         }
 
 
@@ -178,6 +190,23 @@ class Limits:
 
 
 # --- parsing -----------------------------------------------------------------------------------
+
+
+def request_classes(classes: list[str] | str | None, info: ModelInfo) -> list[str] | None:
+    """The class names a request asks an open-vocabulary model for, checked (422 ``invalid_classes``: empty, blank,
+    repeated, too many or too long names; 422 ``not_open_vocabulary``: a closed-set model), or None (the model's own)."""
+    if classes is None:
+        return None
+    if not info.open_vocabulary:
+        raise RequestError(
+            422, "not_open_vocabulary", f"this model ({info.arch}) detects its own {len(info.labels)} classes only: leave out 'classes'"
+        )
+    from pipelines.vlm import parse_class_names
+
+    try:
+        return parse_class_names(classes, max_classes=MAX_CLASSES, max_length=MAX_CLASS_NAME)
+    except ValueError as exc:
+        raise RequestError(422, "invalid_classes", str(exc)) from None
 
 
 def parse_json_request(body: bytes, model: type[BaseModel]) -> BaseModel:

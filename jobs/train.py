@@ -53,6 +53,7 @@ from pipelines.ray_runtime import DriverConsole, init_ray
 from pipelines.shard_reader import ShardReader, default_cache_bytes
 from pipelines.store import FeatureSequence, FeatureStore, Provenance, StoreError
 from tal_models.batch import Batch, collate, random_crop
+from tal_models.cam import sample_video
 from tal_models.checkpoint import Checkpoint, save_checkpoint
 from tal_models.config import apply_overrides, config_to_dict, dump_yaml
 from tal_models.detectors import Detector, DetectorConfig, build_detector
@@ -111,6 +112,12 @@ class TrainJob:
     storage_options: dict[str, Any] = field(default_factory=dict)
     cache_gb: float | None = None  # per worker: decoded features kept in memory; None: shard_reader.default_cache_bytes
     cache_dir: str | None = None  # local disk cache of an S3 store's part files (shard_reader.PartFileCache)
+    supervision: str = "full"  # "video": the training subset weakened to video-level labels (AnnotationSet.video_level)
+    pseudo_labels: str | None = None  # a results JSON: its confident detections replace the training subset's ground truth
+    pseudo_threshold: float = 0.3  # ... kept when scored at least this
+    pseudo_top_k: int = 10  # ... at most this many per class and video
+    rounds: int = 1  # self-training rounds (jobs.self_train): each round's model labels the next round's training videos
+    parent_run_id: str | None = None  # the MLflow run this one belongs to (a self-training round's parent)
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,6 +155,9 @@ class TrainPlan:
     cache_bytes: int | None = None  # per worker; None: shard_reader.default_cache_bytes(workers on the machine)
     cache_dir: str | None = None
     class_agnostic: bool = False  # every ground-truth label was mapped to AGNOSTIC_LABEL
+    supervision: str = "full"  # of the training subset: "full", "video" (video-level labels) or "pseudo" (pseudo labels)
+    class_embeddings: np.ndarray | None = None  # [K, E] text embeddings of the classes: a text-headed (open-vocabulary) model
+    pseudo_stats: dict[str, Any] | None = None  # how many pseudo labels and videos (--pseudo-labels)
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -173,6 +183,7 @@ def plan(job: TrainJob) -> TrainPlan:
     if job.cache_gb is not None and not job.cache_gb > 0:
         raise UsageError(f"--cache-gb must be > 0, got {job.cache_gb}")
     annotations = read_annotations(job.annotations)
+    _check_supervision(job, preset.detector)
     if preset.class_agnostic:
         annotations = annotations.class_agnostic(AGNOSTIC_LABEL)
     store = FeatureStore(job.features, options=job.storage_options or None)
@@ -190,8 +201,13 @@ def plan(job: TrainJob) -> TrainPlan:
     train_subset, val_subset = _subsets(annotations, job.train_subset, job.val_subset)
     train_set = annotations.subset(train_subset)
     val_set = annotations.subset(val_subset)
+    pseudo_stats = None
+    if job.pseudo_labels:
+        train_set, pseudo_stats = pseudo_annotations(train_set, job)
+    elif job.supervision == "video":
+        train_set = train_set.video_level()
     missing = sorted(v for v in list(train_set.videos) + list(val_set.videos) if v not in done)
-    train_ids = sorted(v for v in train_set.videos if v in done)
+    train_ids = sorted(v for v in train_set.videos if v in done)  # pseudo labels: only the videos that have some
     val_ids = sorted(v for v in val_set.videos if v in done)
     if not train_ids:
         raise UsageError(f"none of the {len(train_set)} {train_subset!r} videos of {job.annotations} has features in {job.features}")
@@ -205,7 +221,7 @@ def plan(job: TrainJob) -> TrainPlan:
     model_class = {cid: i for i, cid in enumerate(ids)}  # annotation label id -> model class 0..K-1
 
     def targets(vid: str) -> VideoTargets:
-        v = annotations[vid]
+        v = train_set[vid] if vid in train_set else annotations[vid]
         seconds = np.asarray(v.segments.data, dtype=np.float64).reshape(-1, 2)
         return VideoTargets(
             segments_s=seconds,
@@ -236,7 +252,68 @@ def plan(job: TrainJob) -> TrainPlan:
         cache_bytes=max(int(job.cache_gb * 2**30), 1) if job.cache_gb is not None else None,
         cache_dir=job.cache_dir,
         class_agnostic=preset.class_agnostic,
+        supervision="pseudo" if job.pseudo_labels else job.supervision,
+        class_embeddings=_class_embeddings(detector, annotations.label_map.names, job.storage_options),
+        pseudo_stats=pseudo_stats,
     )
+
+
+def _check_supervision(job: TrainJob, detector) -> None:
+    """What the flags of weak and pseudo-label training allow, checked before anything is read."""
+    if job.supervision not in ("full", "video"):
+        raise UsageError(f"--supervision must be full or video, got {job.supervision!r}")
+    if job.supervision == "video" and detector.family not in ("weak", "video_classifier"):
+        raise UsageError(
+            f"--supervision video: a {detector.family} detector needs start and end times; train a weakly supervised preset "
+            "(e.g. thumos14-weak) on video-level labels, then its pseudo labels with --pseudo-labels"
+        )
+    if job.pseudo_labels and job.supervision == "video":
+        raise UsageError("--pseudo-labels replaces the training ground truth: it cannot be combined with --supervision video")
+    if not 0.0 <= job.pseudo_threshold <= 1.0 or job.pseudo_top_k < 1 or job.rounds < 1:
+        raise UsageError("--pseudo-threshold must lie in [0, 1], --pseudo-top-k and --rounds must be >= 1")
+    if job.rounds > 1 and not job.pseudo_labels:
+        raise UsageError("--rounds needs --pseudo-labels (the first round's labels)")
+    if detector.family == "zero_shot" and (job.workers > 1 or job.resume):
+        raise UsageError("a zero_shot preset is training-free: it is validated and registered without workers or epochs")
+
+
+def pseudo_annotations(train_set: AnnotationSet, job: TrainJob) -> tuple[AnnotationSet, dict[str, Any]]:
+    """The training subset with its ground truth replaced by the confident detections of ``job.pseudo_labels``
+    (``tal_models.pseudo.select_pseudo_labels``); videos without any confident detection are left out."""
+    from tal_models.pseudo import select_pseudo_labels
+
+    try:
+        predictions = read_activitynet_results(job.pseudo_labels, train_set.label_map)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--pseudo-labels: {exc}") from None
+    found = {train_set.resolve(v): d for v, d in predictions.detections.items() if v in train_set}
+    kept = select_pseudo_labels(found, threshold=job.pseudo_threshold, top_k=job.pseudo_top_k)
+    videos = {
+        vid: replace(train_set[vid], segments=Segments(np.asarray(d.segments.data, np.float64).reshape(-1, 2)), labels=d.labels)
+        for vid, d in kept.items()
+        if len(d)
+    }
+    if not videos:
+        raise UsageError(
+            f"--pseudo-labels {job.pseudo_labels}: no detection of a training video scores >= {job.pseudo_threshold} "
+            f"({len(found)} of {len(train_set)} training videos have predictions): lower --pseudo-threshold"
+        )
+    stats = {"videos": len(videos), "segments": sum(len(v) for v in videos.values()), "videos_without": len(train_set) - len(videos),
+             "unknown_labels": sum(predictions.unknown_labels.values())}  # fmt: skip
+    return replace(train_set, videos=videos, supervision="pseudo"), stats
+
+
+def _class_embeddings(detector, names: list[str], storage_options: Mapping[str, Any]) -> np.ndarray | None:
+    """The text embeddings of the training classes for a text-headed or training-free model (``pipelines.vlm``)."""
+    head = getattr(detector, "head", None)
+    if getattr(head, "classifier", "linear") != "text" and detector.family != "zero_shot":
+        return None
+    from pipelines.vlm import load_text_encoder
+
+    try:
+        return np.asarray(load_text_encoder(detector.text, storage_options or None).encode(list(names)), np.float32)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"the text encoder of the preset ({detector.text.kind}): {exc}") from None
 
 
 def _apply_overrides(preset, overrides):
@@ -281,7 +358,17 @@ def _validation_key(val_ids: list[str], annotations) -> str:
 
 
 def train(job: TrainJob) -> dict[str, Any]:
-    """Run ``job``; returns a summary (run name, MLflow run id, best score, registration)."""
+    """Run ``job``; returns a summary (run name, MLflow run id, best score, registration). Several ``rounds`` of
+    pseudo-label self-training go through ``jobs.self_train``, each round a run of its own."""
+    if job.rounds > 1:
+        from jobs.self_train import self_train
+
+        return self_train(job)
+    return train_round(job)
+
+
+def train_round(job: TrainJob) -> dict[str, Any]:
+    """One training run (``train``'s body)."""
     given = {k for k in _RAY_TRAIN_ENV if k in os.environ}  # e.g. by a Ray job's runtime_env: left as they are
     for key, value in _RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
@@ -311,6 +398,9 @@ def train(job: TrainJob) -> dict[str, Any]:
         **{f"features.{k}": str(v) for k, v in planned.provenance.to_dict().items() if k != "extract_config"},
         "features.uri": job.features,
         "validation_key": planned.validation_key,
+        "supervision": planned.supervision,
+        **({"mlflow.parentRunId": job.parent_run_id} if job.parent_run_id else {}),  # shown nested under the parent in MLflow
+        **({"pseudo_labels": str(job.pseudo_labels)} if job.pseudo_labels else {}),
     }
     with tracking.TrainingRun(uri, job.experiment, run_name, tags=tags, run_id=mlflow_run_id) as run:
         if state_file is not None:
@@ -319,6 +409,11 @@ def train(job: TrainJob) -> dict[str, Any]:
         run.log_params({"preset": planned.preset, "detector": config_to_dict(planned.detector), "optim": config_to_dict(planned.optim),
                         "batch_size": planned.batch_size, "workers": job.workers, "seed": job.seed})  # fmt: skip
         _log_cache_params(run, job)
+        if planned.pseudo_stats is not None:
+            run.log_params({"pseudo_threshold": job.pseudo_threshold, "pseudo_top_k": job.pseudo_top_k,
+                            **{f"pseudo_{k}": v for k, v in planned.pseudo_stats.items()}})  # fmt: skip
+        if planned.detector.family == "zero_shot":
+            return _training_free(job, planned, run, key, run_name, uri, started)
         if job.stop_after:
             run.set_tags({"tal.stopped_after_epoch": str(job.stop_after)})
         # keys the environment (e.g. a Ray job's runtime_env) already sets are left to it: Ray refuses to merge conflicting ones
@@ -375,6 +470,38 @@ def train(job: TrainJob) -> dict[str, Any]:
             summary["registration"] = asdict(registration)
             print(f"registered {registered_name(planned.detector)} version {registration.version}: {registration.reason}")
     print(f"done in {summary['wall_s']:.0f} s: best {key} {score:.4f}; MLflow run {summary['mlflow_run_id']} ({uri})")
+    return summary
+
+
+def _training_free(job: TrainJob, planned: TrainPlan, run, key: str, run_name: str, uri: str, started: float) -> dict[str, Any]:
+    """A training-free preset (``zero_shot``): no workers, no epochs. The model (the class names' text embeddings and
+    the inference settings) is validated on the driver as a trained one would be, logged and registered alike."""
+    torch.manual_seed(planned.seed)
+    model = build_detector(planned.detector)
+    model.set_class_embeddings(torch.as_tensor(planned.class_embeddings))
+    store = FeatureStore(planned.features, options=planned.storage_options or None)
+    val_ids = sorted(planned.val)
+    print(f"{planned.detector.arch} is training-free: validating on {len(val_ids)} videos")
+    scores, predictions = _validate(model, _Shard([], val_ids, store.read_videos(val_ids)), planned, 0, 1, "cpu")
+    run.log_metrics(scores, step=0)
+    directory = Path(_storage_path(job.out)) / run_name
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"epoch": 0, "preset": planned.preset, "class_agnostic": planned.class_agnostic, "training_free": True, **_scalars(scores)}
+    save_checkpoint(Checkpoint.from_model(model, planned.labels, planned.provenance.to_dict(), meta), directory / "model.pt")
+    write_activitynet_results(directory / "val_predictions.json", predictions.values(), LabelMap.from_names(planned.labels))
+    run.log_artifact(str(directory / "model.pt"), "checkpoint")
+    _log_validation_artifacts(run, directory / "val_predictions.json", job, planned)
+    run.log_text(_preset_yaml(job), "config/preset.yaml")
+    score = scores[key]
+    summary: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run.run_id, "best_score": score}
+    if job.register:
+        registration = tracking.register_checkpoint(
+            uri, run.run_id, "checkpoint/model.pt", score, planned.validation_key, model_name=registered_name(planned.detector), metric_name=key
+        )  # fmt: skip
+        summary["registration"] = asdict(registration)
+        print(f"registered {registered_name(planned.detector)} version {registration.version}: {registration.reason}")
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    print(f"done in {summary['wall_s']:.0f} s: {key} {score:.4f}; MLflow run {run.run_id} ({uri})")
     return summary
 
 
@@ -435,6 +562,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(plan.seed)  # the same initial weights on every rank
     model = build_detector(plan.detector).to(device)
+    if plan.class_embeddings is not None:  # the training classes' text embeddings: part of the weights from here on
+        model.set_class_embeddings(torch.as_tensor(plan.class_embeddings, device=device))
     optimizer = build_optimizer(model, plan.optim)
     scheduler = build_scheduler(optimizer, plan.optim, iterations)
     ema = ModelEMA(model, plan.optim.ema_decay) if plan.optim.ema_decay else None
@@ -549,6 +678,8 @@ def _epoch_batches(plan: TrainPlan, shard: _Shard, rng: np.random.Generator, ite
     """This epoch's ``iterations`` batches of random crops, in a shuffled order of the shard (as many passes as it takes);
     the crops are drawn from ``rng`` as the loop asks for each batch."""
     n, size = len(shard.train_ids), plan.batch_size
+    # video-level labels promise an action somewhere in the video: a crop could lose it, a resampling cannot
+    sample = sample_video if plan.detector.family == "weak" else random_crop
     order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(iterations * size / max(n, 1)) + 1)])
     shard.expect([shard.train_ids[j] for j in order[: iterations * size]])  # no random numbers: the same crops either way
     for it in range(iterations):
@@ -556,7 +687,7 @@ def _epoch_batches(plan: TrainPlan, shard: _Shard, rng: np.random.Generator, ite
         for j in order[it * size : (it + 1) * size]:
             vid = shard.train_ids[j]
             targets = plan.train[vid]
-            features, segments, labels, _ = random_crop(
+            features, segments, labels, _ = sample(
                 shard.sequences[vid].features,
                 np.asarray(targets.segments, np.float32).reshape(-1, 2),
                 np.asarray(targets.labels, np.int64),

@@ -13,6 +13,7 @@ H x W the model's input (``input_size``), D ``feature_dim`` (twice the network's
 | ``mvit_v2_s`` | clip | 768 | 16 (fixed) | 224 | ``MViT_V2_S_Weights.KINETICS400_V1`` | shorter side 256, not antialiased |
 | ``swin3d_t`` | clip | 768 | 32 | 224 | ``Swin3D_T_Weights.KINETICS400_V1`` | shorter side 256, not antialiased |
 | ``torchscript`` | declared | declared | declared | declared | the file is required | shorter side to cover H x W |
+| ``clip:<ARCH>`` | frame | ``embed_dim`` (512) | | image size (224) | the first pretrained tag of ARCH (``openai``) | shorter side 224, bicubic, antialiased |
 
 Every resize is followed by a centre crop to H x W. The default clip lengths are those the
 weights were evaluated with (torchvision's docs; S3D's 128-frame evaluation clips are far too
@@ -21,6 +22,13 @@ overrides them where the architecture allows. Features are the network's pooled 
 just before its classifier: the classifier is replaced by ``nn.Identity`` and its weights are
 dropped from the state dict, so a checkpoint fine-tuned to any number of classes loads too.
 
+``clip:<ARCH>`` is the image tower of an open_clip model (``pipelines.vlm.load_clip``): ARCH is an
+open_clip architecture (``clip:ViT-B-32``; the numbers above are its) or the path of a JSON model
+config (``clip:/path/model.json``); features are its L2-normalised image embeddings, in the space of
+its text embeddings, and its preprocessing is open_clip's for those weights (resize mode, bicubic or
+bilinear, mean and std). Its weights are an open_clip checkpoint (path or ``s3://``), a pretrained
+tag, or None for the architecture's first tag, from the caches open_clip downloads into.
+
 Weights come from the torch hub cache (never downloaded: a missing file is a
 ``WeightsNotFoundError`` that says how to provide it), a local file or an ``s3://`` object
 (``pipelines.weights``); ``weights_sha256`` is the digest of the file's bytes.
@@ -28,6 +36,7 @@ Weights come from the torch hub cache (never downloaded: a missing file is a
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
@@ -51,6 +60,7 @@ from .weights import WeightsFile, read_hub_weights, read_weights
 __all__ = ["BACKBONES", "Backbone", "BackboneConfig", "Preprocessing", "build_backbone", "flow_images"]
 
 BACKBONES = ("mobilenet_v2", "resnet50", "r2plus1d_18", "r3d_18", "s3d", "mvit_v2_s", "swin3d_t", "torchscript")
+CLIP_PREFIX = "clip:"  # "clip:<open_clip architecture or .json model config>", a family rather than one name
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CLIP_LAYOUTS = ("BCTHW", "BTCHW")  # torchvision and I3D exports take BCTHW; VideoMAE-style exports BTCHW
 FLOW_BOUND = 20.0  # pixels of displacement (at the model's input size) that map to 0 or 255, as in I3D's flow images
@@ -116,8 +126,10 @@ class BackboneConfig:
     clip_layout: str = "BCTHW"
 
     def __post_init__(self) -> None:
-        if self.name not in BACKBONES:
-            raise ValueError(f"BackboneConfig.name must be one of {', '.join(BACKBONES)}; got {self.name!r}")
+        if self.name not in BACKBONES and not _is_clip(self.name):
+            raise ValueError(
+                f"BackboneConfig.name must be one of {', '.join(BACKBONES)}, or clip:<ARCH> (an open_clip model); got {self.name!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"BackboneConfig.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if not _is_positive_int(self.batch_size):
@@ -162,6 +174,10 @@ class BackboneConfig:
             if self.kind == "frame" and self.clip_length is not None:
                 raise ValueError("BackboneConfig.clip_length is for clip models; remove it for kind='frame'")
             kind = self.kind
+        elif _is_clip(self.name):
+            kind = "frame"
+            if self.clip_length is not None:
+                raise ValueError(f"BackboneConfig.clip_length is for clip models; {self.name} is a frame model, remove it")
         else:
             spec = _named_model(self.name)
             kind = spec.kind
@@ -178,6 +194,10 @@ class BackboneConfig:
             raise ValueError(f"flow=True adds a motion stream to frame models; {self.name} is a clip model, set flow=False")
 
 
+def _is_clip(name: Any) -> bool:
+    return isinstance(name, str) and name.startswith(CLIP_PREFIX) and bool(name[len(CLIP_PREFIX) :].strip())
+
+
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
 
@@ -189,7 +209,8 @@ class Preprocessing:
     ``resize``: ``(s,)`` scales the shorter side to ``s`` (the longer one rounded down, as
     torchvision does), ``(h, w)`` resizes to exactly that, None scales by the smallest factor that
     covers ``input_size``. The resized frame is uint8, as torchvision's transforms produce it from
-    a uint8 tensor; ``mean``/``std`` are for values scaled to 0..1.
+    a uint8 tensor; ``mean``/``std`` are for values scaled to 0..1. ``interpolation`` is
+    ``"bilinear"`` (torchvision's weights) or ``"bicubic"`` (open_clip's).
     """
 
     input_size: tuple[int, int]
@@ -197,6 +218,7 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     antialias: bool = True
+    interpolation: str = "bilinear"
 
     @classmethod
     def from_transforms(cls, transforms: nn.Module) -> Preprocessing:
@@ -228,9 +250,9 @@ class Preprocessing:
         if tuple(frames.shape[-2:]) != size:
             if frames.device.type == "cpu":
                 # torch's uint8 kernel, fast on channels-last frames; within one grey level of torchvision's float-then-round
-                frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
+                frames = F.interpolate(frames, size=size, mode=self.interpolation, align_corners=False, antialias=self.antialias)
             else:
-                resized = F.interpolate(frames.float(), size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
+                resized = F.interpolate(frames.float(), size=size, mode=self.interpolation, align_corners=False, antialias=self.antialias)
                 frames = resized.round_().clamp_(0, 255).to(torch.uint8)
         height, width = self.input_size
         if size[0] < height or size[1] < width:
@@ -311,7 +333,8 @@ class Backbone:
         self.batch_size = batch_size
         self.clip_layout = clip_layout
         self._declared_dim = declared_dim  # a TorchScript module's declared width, checked on its first batch
-        self._channels_last = kind == "frame" and name != "torchscript" and device.type == "cpu"
+        # named torchvision CNNs only: a ViT has one convolution, and a clip: module is shared with load_clip's cache
+        self._channels_last = kind == "frame" and name in BACKBONES and name != "torchscript" and device.type == "cpu"
         if self._channels_last:  # ~1.5-2x faster 2-D convolutions on CPU
             self.module = self.module.to(memory_format=torch.channels_last)
 
@@ -466,6 +489,9 @@ def build_backbone(
             backbone.feature_dim = 2 * config.feature_dim
         return backbone
 
+    if _is_clip(config.name):
+        return _build_clip(config, device, dtype, filesystem)
+
     spec = _named_model(config.name)
     weights, member = _resolve_named_weights(config.name, spec, config.weights, filesystem)
     module = _load_named(config.name, spec, weights).to(device=device, dtype=dtype).eval()
@@ -473,6 +499,29 @@ def build_backbone(
         name=config.name, module=module, kind=spec.kind, feature_dim=spec.feature_dim * (2 if config.flow else 1),
         clip_length=config.clip_length or spec.clip_length, preprocessing=Preprocessing.from_transforms(member.transforms()),
         weights=weights, device=device, dtype=dtype, flow=config.flow, batch_size=config.batch_size,
+    )  # fmt: skip
+
+
+def _build_clip(config: BackboneConfig, device: torch.device, dtype: torch.dtype, filesystem: Any) -> Backbone:
+    """The image tower of ``clip:<ARCH>`` with open_clip's preprocessing for its weights."""
+    from .vlm import ClipImageTower, _load_clip
+
+    arch = config.name[len(CLIP_PREFIX) :]
+    model, _, info = _load_clip(arch, config.weights or "", device, filesystem)
+    match info.resize_mode:
+        case "shortest":  # open_clip: the shorter side to the size (a square), a cover-then-crop otherwise
+            resize = (info.image_size[0],) if info.image_size[0] == info.image_size[1] else None
+        case "squash":
+            resize = info.image_size
+        case _:
+            raise ValueError(f"{config.name}: open_clip's resize_mode {info.resize_mode!r} (letterboxing) is not supported for frames")
+    # the cached model is shared (text encoders, other backbones): only a copy may change dtype
+    visual = model.visual if dtype == torch.float32 else copy.deepcopy(model.visual).to(dtype=dtype)
+    preprocessing = Preprocessing(info.image_size, resize, info.mean, info.std, antialias=True, interpolation=info.interpolation)
+    return Backbone(
+        name=config.name, module=ClipImageTower(visual).eval(), kind="frame", feature_dim=info.embed_dim * (2 if config.flow else 1),
+        clip_length=None, preprocessing=preprocessing, weights=info.weights, device=device, dtype=dtype, flow=config.flow,
+        batch_size=config.batch_size,
     )  # fmt: skip
 
 

@@ -28,6 +28,8 @@ RegressionKind = Literal["offsets", "trident"]
 _REGRESSION_KINDS = ("offsets", "trident")
 TowerKind = Literal["conv", "dynamic"]
 _TOWER_KINDS = ("conv", "dynamic")
+ClassifierKind = Literal["linear", "text"]
+_CLASSIFIER_KINDS = ("linear", "text")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class HeadConfig:
     ``regression``: ``offsets`` (ActionFormer: two distances per point, regressed directly) or
     ``trident`` (TriDet: the expected value of relative boundary distributions over
     ``num_bins + 1`` steps of the level; see ``tal_models.trident``).
+
+    ``classifier``: ``linear`` (the tower's output convolution gives one logit per class) or ``text``
+    (open vocabulary: the tower ends in ``text_dim`` channels, scored by cosine against class-name
+    embeddings; see ``tal_models.open_vocab``).
     """
 
     in_dim: int = 512
@@ -48,9 +54,11 @@ class HeadConfig:
     regression: RegressionKind = "offsets"
     num_bins: int = 16  # trident only
     tower: TowerKind = "conv"  # "dynamic": DyFADet's dynamic convolutions (tal_models.layers.dynamic)
+    classifier: ClassifierKind = "linear"  # "text": cosine against class-name embeddings (tal_models.open_vocab)
+    text_dim: int = 512  # text classifier: the width of the class-name embeddings (CLIP ViT-B: 512)
 
     def __post_init__(self) -> None:
-        for name in ("in_dim", "feat_dim", "num_layers", "num_bins"):
+        for name in ("in_dim", "feat_dim", "num_layers", "num_bins", "text_dim"):
             value = getattr(self, name)
             require_positive_int(value, f"HeadConfig.{name}")
         check_odd("HeadConfig.kernel_size", self.kernel_size)
@@ -60,6 +68,8 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.regression must be one of {_REGRESSION_KINDS}, got {self.regression!r}")
         if self.tower not in _TOWER_KINDS:
             raise ValueError(f"HeadConfig.tower must be one of {_TOWER_KINDS}, got {self.tower!r}")
+        if self.classifier not in _CLASSIFIER_KINDS:
+            raise ValueError(f"HeadConfig.classifier must be one of {_CLASSIFIER_KINDS} ('text': open vocabulary), got {self.classifier!r}")
 
 
 class ConvTower(nn.Module):

@@ -386,6 +386,7 @@ class AnnotationSet:
     label_map: LabelMap
     source: str = ""  # where it was read from, for messages
     format: str | None = None  # the file format it was read from (pipelines.annotations.FORMATS)
+    supervision: str = "full"  # "video": weakened to video-level labels (``video_level``)
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -430,3 +431,17 @@ class AnnotationSet:
         """The same segments, all of one class ``name`` (id 0): what a class-agnostic model is trained and scored on."""
         videos = {k: replace(v, labels=np.zeros(len(v.labels), np.int64)) for k, v in self.videos.items()}
         return replace(self, videos=videos, label_map=LabelMap({name: 0}))
+
+    def video_level(self) -> AnnotationSet:
+        """Weak supervision: each video keeps only the set of classes it contains, as one segment per class spanning
+        the whole video (``[0, duration]``; without a duration, up to its last annotated end), so every reader and
+        writer still applies and a crop or a resampling of the video keeps the label. Ambiguous segments go.
+        Full annotations weakened this way train a weakly supervised model for comparison with a supervised one."""
+        videos = {}
+        for k, v in self.videos.items():
+            classes = np.unique(v.labels)
+            seconds = np.asarray(v.segments.data, np.float64).reshape(-1, 2)
+            end = v.duration if v.duration else (float(np.max(seconds[:, 1])) if len(seconds) else 0.0)
+            spans = Segments(np.tile(np.array([[0.0, end]]), (len(classes), 1)), v.segments.unit)
+            videos[k] = replace(v, segments=spans, labels=classes, ambiguous=Segments(np.zeros((0, 2)), v.segments.unit))
+        return replace(self, videos=videos, supervision="video")

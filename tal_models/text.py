@@ -41,3 +41,9 @@ class TextEncoderConfig:
     def prompts(self, names: list[str] | tuple[str, ...]) -> list[str]:
         """The texts the encoder embeds for ``names`` (a table looks names up as given)."""
         return list(names) if self.kind == "table" else [self.prompt.replace("{}", n) for n in names]
+
+
+def is_open_vocabulary(config) -> bool:
+    """Whether a detector config names its classes at inference: a text-headed one-stage model or a zero-shot one."""
+    head = getattr(config, "head", None)
+    return getattr(config, "family", "") == "zero_shot" or getattr(head, "classifier", "linear") == "text"

@@ -108,3 +108,27 @@ class TinyFrameNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gain * self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+# A real open_clip architecture (ViT image tower, text transformer with the BPE tokenizer) at toy width.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def save_tiny_clip(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """``TINY_CLIP_CONFIG`` as ``folder/tiny_clip.json`` and a randomly initialised model's state dict as
+    ``folder/tiny_clip.pth`` (``torch.save``, as open_clip checkpoints are): ``(config_path, weights_path)``."""
+    import json
+
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path, weights_path = folder / "tiny_clip.json", folder / "tiny_clip.pth"
+    config_path.write_text(json.dumps(TINY_CLIP_CONFIG, indent=1))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    torch.save(model.state_dict(), weights_path)
+    return config_path, weights_path

@@ -25,7 +25,7 @@ RAY_ONLY = (("--cpus-per-worker", "cpus_per_worker"), ("--videos-per-call", "vid
             ("--shard-seconds", "shard_seconds"), ("--features-out", "features_out"))  # fmt: skip
 # flags of --online only, and the offline ones it does not take (those whose default is None)
 ONLINE_ONLY = (("--out", "out"), ("--speed", "speed"), ("--idle-timeout", "idle_timeout"), ("--open-timeout", "open_timeout"))
-OFFLINE_ONLY = (("--top-k", "top_k"), ("--workers", "workers"), *RAY_ONLY)
+OFFLINE_ONLY = (("--top-k", "top_k"), ("--workers", "workers"), ("--classes", "classes"), *RAY_ONLY)
 DEFAULT_EVENTS = "events.jsonl"
 
 
@@ -101,6 +101,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="torch",
         help="run the detector in PyTorch (default) or its dense part in ONNX Runtime (CPU, as many threads as torch); "
         "with onnx, --model may also be a .onnx file of tal export (a checkpoint is exported on the fly)",
+    )
+    p.add_argument(
+        "--classes",
+        metavar="NAMES",
+        help='an open-vocabulary model: the comma-separated class names to detect, e.g. "long jump,high jump" (seen in '
+        "training or not; default: the classes it was trained on); not with --workers",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     ray = p.add_argument_group("on Ray (with --workers)")
@@ -182,6 +188,8 @@ def handle(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         runtime=args.runtime,
     )
+    if args.classes is not None and args.workers is not None:
+        raise UsageError("--classes: not with --workers yet (run it in this process)")
     if args.workers is None:
         given = [flag for flag, attribute in RAY_ONLY if getattr(args, attribute) is not None]
         if given:
@@ -190,7 +198,8 @@ def handle(args: argparse.Namespace) -> int:
             raise UsageError(f"--output {args.output}: in this process the output is a local folder; an s3:// output needs --workers N")
         from jobs.detect import DetectRequest, format_report, run
 
-        request = DetectRequest(output=Path(args.output), **common)
+        classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes is not None else None
+        request = DetectRequest(output=Path(args.output), classes=classes, **common)
         report = run(request)
         print(format_report(report, request))
     else:

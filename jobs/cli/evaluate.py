@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--tiou",
         nargs="+",
         metavar="T",
-        help="thresholds, e.g. 0.3 0.4 0.5 or a range 0.5:0.95:0.05 (default: THUMOS-style ground "
+        help="thresholds, e.g. 0.3 0.4 0.5, a range 0.5:0.95:0.05, or a protocol: thumos14, weak (0.1:0.7:0.1), activitynet (default: THUMOS-style ground "
         "truth 0.3:0.7:0.1, otherwise 0.5:0.95:0.05)",
     )
     p.add_argument("--subset", help="evaluate only this subset of the ground truth (e.g. validation, test)")

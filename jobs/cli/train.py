@@ -55,6 +55,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="local disk cache of an S3 store's part files (each worker at most its shard's parts; keeps 10%% of the disk free)",
     )
+    weak = p.add_argument_group("learning with less: video-level labels and pseudo labels")
+    weak.add_argument(
+        "--supervision",
+        choices=("full", "video"),
+        default="full",
+        help="video: train on video-level labels only (the classes each training video contains; the annotations are weakened "
+        "whatever their format) with a weakly supervised preset, e.g. thumos14-weak (default full)",
+    )
+    weak.add_argument(
+        "--pseudo-labels",
+        metavar="RESULTS.json",
+        help="train on the confident detections of this results file (a weak or zero-shot model's, on the training videos) "
+        "instead of the training ground truth; validation still uses the real annotations",
+    )
+    weak.add_argument("--pseudo-threshold", type=float, default=0.3, metavar="S", help="pseudo labels score at least S (default 0.3)")
+    weak.add_argument("--pseudo-top-k", type=int, default=10, metavar="K", help="at most K pseudo labels per class and video (default 10)")
+    weak.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="R",
+        help="self-training rounds: each round's best model labels the training videos of the next (default 1); "
+        "each round is an MLflow run nested under one parent run",
+    )
     p.set_defaults(func=handle)
 
 
@@ -103,6 +127,11 @@ def handle(args: argparse.Namespace) -> int:
         storage_options=storage_options(args.s3_endpoint) if args.s3_endpoint else {},
         cache_gb=args.cache_gb,
         cache_dir=args.cache_dir,
+        supervision=args.supervision,
+        pseudo_labels=args.pseudo_labels,
+        pseudo_threshold=args.pseudo_threshold,
+        pseudo_top_k=args.pseudo_top_k,
+        rounds=args.rounds,
     )
     train(job)
     return 0

@@ -50,6 +50,7 @@ from .thumos14 import (
 __all__ = [
     "FINEACTION_NUM_CLASSES",
     "FORMATS",
+    "SUPERVISION",
     "MULTITHUMOS_NUM_CLASSES",
     "AnnotationFormatError",
     "PredictionSet",
@@ -75,13 +76,26 @@ __all__ = [
 FORMATS = ("activitynet", "thumos14_json", "thumos14_txt", "multithumos", "epic_kitchens", "fineaction")
 
 
-def read_annotations(path: str | os.PathLike, format: str = "auto") -> AnnotationSet:
+SUPERVISION = ("full", "video")
+
+
+def read_annotations(path: str | os.PathLike, format: str = "auto", supervision: str = "full") -> AnnotationSet:
     """Read ground truth in any supported format with each reader's defaults.
 
     ``format`` is one of ``FORMATS`` or ``"auto"``: a directory is THUMOS14 txt, a ``.csv`` is
     EPIC-Kitchens, and a JSON file is told apart by its content (see ``detect_format``). For
     options (EPIC label kind, MultiTHUMOS names, a fixed label map) call the reader directly.
+
+    ``supervision="video"`` weakens whatever was read to video-level labels (``AnnotationSet.video_level``: the
+    classes of each video, each as one whole-video segment), in every format: what weakly supervised training sees.
     """
+    if supervision not in SUPERVISION:
+        raise ValueError(f"unknown supervision {supervision!r}; expected one of {', '.join(SUPERVISION)}")
+    annotations = _read_annotations(path, format)
+    return annotations.video_level() if supervision == "video" else annotations
+
+
+def _read_annotations(path: str | os.PathLike, format: str) -> AnnotationSet:
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown annotation format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
     p = Path(path)

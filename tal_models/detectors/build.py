@@ -17,6 +17,8 @@ from tal_models.detectors.dense import DenseDetector
 from tal_models.detectors.one_stage import OneStageConfig, OneStageDetector
 from tal_models.detectors.online import OnlineConfig, OnlineDetector
 from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector
+from tal_models.detectors.weak import WeakConfig, WeakDetector
+from tal_models.detectors.zero_shot import ZeroShotConfig, ZeroShotDetector
 from tal_models.encoders import BlockFactory, EncoderConfig, PyramidEncoder
 from tal_models.heads import ClassificationHead, OffsetRegressionHead
 from tal_models.layers import (
@@ -31,6 +33,7 @@ from tal_models.layers import (
     TransformerBlock,
 )
 from tal_models.necks import FPNConfig, FPNNeck
+from tal_models.open_vocab import TextClassificationHead
 from tal_models.refine import build_refiner
 from tal_models.targets import CenterSamplingAssigner, DynamicAssigner
 from tal_models.trident import TridentHead, TridentHeadConfig
@@ -39,13 +42,13 @@ from tal_models.trident import TridentHead, TridentHeadConfig
 # (without the key) are one-stage.
 DetectorConfig = OneStageConfig  # the one-stage family's (task "detection" -> OneStageDetector, "dense" -> DenseDetector)
 CONFIG_TYPES: dict[str, type] = {
-    c.family: c for c in (OneStageConfig, BMNConfig, TadTRConfig, VideoClassifierConfig, OnlineConfig)
+    c.family: c for c in (OneStageConfig, BMNConfig, TadTRConfig, VideoClassifierConfig, OnlineConfig, WeakConfig, ZeroShotConfig)
 }  # fmt: skip
 
 
 def build_detector(
-    config: OneStageConfig | BMNConfig | TadTRConfig | VideoClassifierConfig | OnlineConfig,
-) -> OneStageDetector | DenseDetector | BMNDetector | TadTRDetector | VideoClassifier | OnlineDetector:
+    config: OneStageConfig | BMNConfig | TadTRConfig | VideoClassifierConfig | OnlineConfig | WeakConfig | ZeroShotConfig,
+) -> OneStageDetector | DenseDetector | BMNDetector | TadTRDetector | VideoClassifier | OnlineDetector | WeakDetector | ZeroShotDetector:
     """The detector ``config`` describes, with fresh weights (seeded by the caller)."""
     match config:
         case OneStageConfig(task="dense"):
@@ -60,13 +63,20 @@ def build_detector(
             return VideoClassifier(config)
         case OnlineConfig():
             return OnlineDetector(config)
+        case WeakConfig():
+            return WeakDetector(config)
+        case ZeroShotConfig():
+            return ZeroShotDetector(config)
     raise TypeError(f"build_detector: no detector family takes a {type(config).__name__}")
 
 
 def _one_stage(config: OneStageConfig) -> OneStageDetector:
     encoder = build_encoder(config.encoder)
     neck = build_neck(config.neck)
-    cls_head = ClassificationHead(config.head, config.num_classes)
+    if config.head.classifier == "text":  # open vocabulary: cosine against class-name embeddings
+        cls_head: nn.Module = TextClassificationHead(config.head, config.num_classes)
+    else:
+        cls_head = ClassificationHead(config.head, config.num_classes)
     match config.head.regression:
         case "offsets":
             reg_head: nn.Module = OffsetRegressionHead(config.head, config.encoder.levels)

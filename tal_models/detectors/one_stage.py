@@ -24,6 +24,10 @@ The methods share this path and differ in their parts (``ARCH_PARTS``), which
 | ``gtad``         | GCNeXt graph blocks (temporal + semantic kNN)    | distances (``offsets``)  |
 | ``mstemba``      | Temba blocks at full resolution (dense task)     | none: per-step scores    |
 
+``config.head.classifier = "text"`` makes it open-vocabulary (``tal_models.open_vocab``): the
+classification head scores steps against class-name embeddings, the training classes' by default,
+any others passed to ``forward_inference`` / ``detect`` as ``class_embeddings [K', E]``.
+
 ``config.task = "dense"`` makes a frame-level multi-label detector of the same encoder instead
 (``tal_models.detectors.dense``): per-step sigmoid scores, MultiTHUMOS / Charades style. Any
 arch can be made dense; ``mstemba`` is dense only. ``config.head.refine`` switches on boundary
@@ -45,16 +49,18 @@ from torch import Tensor, nn
 from tal_models.batch import Batch
 from tal_models.config import require_positive_int
 from tal_models.decode import decode
-from tal_models.detectors.base import detect_sequence
+from tal_models.detectors.base import detect_sequence, run_sequence
 from tal_models.encoders import EncoderConfig, EncoderKind, PyramidEncoder
 from tal_models.heads import HeadConfig, RegressionKind, TowerKind
 from tal_models.losses import LossNormalizer, RegLoss, detection_losses
 from tal_models.necks import FPNConfig
+from tal_models.open_vocab import TextClassificationHead
 from tal_models.points import DEFAULT_REGRESSION_RANGES, Points, make_points
 from tal_models.postprocess import NMSConfig
 from tal_models.refine import BoundaryRefiner, RefineConfig, refine_losses
 from tal_models.structures import Detections
 from tal_models.targets import CenterSamplingAssigner, DynamicAssigner
+from tal_models.text import TextEncoderConfig
 from tal_models.timing import STEP_TIMING, FeatureTiming
 
 Arch = Literal["actionformer", "tridet", "temporalmaxer", "actionmamba", "causaltad", "dyfadet", "gtad", "mstemba"]
@@ -136,6 +142,7 @@ class OneStageConfig:
     ``max_seq_len``: training sequences are cropped to it (ActivityNet-style presets resize every
     video to it instead, in the data pipeline); inference takes any length.
     ``regression_ranges``: per level, in input steps (``tal_models.points``).
+    ``text``: how the class names are embedded when ``head.classifier`` is ``text`` (open vocabulary).
     """
 
     family: ClassVar[str] = "one_stage"
@@ -151,6 +158,7 @@ class OneStageConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)  # boundary refinement (BRN's scale-time features): off by default
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # open vocabulary (head.classifier "text"): the class-name encoder
 
     def __post_init__(self) -> None:
         if self.arch not in ARCH_PARTS:
@@ -171,6 +179,13 @@ class OneStageConfig:
             raise ValueError(
                 "DetectorConfig: boundary refinement (refine.kind) refines regressed distances; a dense detector has none: set refine.kind: none"
             )
+        if self.head.classifier == "text" and self.text.kind == "none":
+            raise ValueError(
+                "DetectorConfig: head.classifier 'text' scores steps against class-name embeddings and needs a text encoder: "
+                "set text.kind to 'open_clip' (e.g. text.model: ViT-B-32) or 'table'"
+            )
+        if self.head.classifier == "text" and self.task == "dense":
+            raise ValueError("DetectorConfig: head.classifier 'text' is for task 'detection'; a dense detector has its own head")
         require_positive_int(self.num_classes, "DetectorConfig.num_classes", " (1 = class-agnostic)")
         levels = self.encoder.levels
         object.__setattr__(self, "regression_ranges", tuple((float(lo), float(hi)) for lo, hi in self.regression_ranges))
@@ -277,9 +292,23 @@ class OneStageDetector(nn.Module):
             return self.forward_training(batch)
         return self.forward_inference(batch)
 
-    def dense(self, features: Tensor, mask: Tensor, zero_padded: bool = False) -> DenseOutputs:
+    @property
+    def open_vocabulary(self) -> bool:
+        """Whether the classification head scores class-name embeddings (``head.classifier`` "text")."""
+        return isinstance(self.cls_head, TextClassificationHead)
+
+    def set_class_embeddings(self, embeddings: Tensor) -> None:
+        """The training classes' text embeddings ``[K, text_dim]``, before training (a text head only)."""
+        if not self.open_vocabulary:
+            raise ValueError("set_class_embeddings: this detector has a linear classifier (head.classifier 'linear'), not a text one")
+        self.cls_head.set_class_embeddings(embeddings)
+
+    def dense(self, features: Tensor, mask: Tensor, zero_padded: bool = False, class_embeddings: Tensor | None = None) -> DenseOutputs:
         """Features ``[B, C, T]`` and mask ``[B, 1, T]`` -> the heads' outputs at every point.
-        ``zero_padded``: ``features`` is 0 at invalid steps (a ``Batch`` is); otherwise they may hold anything."""
+        ``zero_padded``: ``features`` is 0 at invalid steps (a ``Batch`` is); otherwise they may hold anything.
+        ``class_embeddings [K', E]``: a text head scores these classes instead of the training ones (``cls_logits [B, P, K']``)."""
+        if class_embeddings is not None and not self.open_vocabulary:
+            raise ValueError("class_embeddings were given but this detector has a linear classifier (head.classifier 'linear')")
         torch._assert(
             features.shape[-1] % self.pad_multiple == 0,
             f"Detector: T = {features.shape[-1]} must be a multiple of {self.pad_multiple}; "
@@ -289,7 +318,8 @@ class OneStageDetector(nn.Module):
         feats, masks = self.neck(feats, masks)
         cfg = self.config
         points = make_points([f.shape[-1] for f in feats], cfg.strides, cfg.regression_ranges, device=features.device)
-        cls_logits = torch.cat([c.transpose(1, 2) for c in self.cls_head(feats, masks)], dim=1)  # L x [B, K, T_l] -> [B, P, K]
+        cls_out = self.cls_head(feats, masks, class_embeddings) if class_embeddings is not None else self.cls_head(feats, masks)
+        cls_logits = torch.cat([c.transpose(1, 2) for c in cls_out], dim=1)  # L x [B, K, T_l] -> [B, P, K]
         reg = self.reg_head(feats, masks)  # L x [B, 2, T_l]
         reg_offsets = torch.cat([r.transpose(1, 2) for r in reg], dim=1)  # L x [B, 2, T_l] -> [B, P, 2]
         valid = torch.cat([m[:, 0] for m in masks], dim=1)  # L x [B, 1, T_l] -> [B, P]
@@ -329,11 +359,31 @@ class OneStageDetector(nn.Module):
         return losses
 
     @torch.no_grad()
-    def forward_inference(self, batch: Batch) -> list[Detections]:
-        return decode_outputs(self.dense(batch.features, batch.mask, zero_padded=True), batch, self.config.inference)
+    def forward_inference(self, batch: Batch, class_embeddings: Tensor | None = None) -> list[Detections]:
+        """One ``Detections`` per video; ``class_embeddings [K', E]`` (a text head only): labels index these classes."""
+        out = self.dense(batch.features, batch.mask, zero_padded=True, class_embeddings=class_embeddings)
+        return decode_outputs(out, batch, self.config.inference)
 
     def detect(
-        self, features: Tensor | np.ndarray, timing: FeatureTiming | None = None, duration: float | None = None, video_id: str = "video"
+        self,
+        features: Tensor | np.ndarray,
+        timing: FeatureTiming | None = None,
+        duration: float | None = None,
+        video_id: str = "video",
+        class_embeddings: Tensor | None = None,
     ) -> Detections:
-        """Detections of one feature sequence ``[T, C]`` (the serving path); the model's mode is kept."""
-        return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id)
+        """Detections of one feature sequence ``[T, C]`` (the serving path); the model's mode is kept.
+        ``class_embeddings [K', E]`` (a text head only): detect these classes, labels index them."""
+        if class_embeddings is None:
+            return detect_sequence(self, features, self.config.input_dim, timing, duration, video_id)
+        if not self.open_vocabulary:
+            raise ValueError("class_embeddings were given but this detector has a linear classifier (head.classifier 'linear')")
+        return run_sequence(
+            self,
+            features,
+            self.config.input_dim,
+            lambda batch: self.forward_inference(batch, class_embeddings)[0],
+            timing=timing,
+            duration=duration,
+            video_id=video_id,
+        )

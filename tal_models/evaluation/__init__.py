@@ -13,16 +13,18 @@ from tal_models.evaluation.dense import DenseMetrics, evaluate_dense, frame_labe
 from tal_models.evaluation.detection import (
     ACTIVITYNET_TIOU,
     THUMOS14_TIOU,
+    THUMOS14_WEAK_TIOU,
     DetectionMetrics,
     evaluate_detection,
     interpolated_ap,
 )
 from tal_models.evaluation.proposals import ProposalMetrics, evaluate_proposals
-from tal_models.evaluation.thresholds import parse_tiou
+from tal_models.evaluation.thresholds import PROTOCOLS, parse_tiou
 
 __all__ = [
     "ACTIVITYNET_TIOU",
     "THUMOS14_TIOU",
+    "THUMOS14_WEAK_TIOU",
     "ClassificationMetrics",
     "DenseMetrics",
     "DetectionMetrics",
@@ -34,6 +36,7 @@ __all__ = [
     "frame_labels",
     "frame_times",
     "interpolated_ap",
+    "PROTOCOLS",
     "parse_tiou",
     "scores_at",
 ]

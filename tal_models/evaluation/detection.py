@@ -34,6 +34,7 @@ from tal_models.structures import tiou as segment_tiou
 
 THUMOS14_TIOU = np.linspace(0.3, 0.7, 5)
 ACTIVITYNET_TIOU = np.linspace(0.5, 0.95, 10)
+THUMOS14_WEAK_TIOU = np.linspace(0.1, 0.7, 7)  # the weakly supervised papers' THUMOS14 protocol
 
 
 @dataclass(frozen=True)

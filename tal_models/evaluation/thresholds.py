@@ -6,9 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# the named protocols: THUMOS14's (fully supervised papers), THUMOS14's weakly supervised one, ActivityNet's
+PROTOCOLS = {"thumos14": "0.3:0.7:0.1", "weak": "0.1:0.7:0.1", "activitynet": "0.5:0.95:0.05"}
+
 
 def parse_tiou(values: Sequence[str] | str) -> np.ndarray:
-    """Thresholds from ``["0.3", "0.5"]`` or a range ``"0.5:0.95:0.05"`` (stop included).
+    """Thresholds from ``["0.3", "0.5"]``, a range ``"0.5:0.95:0.05"`` (stop included) or a protocol's name
+    (``PROTOCOLS``: ``weak`` is THUMOS14's weakly supervised 0.1:0.7:0.1).
 
     A range becomes ``np.linspace(start, stop, n)``, the exact floats the ActivityNet and
     ActionFormer evaluators use (``np.linspace(0.5, 0.95, 10)``), so matches at a tIoU that
@@ -18,6 +22,7 @@ def parse_tiou(values: Sequence[str] | str) -> np.ndarray:
         values = [values]
     out: list[float] = []
     for text in values:
+        text = PROTOCOLS.get(text.strip().lower(), text)
         if ":" in text:
             parts = text.split(":")
             if len(parts) != 3:

@@ -231,6 +231,7 @@ def _family_preset(arch: str, **sizes: Any) -> Preset:
     from tal_models.detectors.classifier import VideoClassifierConfig
     from tal_models.detectors.online import online_config
     from tal_models.detectors.tadtr import tadtr_config
+    from tal_models.detectors.weak import weak_config
 
     protocol = sizes.pop("protocol", "thumos14")
     input_dim = sizes.pop("input_dim", 2048)
@@ -253,9 +254,24 @@ def _family_preset(arch: str, **sizes: Any) -> Preset:
             detector = online_config(num_classes=num_classes, input_dim=input_dim, **sizes)
             optim = OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=5, epochs=35)
             batch_size = 4
+        case "weak":  # BaS-Net / UM (weakly supervised): Adam at 1e-4, weight decay 5e-4, batches of 16 videos sampled to 750 steps
+            detector = weak_config(num_classes=num_classes, input_dim=input_dim, **sizes)
+            optim = OptimConfig(lr=1e-4, weight_decay=5e-4, warmup_epochs=0, epochs=300, ema_decay=None)
+            batch_size = 16
+        case "zero_shot":  # T3AL-style, training-free: nothing is optimised
+            from tal_models.detectors.zero_shot import zero_shot_config
+
+            detector = zero_shot_config(num_classes=num_classes, input_dim=input_dim, **sizes)
+            optim = OptimConfig(epochs=1, warmup_epochs=0)
+            batch_size = 1
         case _:
             raise ValueError(f"unknown arch {arch!r}")
-    described = {"video_classifier": "a video-level multi-label classifier", "online": "a causal detector for live streams"}.get(
+    described = {
+        "video_classifier": "a video-level multi-label classifier",
+        "online": "a causal detector for live streams",
+        "weak": "weakly supervised (video-level labels): T-CAM, MIL top-k, background suppression",
+        "zero_shot": "training-free zero-shot detection from frame-text similarity",
+    }.get(
         arch, f"the published {protocol} configuration"
     )
     return Preset(name=arch, description=f"{arch}: {described}", detector=detector, optim=optim, batch_size=batch_size)
@@ -267,6 +283,8 @@ FAMILY_BASES: dict[str, tuple[str, ...]] = {
     "tadtr": ("arch", "protocol", "num_classes", "input_dim"),
     "video_classifier": ("arch", "num_classes", "input_dim"),
     "online": ("arch", "kind", "num_classes", "input_dim", "max_seq_len", "embed_dim", "levels"),
+    "weak": ("arch", "num_classes", "input_dim", "hidden_dim", "max_seq_len"),
+    "zero_shot": ("arch", "num_classes", "input_dim", "text"),
 }
 
 
