@@ -12,6 +12,8 @@
   name a class-agnostic detector's detections (``detectors.fused``, ``tal_models.postprocess.fuse_video_classifier``);
 - ``online``: causal detectors for live streams (per-step scores, start / update / end events, an
   O(1) incremental state: ``tal_models.online``);
+- ``weak``: weakly supervised localization from video-level labels only (BaS-Net style CAS,
+  top-k MIL pooling, outer-inner contrast scoring: ``tal_models.cam``);
 - ``build``: ``build_detector(config)``, the one place where a config's names become parts.
 
 Presets (the papers' configurations) are in ``tal_models.presets``.
@@ -33,6 +35,7 @@ from tal_models.detectors.one_stage import (
 )
 from tal_models.detectors.online import OnlineConfig, OnlineDetector, OnlineInferenceConfig, OnlineLossConfig, online_config
 from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector, TadTRInferenceConfig, TadTRLossConfig, tadtr_config
+from tal_models.detectors.weak import WeakConfig, WeakDetector, WeakInferenceConfig, WeakLossConfig, weak_config
 
 __all__ = [
     "ARCHS",
@@ -73,4 +76,9 @@ __all__ = [
     "online_config",
     "tadtr_config",
     "video_classifier_config",
+    "WeakConfig",
+    "WeakDetector",
+    "WeakInferenceConfig",
+    "WeakLossConfig",
+    "weak_config",
 ]

@@ -17,6 +17,7 @@ from tal_models.detectors.dense import DenseDetector
 from tal_models.detectors.one_stage import OneStageConfig, OneStageDetector
 from tal_models.detectors.online import OnlineConfig, OnlineDetector
 from tal_models.detectors.tadtr import TadTRConfig, TadTRDetector
+from tal_models.detectors.weak import WeakConfig, WeakDetector
 from tal_models.encoders import BlockFactory, EncoderConfig, PyramidEncoder
 from tal_models.heads import ClassificationHead, OffsetRegressionHead
 from tal_models.layers import (
@@ -39,13 +40,13 @@ from tal_models.trident import TridentHead, TridentHeadConfig
 # (without the key) are one-stage.
 DetectorConfig = OneStageConfig  # the one-stage family's (task "detection" -> OneStageDetector, "dense" -> DenseDetector)
 CONFIG_TYPES: dict[str, type] = {
-    c.family: c for c in (OneStageConfig, BMNConfig, TadTRConfig, VideoClassifierConfig, OnlineConfig)
+    c.family: c for c in (OneStageConfig, BMNConfig, TadTRConfig, VideoClassifierConfig, OnlineConfig, WeakConfig)
 }  # fmt: skip
 
 
 def build_detector(
-    config: OneStageConfig | BMNConfig | TadTRConfig | VideoClassifierConfig | OnlineConfig,
-) -> OneStageDetector | DenseDetector | BMNDetector | TadTRDetector | VideoClassifier | OnlineDetector:
+    config: OneStageConfig | BMNConfig | TadTRConfig | VideoClassifierConfig | OnlineConfig | WeakConfig,
+) -> OneStageDetector | DenseDetector | BMNDetector | TadTRDetector | VideoClassifier | OnlineDetector | WeakDetector:
     """The detector ``config`` describes, with fresh weights (seeded by the caller)."""
     match config:
         case OneStageConfig(task="dense"):
@@ -60,6 +61,8 @@ def build_detector(
             return VideoClassifier(config)
         case OnlineConfig():
             return OnlineDetector(config)
+        case WeakConfig():
+            return WeakDetector(config)
     raise TypeError(f"build_detector: no detector family takes a {type(config).__name__}")
 
 
