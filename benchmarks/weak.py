@@ -13,8 +13,10 @@ On the THUMOS14-timed feature set (``_thumos_like``: the real THUMOS14 timings, 
    each training video's segments are replaced by one whole-video span per distinct class (``video_level``; the
    model reads only the labels) and the video is resampled to the model's ``max_seq_len`` (750) steps by
    ``tal_models.cam.sample_video`` instead of cropped (a crop could lose the action a video label promises);
-   ``--weak-steps`` steps of ``WEAK_BATCH`` videos, the optimiser of ``fit_crops`` (AdamW, warm-up, cosine, EMA 0.99)
-   at the WTAL papers' weight decay; its detections on the test videos, and on the training videos for 3.;
+   ``--weak-steps`` steps of ``WEAK_BATCH`` videos (300 x 16 = 48 epochs of 100 videos; BaS-Net: 1,500 x 16 over
+   200, 120 epochs), hidden width 4 x ``--embed-dim``, the optimiser of ``fit_crops`` (AdamW, warm-up, cosine, EMA
+   0.99) at lr 1e-3 (BaS-Net: Adam 1e-4 over 5 times the steps) and the papers' weight decay 5e-4; a weak run costs
+   about half a supervised one. Its detections on the test videos, and on the training videos for 3.;
 3. ``selftrained``: one round of self-training: the weak model's detections on the training videos, restricted to
    each video's labelled classes (what weak supervision knows), through ``tal_models.pseudo.select_pseudo_labels``
    (``--threshold``, ``--top-k``) become the ground truth of an ActionFormer trained exactly as in 1 (videos left
@@ -292,34 +294,46 @@ def _job(workdir: Path, profile: str, seed: int, model: str, data: Path, steps: 
 
 
 def run(args, workdir: Path) -> dict:
+    """Every data set's three trainings, in waves of ``run_model_jobs``: each wave takes the self-trainings whose weak
+    model is done (their pseudo labels written first) and the next data sets' supervised and weak runs until it holds
+    ``--jobs`` runs to do (finished ones are reused), so that a (profile, seed) is complete early and an interrupted
+    run has whole rows to resume from; data sets in seed order, the profiles of a seed side by side."""
     sets = data_sets(args, workdir)
     tag = f"d{args.input_dim}-e{args.embed_dim}"
-    first, second = [], []
-    for (profile, seed), data in sets.items():
+    pending, jobs, ready, quality = [], [], [], {}
+    for (profile, seed), data in sorted(sets.items(), key=lambda item: (item[0][1], args.profiles.index(item[0][0]))):
         sup = f"{data.name}-supervised-{tag}-b{args.batch_size}-s{args.steps}"
         weak = f"{data.name}-weak-{tag}-b{WEAK_BATCH}-s{args.weak_steps}"
-        first.append(_job(workdir, profile, seed, "supervised", data, args.steps, LR["supervised"], sup))
-        first.append(_job(workdir, profile, seed, "weak", data, args.weak_steps, LR["weak"], weak))
         name = f"{weak}-selftrained-t{args.threshold:g}-k{args.top_k}-b{args.batch_size}-s{args.steps}"
-        second.append(_job(workdir, profile, seed, "selftrained", data, args.steps, LR["selftrained"], name) | {"weak": first[-1]})
-    run_model_jobs(
-        sorted(first, key=lambda j: j["model"] != "supervised"), args, __file__, ROOT
-    )  # the short weak runs last: less idle tail
-    quality = {}
-    for job in second:
-        if "error" in job["weak"]["result"]:
-            job["result"] = {"error": "its weak model failed"}
-            continue
-        pseudo, quality[job["profile"], job["seed"]] = pseudo_labels(job["weak"]["out"], job["data"], args.threshold, args.top_k)
-        if not pseudo_path(job["out"]).exists():
-            from pipelines.annotations import write_activitynet_results
-            from tal_models.structures import LabelMap
+        pending.append([
+            _job(workdir, profile, seed, "supervised", data, args.steps, LR["supervised"], sup),
+            _job(workdir, profile, seed, "weak", data, args.weak_steps, LR["weak"], weak),
+            _job(workdir, profile, seed, "selftrained", data, args.steps, LR["selftrained"], name),
+        ])  # fmt: skip
+    while pending or ready:
+        wave, ready = ready, []
+        while pending and sum(not (j["info"].exists() and j["out"].exists()) for j in wave) < args.jobs:
+            sup, weak, selftrained = pending.pop(0)
+            wave += [sup, weak]
+            jobs += [sup, weak, selftrained | {"weak": weak}]
+        run_model_jobs(wave, args, __file__, ROOT)
+        for job in jobs:
+            if job["model"] != "selftrained" or job in wave or "result" in job or "result" not in job["weak"]:
+                continue
+            if "error" in job["weak"]["result"]:
+                job["result"] = {"error": "its weak model failed"}
+                continue
+            pseudo, quality[job["profile"], job["seed"]] = pseudo_labels(job["weak"]["out"], job["data"], args.threshold, args.top_k)
+            if not pseudo_path(job["out"]).exists():
+                from pipelines.annotations import write_activitynet_results
+                from tal_models.structures import LabelMap
 
-            classes = json.loads((job["data"] / "meta.json").read_text())["classes"]
-            write_activitynet_results(pseudo_path(job["out"]), pseudo.values(), LabelMap.from_names(classes))
-    run_model_jobs([j for j in second if "result" not in j], args, __file__, ROOT)
-    failures = [f"{j['profile']}/{j['seed']} {j['model']}" for j in first + second if "error" in j["result"]]
-    return report(args, first + second, quality) | {"failures": failures}
+                classes = json.loads((job["data"] / "meta.json").read_text())["classes"]
+                write_activitynet_results(pseudo_path(job["out"]), pseudo.values(), LabelMap.from_names(classes))
+            if job not in ready:
+                ready.append(job)
+    failures = [f"{j['profile']}/{j['seed']} {j['model']}" for j in jobs if "error" in j["result"]]
+    return report(args, jobs, quality) | {"failures": failures}
 
 
 def report(args, jobs: list[dict], quality: dict) -> dict:
