@@ -254,17 +254,24 @@ def training_truth(data_dir: Path) -> tuple[dict, dict, dict]:
     return truth, {v: np.unique(labels) for v, (_, labels) in truth.items()}, meta
 
 
-def pseudo_labels(weak_out: Path, data_dir: Path, threshold: float, top_k: int) -> tuple[dict, dict]:
-    """The pseudo labels of a weak run's training detections (restricted to each video's labelled classes) and their quality."""
-    from pipelines.annotations import read_activitynet_results
+def pseudo_labels(weak_out: Path, data_dir: Path, threshold: float, top_k: int, loaded: tuple | None = None) -> tuple[dict, dict]:
+    """The pseudo labels of a weak run's training detections (restricted to each video's labelled classes) and their
+    quality; ``loaded``: ``training_detections``' answer, when already read."""
     from tal_models.pseudo import select_pseudo_labels
+
+    found, truth = loaded or training_detections(weak_out, data_dir)
+    pseudo = select_pseudo_labels(found, threshold=threshold, top_k=top_k)
+    return pseudo, pseudo_label_quality(pseudo, truth)
+
+
+def training_detections(weak_out: Path, data_dir: Path) -> tuple[dict, dict]:
+    """``(a weak run's detections on the training videos of their labelled classes only, training_truth's truth)``."""
+    from pipelines.annotations import read_activitynet_results
     from tal_models.structures import LabelMap
 
     truth, video_labels, meta = training_truth(data_dir)
     found = read_activitynet_results(train_detections_path(weak_out), LabelMap.from_names(meta["classes"])).detections
-    found = {v: known_classes(d, video_labels[v]) for v, d in found.items()}
-    pseudo = select_pseudo_labels(found, threshold=threshold, top_k=top_k)
-    return pseudo, pseudo_label_quality(pseudo, truth)
+    return {v: known_classes(d, video_labels[v]) for v, d in found.items()}, truth
 
 
 def _summary(values: list[float]) -> dict:
@@ -370,10 +377,10 @@ def tune(args, workdir: Path) -> dict:
     name = f"{data.name}-weak-d{args.input_dim}-e{args.embed_dim}-b{WEAK_BATCH}-s{args.weak_steps}"
     job = _job(workdir, profile, seed, "weak", data, args.weak_steps, LR["weak"], name)
     run_model_jobs([job], args, __file__, ROOT)
-    grid = []
+    grid, loaded = [], training_detections(job["out"], data)
     for threshold in (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8):
         for top_k in (3, 10, 30, 50, 100):
-            grid.append({"threshold": threshold, "top_k": top_k, **pseudo_labels(job["out"], data, threshold, top_k)[1]})
+            grid.append({"threshold": threshold, "top_k": top_k, **pseudo_labels(job["out"], data, threshold, top_k, loaded)[1]})
     best = max(grid, key=lambda r: r["f1"])
     return {"tuned_on": f"{profile}/{seed}", "weak": evaluate(job["out"], data), "grid": grid, "best_f1": best}
 
