@@ -77,7 +77,7 @@ def _evaluate(model: str, store, out: Path, subset: str = "validation", **kwargs
 def weak_run(store, registry, tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("weak")
     preset = Preset("tiny-weak", "test", "synthetic", weak_config(num_classes=K, input_dim=C, hidden_dim=32, max_seq_len=64),
-                    OptimConfig(lr=3e-3, weight_decay=0.0, warmup_epochs=1, epochs=12, ema_decay=None), 2)  # fmt: skip
+                    OptimConfig(lr=3e-3, weight_decay=0.0, warmup_epochs=1, epochs=8, ema_decay=None), 2)  # fmt: skip
     summary = train(_job(root, _write(root, preset), store, registry, workers=2, run_name="weak", supervision="video"))
     return summary, root
 
@@ -115,8 +115,11 @@ def test_two_rounds_of_self_training_from_the_weak_model_are_nested_mlflow_runs(
     _evaluate(f"runs:/{summary['mlflow_run_id']}/checkpoint/model.pt", store, tmp_path / "train-preds", subset="training")
     first = tmp_path / "train-preds" / "predictions.json"
     assert json.loads(first.read_text())["results"]
+    with pytest.raises(UsageError, match="lower --pseudo-threshold"):
+        train(_job(tmp_path, _write(tmp_path, Preset("tiny-af", "test", "synthetic", _tiny_actionformer(), OptimConfig(epochs=1, warmup_epochs=0),
+                                                     2)), store, registry, pseudo_labels=str(first), pseudo_threshold=1.0))  # fmt: skip
     preset = Preset("tiny-af", "test", "synthetic", _tiny_actionformer(),
-                    OptimConfig(lr=3e-3, weight_decay=0.0, warmup_epochs=1, epochs=6, ema_decay=0.7), 2)  # fmt: skip
+                    OptimConfig(lr=3e-3, weight_decay=0.0, warmup_epochs=1, epochs=5, ema_decay=0.7), 2)  # fmt: skip
     job = _job(tmp_path, _write(tmp_path, preset), store, registry, workers=1, run_name="selftrain", pseudo_labels=str(first),
                pseudo_threshold=0.2, rounds=2, register=False)  # fmt: skip
     result = train(job)
@@ -129,21 +132,11 @@ def test_two_rounds_of_self_training_from_the_weak_model_are_nested_mlflow_runs(
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.data.tags["supervision"] == "pseudo"
         assert int(r.data.params["pseudo_videos"]) > 0 and int(r.data.params["pseudo_segments"]) > 0
         assert np.isfinite(r.data.metrics[f"best_{SCORE}"])
-    assert rounds[0].data.metrics[f"best_{SCORE}"] > 0.05  # round 1 learnt from the weak model's labels
+    assert rounds[0].data.metrics[f"best_{SCORE}"] > 0.02  # round 1 learnt from the weak model's labels (untrained: < 0.01)
     assert rounds[1].data.tags["pseudo_labels"].endswith("pseudo_labels_round2.json")
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "round2")] == ["round2/pseudo_labels_round2.json"]
     history = client.get_metric_history(parent.info.run_id, "round_best_score")
     assert [m.step for m in history] == [1, 2]
-
-
-def test_pseudo_labels_above_every_score_are_refused(weak_run, store, registry, tmp_path, monkeypatch):
-    summary, _ = weak_run
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
-    _evaluate(f"runs:/{summary['mlflow_run_id']}/checkpoint/model.pt", store, tmp_path / "p", subset="training")
-    preset = Preset("tiny-af", "test", "synthetic", _tiny_actionformer(), OptimConfig(epochs=1, warmup_epochs=0), 2)
-    with pytest.raises(UsageError, match="lower --pseudo-threshold"):
-        train(_job(tmp_path, _write(tmp_path, preset), store, registry, pseudo_labels=str(tmp_path / "p" / "predictions.json"),
-                   pseudo_threshold=1.0))  # fmt: skip
 
 
 @pytest.mark.timeout(600)
@@ -172,11 +165,19 @@ def test_an_open_vocabulary_model_trains_on_seen_classes_and_serves_named_classe
     registry = f"sqlite:///{tmp_path}/mlflow.db"
     text = TextEncoderConfig(kind="table", weights=str(table))
     detector = open_vocab_config(_tiny_actionformer(), text=text, text_dim=C)
-    preset = Preset("tiny-open-vocab", "test", "synthetic", detector, OptimConfig(lr=3e-3, weight_decay=0.0, warmup_epochs=1, epochs=8, ema_decay=0.7), 2)
+    preset = Preset(
+        "tiny-open-vocab",
+        "test",
+        "synthetic",
+        detector,
+        OptimConfig(lr=3e-3, weight_decay=0.0, warmup_epochs=1, epochs=8, ema_decay=0.7),
+        2,
+    )
     summary = train(_job(tmp_path, _write(tmp_path, preset), store, registry, workers=2, run_name="ov"))
     assert summary["best_score"] > 0.2
-    checkpoint = next((tmp_path / "runs").rglob("model.pt"))
-    model = load_checkpoint(checkpoint).build("cpu").eval()
+    from jobs.tracking import resolve_model
+
+    model = load_checkpoint(resolve_model("models:/tal-detector@champion", registry)).build("cpu").eval()  # what is served
     features = np.asarray(next(iter(FeatureStore(store[0]))).features[:80], np.float32)
     duration = float(SYNTHETIC_TIMING.step_to_seconds(len(features)))
     port = free_port()

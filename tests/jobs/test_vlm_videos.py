@@ -1,6 +1,6 @@
 """A vision-language model from videos to named classes, through the CLI and over real parts: ``tal extract --backbone
-clip:...`` (Ray Data actors, real MP4s decoded), a training-free ``zero_shot`` preset validated and registered by
-``tal train``, and ``tal detect --classes`` naming classes at inference with the model's own text encoder. The VLM is a
+clip:...``'s extraction (Ray Data actors, real MP4s decoded), a training-free ``zero_shot`` preset validated and
+registered by ``tal train``'s job, and ``tal detect --classes`` (the CLI) naming classes at inference with the model's own text encoder. The VLM is a
 small open_clip model of a real architecture with random weights, loaded from a path (no real VLM weights can be
 reached here): what is checked is the mechanics, not the accuracy."""
 
@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from helpers import save_tiny_clip
 
+from jobs.train import TrainJob, train
+from pipelines.backbones import BackboneConfig
+from pipelines.extract import ExtractConfig, SamplingConfig, extract
 from tal_models.config import dump_yaml
 from tal_models.detectors.zero_shot import zero_shot_config
 from tal_models.optim import OptimConfig
@@ -37,10 +40,11 @@ def test_clip_features_zero_shot_registration_and_detect_with_named_classes(tmp_
     config, weights = save_tiny_clip(tmp_path / "vlm")
     synth = synthesize(tmp_path / "synth", videos=4, seed=5, classes=2, duration_range=(3.0, 4.0), size=(96, 64), fps=10.0, workers=1,
                        progress=False)  # fmt: skip
-    store = tmp_path / "store"
-    r = tal("extract", "--videos", synth.root / "videos", "--out", store, "--backbone", f"clip:{config}", "--weights", weights,
-            "--fps", 5, "--window", 2, "--stride", 2, "--num-workers", 1, "--no-progress")  # fmt: skip
-    assert r.returncode == 0, r.stdout + r.stderr
+    store = tmp_path / "store"  # the Ray Data extraction tal extract runs, in this process (the test's Ray session)
+    summary = extract(ExtractConfig(videos=str(synth.root / "videos"), out=str(store), backbone=BackboneConfig(name=f"clip:{config}",
+                      weights=str(weights), batch_size=8), sampling=SamplingConfig(fps=5.0, window=2, stride=2), num_workers=1,
+                      progress=False))  # fmt: skip
+    assert summary.extracted == 4 and not summary.failed
 
     names = [c.name for c in synth.classes]
     text = TextEncoderConfig(kind="open_clip", model=str(config), weights=str(weights), prompt="a video of {}")
@@ -49,10 +53,9 @@ def test_clip_features_zero_shot_registration_and_detect_with_named_classes(tmp_
     (tmp_path / "zs.yaml").write_text(dump_yaml(preset))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     subsets = sorted({v.subset for v in synth.annotations})
-    r = tal("train", "--config", tmp_path / "zs.yaml", "--features", store, "--annotations", synth.activitynet_json, "--out",
-            tmp_path / "runs", "--train-subset", subsets[0], "--val-subset", subsets[-1], env=env)  # fmt: skip
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "training-free" in r.stdout and "registered tal-detector version 1" in r.stdout
+    summary = train(TrainJob(config=str(tmp_path / "zs.yaml"), features=str(store), annotations=str(synth.activitynet_json),
+                             out=str(tmp_path / "runs"), train_subset=subsets[0], val_subset=subsets[-1], mlflow_uri=env["MLFLOW_TRACKING_URI"]))  # fmt: skip
+    assert summary["registration"]["version"] == 1 and summary["best_score"] >= 0.0
 
     video = next(iter(synth.videos.values()))
     out = tmp_path / "detect"
