@@ -184,12 +184,18 @@ def crop_batches(train: list[dict], steps: int, batch_size: int, max_seq_len: in
 
 def fit_crops(net, train: list[dict], steps: int, batch_size: int, max_seq_len: int, lr: float, weight_decay: float, seed: int,
               agnostic: bool = False) -> tuple:  # fmt: skip
-    """The drivers' training: ``steps`` batches of ``crop_batches`` (crops drawn from ``seed``), AdamW with warm-up over a
-    tenth of the epochs and cosine decay, EMA 0.99 -> ``(the EMA model in eval mode, the epoch's stats, seconds, epochs)``."""
+    """The drivers' training: ``steps`` batches of ``crop_batches`` (crops drawn from ``seed``), through ``fit_batches``."""
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    batches = lambda g: crop_batches(train, steps, batch_size, max_seq_len, g, net.pad_multiple, agnostic)  # noqa: E731
+    return fit_batches(net, batches, steps, steps_per_epoch, lr, weight_decay, seed)
+
+
+def fit_batches(net, batches, steps: int, steps_per_epoch: int, lr: float, weight_decay: float, seed: int) -> tuple:
+    """``steps`` batches of ``batches(g)`` (``g`` drawn from ``seed``), AdamW with warm-up over a tenth of the epochs and
+    cosine decay, EMA 0.99 -> ``(the EMA model in eval mode, the epoch's stats, seconds, epochs)``."""
     from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
     from tal_models.training import train_one_epoch
 
-    steps_per_epoch = math.ceil(len(train) / batch_size)
     epochs = max(1, round(steps / steps_per_epoch))
     optim = OptimConfig(lr=lr, weight_decay=weight_decay, warmup_epochs=min(epochs - 1, max(1, epochs // 10)), epochs=epochs,
                         ema_decay=0.99)  # fmt: skip
@@ -198,10 +204,7 @@ def fit_crops(net, train: list[dict], steps: int, batch_size: int, max_seq_len: 
     ema = ModelEMA(net, optim.ema_decay)
     g = np.random.default_rng(seed)
     started = time.perf_counter()
-    stats = train_one_epoch(
-        net, crop_batches(train, steps, batch_size, max_seq_len, g, net.pad_multiple, agnostic), optimizer, scheduler, ema=ema,
-        clip_grad_norm=optim.clip_grad_norm,
-    )  # fmt: skip
+    stats = train_one_epoch(net, batches(g), optimizer, scheduler, ema=ema, clip_grad_norm=optim.clip_grad_norm)
     return ema.module.eval(), stats, time.perf_counter() - started, epochs
 
 

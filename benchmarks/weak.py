@@ -153,23 +153,13 @@ def video_batches(train: list[dict], steps: int, batch_size: int, max_seq_len: i
 
 
 def fit_videos(net, train: list[dict], steps: int, batch_size: int, lr: float, weight_decay: float, seed: int) -> tuple:
-    """``fit_crops`` with ``video_batches`` in place of crops: the same optimiser, schedule and EMA ->
+    """``fit_crops`` with ``video_batches`` in place of crops (``fit_batches``: the same optimiser, schedule and EMA) ->
     ``(the EMA model in eval mode, the epoch's stats, seconds, epochs)``."""
-    from tal_models.optim import ModelEMA, OptimConfig, build_optimizer, build_scheduler
-    from tal_models.training import train_one_epoch
+    from benchmarks.accuracy_vs_actionformer import fit_batches
 
     steps_per_epoch = max(1, len(train) // min(batch_size, len(train)))
-    epochs = max(1, round(steps / steps_per_epoch))
-    optim = OptimConfig(lr=lr, weight_decay=weight_decay, warmup_epochs=min(epochs - 1, max(1, epochs // 10)), epochs=epochs,
-                        ema_decay=0.99)  # fmt: skip
-    optimizer = build_optimizer(net, optim)
-    scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
-    ema = ModelEMA(net, optim.ema_decay)
-    g = np.random.default_rng(seed)
-    started = time.perf_counter()
-    batches = video_batches(train, steps, batch_size, net.config.max_seq_len, g, net.pad_multiple)
-    stats = train_one_epoch(net, batches, optimizer, scheduler, ema=ema, clip_grad_norm=optim.clip_grad_norm)
-    return ema.module.eval(), stats, time.perf_counter() - started, epochs
+    batches = lambda g: video_batches(train, steps, batch_size, net.config.max_seq_len, g, net.pad_multiple)  # noqa: E731
+    return fit_batches(net, batches, steps, steps_per_epoch, lr, weight_decay, seed)
 
 
 def weak_model_config(num_classes: int, input_dim: int, embed: int):
