@@ -18,6 +18,7 @@ from tal_models.evaluation.detection import (
     evaluate_detection,
     interpolated_ap,
 )
+from tal_models.evaluation.diagnosis import Diagnosis, diagnose
 from tal_models.evaluation.proposals import ProposalMetrics, evaluate_proposals
 from tal_models.evaluation.thresholds import PROTOCOLS, parse_tiou
 
@@ -28,7 +29,9 @@ __all__ = [
     "ClassificationMetrics",
     "DenseMetrics",
     "DetectionMetrics",
+    "Diagnosis",
     "ProposalMetrics",
+    "diagnose",
     "evaluate_classification",
     "evaluate_dense",
     "evaluate_detection",
