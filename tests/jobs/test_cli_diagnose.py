@@ -1,0 +1,40 @@
+"""``tal evaluate --diagnose`` in process (jobs.cli.main): the JSON and the three figures, and its misuse."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
+CASE = DATA / "eval_cases" / "mmaction2_two_videos"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@needs_data
+def test_diagnose_writes_json_and_figures_beside_the_metrics(tmp_path, capsys):
+    out = tmp_path / "run" / "metrics.json"
+    args = ["evaluate", "--ground-truth", CASE / "ground_truth.json", "--predictions", CASE / "predictions.json"]
+    assert main([*map(str, args), "--tiou", "0.5:0.95:0.05", "--output", str(out), "--diagnose"]) == 0
+    printed = capsys.readouterr().out
+    diagnosis = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
+    metrics = json.loads(out.read_text())
+    assert diagnosis["average_mAP"] == pytest.approx(metrics["average_mAP"], abs=1e-12)
+    assert diagnosis["num_ground_truth"] == 4 and diagnosis["num_predictions"] == 14 and len(diagnosis["tiou"]) == 10
+    assert set(diagnosis["false_negatives"]) >= {"coverage", "length", "num_instances"}
+    for name in ("false_positives", "false_negatives", "sensitivity"):
+        png = tmp_path / "run" / "diagnosis" / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
+        assert str(png) in printed
+    assert "DETAD diagnosis" in printed and "gain if removed" in printed
+
+
+@needs_data
+def test_diagnose_without_output_is_a_usage_error(tmp_path, capsys):
+    args = ["evaluate", "--ground-truth", CASE / "ground_truth.json", "--predictions", CASE / "predictions.json", "--diagnose"]
+    assert main(list(map(str, args))) == 2
+    err = capsys.readouterr().err
+    assert "--diagnose needs --output" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
