@@ -45,9 +45,12 @@ def write_diagnosis(diagnosis: Diagnosis, out_dir: Path) -> dict[str, Path]:
 def diagnosis_svgs(diagnosis: Diagnosis) -> dict[str, str]:
     """The same three figures as inline ``<svg ...>`` strings (no XML prolog), keyed by ``FIGURES``."""
     out = {}
-    for name, fig in _figures(diagnosis).items():
+    with plt.rc_context({"svg.fonttype": "none"}):  # text stays text: smaller, selectable, styled by the page's fonts
+        figures = _figures(diagnosis)
+    for name, fig in figures.items():
         buf = io.StringIO()
-        fig.savefig(buf, format="svg")
+        with plt.rc_context({"svg.fonttype": "none"}):
+            fig.savefig(buf, format="svg")
         plt.close(fig)
         text = buf.getvalue()
         out[name] = text[text.index("<svg") :]

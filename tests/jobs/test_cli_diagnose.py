@@ -29,6 +29,16 @@ def test_diagnose_writes_json_and_figures_beside_the_metrics(tmp_path, capsys):
         assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
         assert str(png) in printed
     assert "DETAD diagnosis" in printed and "gain if removed" in printed
+    # The report's inline figures, from the JSON read back.
+    from jobs.diagnosis import diagnosis_svgs, format_diagnosis
+    from tal_models.evaluation import Diagnosis
+
+    back = Diagnosis.from_dict(diagnosis)
+    svgs = diagnosis_svgs(back)
+    assert sorted(svgs) == ["false_negatives", "false_positives", "sensitivity"]
+    assert all(svg.startswith("<svg") and svg.rstrip().endswith("</svg>") for svg in svgs.values())
+    assert "Removing error impact" in svgs["false_positives"]
+    assert format_diagnosis(back) in printed
 
 
 @needs_data
