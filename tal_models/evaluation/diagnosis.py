@@ -181,12 +181,36 @@ def diagnose(
     gt, pred, _, _, _ = flatten(ground_truth, detections)
     rank, pairs = _prepare(gt, pred)
     matched = _match_with_ground_truth(gt, pred, tiou, rank, pairs)  # [T, N]
-    k, g = gt.num_classes, len(gt.label)
-    npos = np.bincount(gt.label, minlength=k)
-    avg_npos = g / k if k else 0.0
-    by_class = [np.flatnonzero(pred.label == c)[np.argsort(rank[pred.label == c])] for c in range(k)]  # rows, decreasing score
+    npos = np.bincount(gt.label, minlength=gt.num_classes)  # [K] G_c
+    avg_npos = len(gt.label) / gt.num_classes if gt.num_classes else 0.0  # G / K
+    by_class = [np.flatnonzero(pred.label == c)[np.argsort(rank[pred.label == c])] for c in range(gt.num_classes)]  # decreasing score
 
-    # --- false positives over the top limit_factor * G_c predictions of each class ---
+    false_positives, types, base = _false_positive_analysis(gt, pred, tiou, matched, by_class, npos, avg_npos, limit_factor, min_tiou)
+    bin_of = {name: _bin_index(values, bin_spec[name][0]) for name, values in _characteristics(ground_truth, gt).items()}
+    false_negatives = _false_negative_analysis(matched, by_class, npos, avg_npos, min_normalized_precision, bin_of, bin_spec)
+    sensitivity = _sensitivity_analysis(matched, by_class, gt.label, npos, avg_npos, bin_of, bin_spec)
+
+    prediction_types = _types_by_video(ground_truth, detections, types)
+    return Diagnosis(
+        tiou=tiou.tolist(),
+        limit_factor=int(limit_factor),
+        num_ground_truth=len(gt.label),
+        num_predictions=int(len(pred.score)),
+        average_mAP=metrics.average_mAP,
+        normalized_average_mAP=base,
+        bins=bins if isinstance(bins, str) else "custom",
+        false_positives=false_positives,
+        false_negatives=false_negatives,
+        sensitivity=sensitivity,
+        prediction_types=prediction_types,
+    )
+
+
+def _false_positive_analysis(
+    gt: FlatGroundTruth, pred: FlatPredictions, tiou, matched, by_class, npos, avg_npos: float, limit_factor: int, min_tiou: float
+) -> tuple[dict, np.ndarray, float]:
+    """Types of each class's top ``limit_factor * G_c`` predictions, the profile by band of G_c, the gain of deleting each
+    type. Returns the JSON part, ``types [T, N]`` (-1: not analysed) and the limited predictions' average-mAP_N."""
     position = np.empty(len(pred.score), np.int64)
     for rows in by_class:
         position[rows] = np.arange(len(rows))
@@ -195,68 +219,60 @@ def diagnose(
     types = np.full((len(tiou), len(pred.score)), -1, np.int64)
     types[:, limited] = _fp_types(gt, pred, tiou, matched, min_tiou)[:, limited]
     limited_by_class = [rows[limited[rows]] for rows in by_class]
-    base = _normalized_ap(matched >= 0, limited_by_class, npos, avg_npos)  # [T, K]
+    tp = matched >= 0
+    base = float(_normalized_ap(tp, limited_by_class, npos, avg_npos).mean()) if gt.num_classes else 0.0
     gains = {}
     for code, name in enumerate(FP_TYPES[1:], start=1):
-        kept = types != code
-        gains[name] = float(_normalized_ap(matched >= 0, limited_by_class, npos, avg_npos, keep=kept).mean() - base.mean()) if k else 0.0
-    bands = {"breakdown": [], "breakdown_cumulative": []}
-    for top in range(1, limit_factor + 1):
-        bands["breakdown"].append(_shares(types[:, limited & (band == top - 1)]))
-        bands["breakdown_cumulative"].append(_shares(types[:, limited & (band < top)]))
-    false_positives = {
+        removed = _normalized_ap(tp, limited_by_class, npos, avg_npos, keep=types != code)
+        gains[name] = float(removed.mean()) - base if gt.num_classes else 0.0
+    bands = [_shares(types[:, limited & (band == k)]) for k in range(limit_factor)]
+    tops = [_shares(types[:, limited & (band <= k)]) for k in range(limit_factor)]
+    analysis = {
         "types": list(FP_TYPES),
         "top_k": list(range(1, limit_factor + 1)),
         "min_tiou": float(min_tiou),
         "num_analysed": int(limited.sum()),
-        "breakdown": {name: [b[i] for b in bands["breakdown"]] for i, name in enumerate(FP_TYPES)},
-        "breakdown_cumulative": {name: [b[i] for b in bands["breakdown_cumulative"]] for i, name in enumerate(FP_TYPES)},
+        "breakdown": {name: [b[i] for b in bands] for i, name in enumerate(FP_TYPES)},
+        "breakdown_cumulative": {name: [b[i] for b in tops] for i, name in enumerate(FP_TYPES)},
         "removed_gain": gains,
     }
+    return analysis, types, base
 
-    # --- false negatives and sensitivity, by characteristic of the ground truth ---
-    characteristic = _characteristics(ground_truth, gt)
-    bin_of = {name: _bin_index(characteristic[name], edges) for name, (edges, _) in bin_spec.items()}
-    counted = _counting_matches(matched, by_class, npos, avg_npos, min_normalized_precision)
-    found = np.zeros((len(tiou), g + 1), bool)  # last column absorbs -1
-    found[np.arange(len(tiou))[:, None], np.where(counted, matched, -1)] = True
-    found = found[:, :g]
-    false_negatives: dict = {"min_normalized_precision": float(min_normalized_precision)}
-    false_negatives["overall_rate"] = float((~found).mean(axis=1).mean()) if g else None
-    sensitivity: dict = {"overall_normalized_ap": float(_normalized_ap(matched >= 0, by_class, npos, avg_npos).mean()) if k else 0.0}
+
+def _false_negative_analysis(matched, by_class, npos, avg_npos: float, floor: float, bin_of, bin_spec) -> dict:
+    """Share of the instances that no counting match found, overall and per bin, averaged over thresholds."""
+    t, g = matched.shape[0], len(next(iter(bin_of.values())))
+    counted = _counting_matches(matched, by_class, npos, avg_npos, floor)
+    found = np.zeros((t, g + 1), bool)  # the last column absorbs -1
+    found[np.arange(t)[:, None], np.where(counted, matched, -1)] = True
+    missed = ~found[:, :g]  # [T, G]
+    out: dict = {"min_normalized_precision": float(floor), "overall_rate": float(missed.mean(axis=1).mean()) if g else None}
     for name, (edges, labels) in bin_spec.items():
         b = bin_of[name]
         count = np.bincount(b[b >= 0], minlength=len(labels))
-        rate = [float((~found[:, b == i]).mean(axis=1).mean()) if count[i] else None for i in range(len(labels))]
-        false_negatives[name] = {
+        out[name] = {
             "bins": list(labels),
             "edges": [float(e) if math.isfinite(e) else None for e in edges],
             "count": count.tolist(),
-            "rate": rate,
+            "rate": [float(missed[:, b == i].mean(axis=1).mean()) if count[i] else None for i in range(len(labels))],
         }
-        per_bin = [_bin_normalized_ap(matched, by_class, gt.label, b, i, avg_npos) for i in range(len(labels))]
+    return out
+
+
+def _sensitivity_analysis(matched, by_class, gt_label, npos, avg_npos: float, bin_of, bin_spec) -> dict:
+    """Average-mAP_N overall and restricted to each bin's instances."""
+    overall = float(_normalized_ap(matched >= 0, by_class, npos, avg_npos).mean()) if len(by_class) else 0.0
+    out: dict = {"overall_normalized_ap": overall}
+    for name, (_, labels) in bin_spec.items():
+        per_bin = [_bin_normalized_ap(matched, by_class, gt_label, bin_of[name], i, avg_npos) for i in range(len(labels))]
         present = [v for v in per_bin if v is not None]
-        sensitivity[name] = {
+        out[name] = {
             "bins": list(labels),
             "normalized_ap": per_bin,
             "min": min(present) if present else None,
             "max": max(present) if present else None,
         }
-
-    prediction_types = _types_by_video(ground_truth, detections, types)
-    return Diagnosis(
-        tiou=tiou.tolist(),
-        limit_factor=int(limit_factor),
-        num_ground_truth=g,
-        num_predictions=int(len(pred.score)),
-        average_mAP=metrics.average_mAP,
-        normalized_average_mAP=float(base.mean()) if k else 0.0,
-        bins=bins if isinstance(bins, str) else "custom",
-        false_positives=false_positives,
-        false_negatives=false_negatives,
-        sensitivity=sensitivity,
-        prediction_types=prediction_types,
-    )
+    return out
 
 
 def _bin_spec(bins) -> dict[str, tuple[list[float], list[str]]]:
