@@ -5,6 +5,7 @@
   classification task).
 - ``evaluate_proposals``: AR@AN and the area under the AR-AN curve.
 - ``evaluate_dense``: per-frame mAP of the dense multi-label protocols (MultiTHUMOS, Charades).
+- ``diagnose``: DETAD's error analysis (false-positive types, false negatives and AP sensitivity by instance characteristics).
 - ``parse_tiou``: threshold lists and ``start:stop:step`` ranges as the references build them.
 """
 
