@@ -238,8 +238,29 @@ function applyTruth(id, ask = true) {
   render();
 }
 
+// each JSON file opened counts once it is handled (drawn, a pick offered, or refused): scripts wait on #stage[data-files]
+function fileHandled() {
+  $("stage").dataset.files = String(Number($("stage").dataset.files || 0) + 1);
+}
+
 $("results-file").addEventListener("change", async (event) => {
-  const file = await readJson(event.target);
+  try {
+    await openResults(event.target);
+  } finally {
+    fileHandled();
+  }
+});
+
+$("gt-file").addEventListener("change", async (event) => {
+  try {
+    await openTruth(event.target);
+  } finally {
+    fileHandled();
+  }
+});
+
+async function openResults(input) {
+  const file = await readJson(input);
   if (!file) return;
   const results = file.data && file.data.results;
   if (!results || typeof results !== "object") {
@@ -253,10 +274,10 @@ $("results-file").addEventListener("change", async (event) => {
     return;
   }
   applyResults(state.current.id);
-});
+}
 
-$("gt-file").addEventListener("change", async (event) => {
-  const file = await readJson(event.target);
+async function openTruth(input) {
+  const file = await readJson(input);
   if (!file) return;
   const database = file.data && file.data.database;
   if (!database || typeof database !== "object") {
@@ -270,7 +291,7 @@ $("gt-file").addEventListener("change", async (event) => {
     return;
   }
   applyTruth(state.current.id);
-});
+}
 
 $("results-pick").addEventListener("change", (e) => e.target.value && (clearError(), applyResults(e.target.value)));
 $("gt-pick").addEventListener("change", (e) => e.target.value && (clearError(), applyTruth(e.target.value)));

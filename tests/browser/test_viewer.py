@@ -17,6 +17,7 @@ import requests
 import torch
 from helpers import free_port
 
+from jobs.serve_api import MAX_LIST_DEPTH, RequestError, list_videos, parse_range
 from jobs.serve_config import ServeArgs
 from jobs.tracking import TrainingRun, register_checkpoint
 from pipelines.backbones import BackboneConfig, build_backbone
@@ -38,6 +39,7 @@ def served(tmp_path_factory, ray_session, moto_s3):
 
     from jobs.serve import run_app
 
+    begin = time.perf_counter()
     root = tmp_path_factory.mktemp("viewer")
     torch.manual_seed(0)
     model = build_detector(make_config("temporalmaxer", num_classes=len(LABELS), input_dim=1280, max_seq_len=64, embed_dim=16, levels=3))
@@ -69,6 +71,7 @@ def served(tmp_path_factory, ray_session, moto_s3):
     (root / "outside.mp4").write_bytes(synthetic.read_bytes())  # beside the root, not under it
     moto_s3.fs.mkdir("viewer-videos")
     moto_s3.fs.put(str(synthetic), "viewer-videos/in/synthetic.mp4")
+    prepared = time.perf_counter()
 
     args = ServeArgs(
         model="models:/tal-detector@champion",
@@ -77,9 +80,10 @@ def served(tmp_path_factory, ray_session, moto_s3):
         video_roots=[str(videos), "s3://viewer-videos/in/"],
         max_steps=300,
     )
-    start = time.perf_counter()
     url = run_app(args, "127.0.0.1", free_port(), quiet=True)
-    print(f"\nviewer tests: the Serve app started in {time.perf_counter() - start:.1f} s")
+    print(
+        f"\nviewer tests: checkpoint, registry and videos in {prepared - begin:.1f} s, the Serve app started in {time.perf_counter() - prepared:.1f} s"
+    )
     try:
         yield {"url": url, "root": root, "videos": videos, "synthetic": synthetic}
     finally:
@@ -88,6 +92,41 @@ def served(tmp_path_factory, ray_session, moto_s3):
 
 def _get(url: str, **kwargs) -> requests.Response:
     return requests.get(url, timeout=TIMEOUT, **kwargs)
+
+
+# --- the listing and Range helpers, without a server -------------------------------------------------------
+
+
+def test_listing_stays_in_its_roots_and_depth(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (outside).mkdir()
+    (outside / "secret.mp4").write_bytes(b"x")
+    deep = root.joinpath(*[f"d{i}" for i in range(MAX_LIST_DEPTH + 1)])
+    deep.mkdir(parents=True)
+    (deep / "too_deep.mp4").write_bytes(b"x")
+    (deep.parent / "deepest_listed.webm").write_bytes(b"xy")
+    (root / "link.mp4").symlink_to(outside / "secret.mp4")  # a video name, a target outside the root
+    (root / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (root / "a.MOV").write_bytes(b"abc")
+    (root / "notes.txt").write_text("no")
+    listing = list_videos([str(root)], limit=10)
+    names = [v["name"] for v in listing["videos"]]
+    assert names == ["a.MOV", "/".join(f"d{i}" for i in range(MAX_LIST_DEPTH)) + "/deepest_listed.webm"]
+    assert listing["videos"][0] == {"uri": str((root / "a.MOV").resolve()), "name": "a.MOV", "size": 3, "root": str(root)}
+    assert list_videos([str(root)], limit=10, prefix="d0/d1/")["videos"][0]["size"] == 2
+    assert list_videos([str(root)], limit=1)["truncated"] is True
+
+
+def test_range_header():
+    assert parse_range(None, 100) is None
+    assert parse_range("bytes=0-9", 100) == (0, 9)
+    assert parse_range("bytes=90-", 100) == (90, 99)
+    assert parse_range("bytes=-5", 100) == (95, 99)
+    assert parse_range("bytes=50-500", 100) == (50, 99)
+    for bad in ("bytes=100-", "bytes=5-2", "items=0-1", "bytes=0-1,4-5", "bytes=a-b"):
+        with pytest.raises(RequestError) as refused:
+            parse_range(bad, 100)
+        assert refused.value.status == 416, bad
 
 
 # --- the endpoints, over plain HTTP --------------------------------------------------------------------
