@@ -309,7 +309,8 @@ api = FastAPI(
     title="TAL detector",
     version="1",
     description="Temporal action localization: where in a video each action happens (start, end, class, score). "
-    "POST a feature sequence to /v1/detect or a video to /v1/detect/video.",
+    "POST a feature sequence to /v1/detect or a video to /v1/detect/video. A web viewer (a video with its detections "
+    "under it) is served at / (its files under /viewer/), with the videos of the server's roots from /v1/videos.",
 )
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 403, 404, 413, 415, 422)}
@@ -569,11 +570,12 @@ class DetectorIngress:
     async def model(self) -> dict[str, Any]:
         return {**self.info.describe(), "server": dataclasses.asdict(self.limits)}
 
-    @api.get("/", summary="the web viewer: a video with the model's detections under it (docs/viewer.md)", response_class=HTMLResponse)
+    # the page and its files are no API: out of the OpenAPI (whose every answer is JSON), named in its description
+    @api.get("/", include_in_schema=False)
     async def viewer(self) -> HTMLResponse:
         return HTMLResponse(_viewer_file("index.html").read_text())
 
-    @api.get("/viewer/{name}", summary="the web viewer's static files (its scripts and styles)", responses={404: {"model": ErrorResponse}})
+    @api.get("/viewer/{name}", include_in_schema=False)
     async def viewer_file(self, name: str) -> FileResponse:
         path = _viewer_file(name)
         return FileResponse(path, media_type=_VIEWER_TYPES[path.suffix], headers={"Cache-Control": "no-cache"})

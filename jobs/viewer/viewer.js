@@ -26,9 +26,14 @@ const state = {
 
 class ApiError extends Error {}
 
+// errors pile up (the last 5) until the next action clears them: an API error and the player's own can come together
 function showError(text) {
   const box = $("error");
-  box.textContent = text;
+  const line = document.createElement("div");
+  line.className = "error-line";
+  line.textContent = text;
+  box.append(line);
+  while (box.childElementCount > 5) box.firstElementChild.remove();
   box.hidden = false;
 }
 

@@ -144,7 +144,8 @@ def test_viewer_files_are_served(served):
         missing = _get(f"{url}/viewer/{name}")
         assert missing.status_code == 404 and missing.json()["error"] == "not_found", name
     spec = _get(url + "/openapi.json").json()
-    assert {"/", "/viewer/{name}", "/v1/videos", "/v1/videos/content"} <= set(spec["paths"])
+    assert {"/v1/videos", "/v1/videos/content"} <= set(spec["paths"]) and not {"/", "/viewer/{name}"} & set(spec["paths"])
+    assert "served at /" in spec["info"]["description"]
 
 
 def test_video_listing_is_bounded_and_under_the_roots(served):
