@@ -821,15 +821,17 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
         detector_options["num_replicas"] = args.detector_replicas
     if args.featurizer_replicas != 1:
         featurizer_options["num_replicas"] = args.featurizer_replicas
+    # local roots absolute, as the model's path: replicas run in another working folder (a relative root would name another place)
+    roots = [r if "://" in r else str(Path(r).expanduser().resolve()) for r in args.video_roots]
     featurizer = VideoFeaturizer.options(**featurizer_options).bind(
-        info.provenance, args.backbone_weights, storage, args.video_roots, threads, use_gpu
+        info.provenance, args.backbone_weights, storage, roots, threads, use_gpu
     )
     limits = Limits(int(args.max_body_mb * MB), int(args.max_upload_mb * MB), args.max_steps, args.max_batch_size, bool(args.video_roots))
     stream_limits = StreamLimits(
         args.stream_max_sessions, args.stream_idle_timeout_s, args.stream_max_session_s, int(args.stream_max_message_mb * MB)
     )
     return DetectorIngress.options(**detector_options).bind(
-        featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime,
+        featurizer, info, limits, roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime,
         stream_limits, args.backbone_weights,
     )  # fmt: skip
 
