@@ -213,6 +213,13 @@ def _detect(page, action) -> dict:
     return answer
 
 
+def _open_file(page, selector: str, path) -> None:
+    """Open a JSON file in the page and wait until it is handled (read asynchronously: drawn, a pick offered, or refused)."""
+    handled = int(page.get_attribute("#stage", "data-files") or 0)
+    page.set_input_files(selector, str(path))
+    page.wait_for_function(f"Number(document.querySelector('#stage').dataset.files || 0) > {handled}")
+
+
 def _bars(page) -> list[dict]:
     return page.eval_on_selector_all(
         ".det-bar",
@@ -276,7 +283,7 @@ def test_server_video_plays_from_the_listing_and_files_draw_their_bars(served, p
     mine = [{"segment": [0.5, 1.5], "label": "run", "score": 0.9}, {"segment": [2.0, 3.0], "label": "dance", "score": 0.3}]
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"results": {"synthetic": mine, "other": [{"segment": [0, 1], "label": "jump", "score": 1}]}}))
-    page.set_input_files("#results-file", str(results))
+    _open_file(page, "#results-file", results)
     page.wait_for_function(f"document.querySelectorAll('.det-bar').length === {len(mine)}")
     assert sorted((b["label"], b["score"]) for b in _bars(page)) == [("dance", 0.3), ("run", 0.9)]
     assert page.inner_text("#shown-count") == "2 of 2 shown"
@@ -285,7 +292,7 @@ def test_server_video_plays_from_the_listing_and_files_draw_their_bars(served, p
     truth = tmp_path / "gt.json"
     annotations = [{"segment": [0.5, 1.0], "label": "run"}, {"segment": [3.0, 4.0], "label": "jump"}]
     truth.write_text(json.dumps({"database": {"clip_007": {"duration": 4.5, "subset": "validation", "annotations": annotations}}}))
-    page.set_input_files("#gt-file", str(truth))
+    _open_file(page, "#gt-file", truth)
     assert 'no entry for video "synthetic"' in page.inner_text("#error")
     page.select_option("#gt-pick", "clip_007")
     page.wait_for_function(f"document.querySelectorAll('.gt-bar').length === {len(annotations)}")
