@@ -4,8 +4,11 @@
               ├─ POST /v1/detect        ─► parse the body in place ─► the model (this replica's torch thread)
               ├─ POST /v1/detect/video  ─► VideoFeaturizer (decode + the checkpoint's ─► the model, here
               │                            backbone, as its provenance records)
-              └─ WS /v1/stream          ─► a StreamSession (jobs.stream_api) per connection: an OnlineStream here,
-                                           feature steps (or encoded video chunks) in, events out as they happen
+              ├─ WS /v1/stream          ─► a StreamSession (jobs.stream_api) per connection: an OnlineStream here,
+              │                            feature steps (or encoded video chunks) in, events out as they happen
+              ├─ GET /, /viewer/{name}  ─► the web viewer (jobs/viewer: plain HTML/CSS/JS, docs/viewer.md)
+              ├─ GET /v1/videos         ─► the videos under the video roots (bounded listing, root-checked)
+              └─ GET /v1/videos/content ─► one of those videos' bytes (HTTP Range), for the viewer's player
             GET /healthz, GET /v1/model, OpenAPI at /docs
 
 One replica both answers HTTP and runs the model: a feature request's body is parsed where the model is
@@ -41,9 +44,9 @@ from typing import Any
 
 import torch
 import yaml
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -54,7 +57,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from jobs.export import ExportedModel, ExportError, build_for_runtime
 from jobs.inference import detect_batch, load_runtime_model
 from jobs.serve_api import (
+    MAX_LIST_LIMIT,
     NPY_CONTENT_TYPES,
+    VIDEO_EXTENSIONS,
     DetectFeaturesRequest,
     DetectOptions,
     DetectResponse,
@@ -67,11 +72,15 @@ from jobs.serve_api import (
     check_video_uri,
     detections_payload,
     features_request,
+    is_video_name,
+    list_videos,
     options_from_query,
     parse_json_request,
     parse_npy,
+    parse_range,
     request_classes,
     to_sequence,
+    video_media_type,
 )
 from jobs.serve_config import APP_IMPORT_PATH, APP_NAME, ServeArgs
 from jobs.stream_api import Disconnected, StreamLimits, StreamSessions, stream_model, to_json, video_inputs
@@ -83,6 +92,9 @@ from tal_models.detectors.fused import FusedDetector, is_class_agnostic
 from tal_models.text import TextEncoderConfig, is_open_vocabulary
 
 MB = 2**20
+VIEWER_DIR = Path(__file__).resolve().parent / "viewer"  # the web viewer's files (package data: found installed or editable)
+_VIEWER_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                 ".svg": "image/svg+xml", ".png": "image/png", ".txt": "text/plain; charset=utf-8"}  # fmt: skip
 
 
 # --- loading the checkpoint (driver and replicas) ----------------------------------------------
@@ -297,7 +309,8 @@ api = FastAPI(
     title="TAL detector",
     version="1",
     description="Temporal action localization: where in a video each action happens (start, end, class, score). "
-    "POST a feature sequence to /v1/detect or a video to /v1/detect/video.",
+    "POST a feature sequence to /v1/detect or a video to /v1/detect/video. A web viewer (a video with its detections "
+    "under it) is served at / (its files under /viewer/), with the videos of the server's roots from /v1/videos.",
 )
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 403, 404, 413, 415, 422)}
@@ -388,6 +401,51 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str | None]
         await form.close()
 
 
+# --- the viewer and the videos it plays ------------------------------------------------------------------
+
+
+def _viewer_file(name: str) -> Path:
+    """A file of the viewer's folder (no sub-folders, no dot files, known types only), or 404."""
+    path = VIEWER_DIR / name
+    if "/" in name or "\\" in name or name.startswith(".") or path.suffix not in _VIEWER_TYPES or not path.is_file():
+        raise RequestError(404, "not_found", f"the viewer has no file {name!r}")
+    return path
+
+
+def _video_path(uri: str, roots: list[str]) -> str:
+    """``uri`` checked against the roots (403 outside them) and named as a video file (415 otherwise)."""
+    checked = check_video_uri(uri, roots)
+    if not is_video_name(checked):
+        raise RequestError(415, "not_a_video", f"{uri}: only video files are served ({' '.join(VIDEO_EXTENSIONS)})")
+    return checked
+
+
+def _s3_video_response(uri: str, fs, range_header: str | None) -> StreamingResponse:
+    """The bytes of ``uri`` on S3, or the one range the ``Range`` header asks for (206), streamed in 1 MiB chunks."""
+    try:
+        size = int(fs.info(uri)["size"])
+    except FileNotFoundError:
+        raise RequestError(404, "video_missing", f"{uri}: no such object") from None
+    span = parse_range(range_header, size)
+    start, end = span if span is not None else (0, size - 1)
+
+    def chunks():
+        with fs.open(uri, "rb", block_size=MB) as f:
+            f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                chunk = f.read(min(MB, left))
+                if not chunk:
+                    return
+                left -= len(chunk)
+                yield chunk
+
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, end - start + 1))}
+    if span is not None:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return StreamingResponse(chunks(), status_code=206 if span else 200, media_type=video_media_type(uri), headers=headers)
+
+
 class _WebSocketTransport:
     """A Starlette WebSocket as ``jobs.stream_api.Transport``: JSON text out, text or bytes in."""
 
@@ -439,6 +497,7 @@ class DetectorIngress:
         self.info = info
         self.limits = limits
         self.video_roots = list(video_roots)
+        self.storage_options = storage_options
         self.torch = TorchThread(num_threads)
 
         def load_model():
@@ -510,6 +569,54 @@ class DetectorIngress:
     )
     async def model(self) -> dict[str, Any]:
         return {**self.info.describe(), "server": dataclasses.asdict(self.limits)}
+
+    # the page and its files are no API: out of the OpenAPI (whose every answer is JSON), named in its description
+    @api.get("/", include_in_schema=False)
+    async def viewer(self) -> HTMLResponse:
+        return HTMLResponse(_viewer_file("index.html").read_text())
+
+    @api.get("/viewer/{name}", include_in_schema=False)
+    async def viewer_file(self, name: str) -> FileResponse:
+        path = _viewer_file(name)
+        return FileResponse(path, media_type=_VIEWER_TYPES[path.suffix], headers={"Cache-Control": "no-cache"})
+
+    @api.get(
+        "/v1/videos",
+        summary="the video files under the server's video roots (bounded listing)",
+        description="Each root (--video-root) walked in name order, at most 8 folders deep, until `limit` videos are found; "
+        "`truncated` says whether there were more. `prefix` keeps the videos whose path under their root starts with it. "
+        "Every `uri` passes the same root checks as POST /v1/detect/video, which reads it, and GET /v1/videos/content, "
+        "which serves its bytes. A server without video roots answers 200 with no videos and a `message`.",
+        responses={422: {"model": ErrorResponse}},
+    )
+    async def videos(
+        self,
+        limit: int = Query(200, ge=1, le=MAX_LIST_LIMIT, description=f"most videos listed (at most {MAX_LIST_LIMIT})"),
+        prefix: str = Query("", max_length=1024, description="only videos whose path under their root starts with this"),
+    ) -> dict[str, Any]:
+        if not self.video_roots:
+            return {"videos": [], "truncated": False, "roots": [], "message": "this server has no video roots (tal serve --video-root DIR)"}
+        listing = await asyncio.to_thread(list_videos, self.video_roots, limit, prefix, self._s3)
+        return {**listing, "roots": self.video_roots}
+
+    @api.get(
+        "/v1/videos/content",
+        summary="the bytes of a video under the video roots (HTTP Range supported), for the viewer's player",
+        description="`uri` as GET /v1/videos lists it; 403 outside the roots (`..` escapes included), 415 for a file that is not a video, "
+        "404 if missing. A `Range: bytes=START-END` header gets 206 with those bytes.",
+        responses={**_ERRORS, 416: {"model": ErrorResponse}},
+    )
+    async def video_content(self, request: Request, uri: str = Query(min_length=1, max_length=4096)):
+        path = _video_path(uri, self.video_roots)
+        if path.startswith("s3://"):
+            fs = self._s3(path)
+            return await asyncio.to_thread(_s3_video_response, path, fs, request.headers.get("range"))
+        if not os.path.isfile(path):
+            raise RequestError(404, "video_missing", f"{uri}: no such file")
+        return FileResponse(path, media_type=video_media_type(path))
+
+    def _s3(self, uri: str):
+        return filesystem_for(uri, self.storage_options)[0]
 
     @api.post(
         "/v1/detect",
@@ -714,15 +821,17 @@ def _application(args: ServeArgs, info: ModelInfo) -> serve.Application:
         detector_options["num_replicas"] = args.detector_replicas
     if args.featurizer_replicas != 1:
         featurizer_options["num_replicas"] = args.featurizer_replicas
+    # local roots absolute, as the model's path: replicas run in another working folder (a relative root would name another place)
+    roots = [r if "://" in r else str(Path(r).expanduser().resolve()) for r in args.video_roots]
     featurizer = VideoFeaturizer.options(**featurizer_options).bind(
-        info.provenance, args.backbone_weights, storage, args.video_roots, threads, use_gpu
+        info.provenance, args.backbone_weights, storage, roots, threads, use_gpu
     )
     limits = Limits(int(args.max_body_mb * MB), int(args.max_upload_mb * MB), args.max_steps, args.max_batch_size, bool(args.video_roots))
     stream_limits = StreamLimits(
         args.stream_max_sessions, args.stream_idle_timeout_s, args.stream_max_session_s, int(args.stream_max_message_mb * MB)
     )
     return DetectorIngress.options(**detector_options).bind(
-        featurizer, info, limits, args.video_roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime,
+        featurizer, info, limits, roots, args.mlflow_uri, storage, args.batch_wait_timeout_s, threads, use_gpu, args.runtime,
         stream_limits, args.backbone_weights,
     )  # fmt: skip
 

@@ -514,3 +514,119 @@ class DynamicBatcher:
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
+
+
+# --- the videos under the roots (GET /v1/videos, the viewer's listing) ------------------------------
+
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".ogv", ".3gp")
+MAX_LIST_DEPTH = 8  # folders below a root that a listing descends into
+MAX_LIST_LIMIT = 1000  # entries per listing
+_VIDEO_TYPES = {
+    ".mkv": "video/x-matroska",
+    ".webm": "video/webm",
+    ".avi": "video/x-msvideo",
+    ".mov": "video/quicktime",
+    ".ogv": "video/ogg",
+}
+
+
+def is_video_name(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def video_media_type(name: str) -> str:
+    """The Content-Type a browser's ``<video>`` gets for a video file named ``name`` (``video/mp4`` for MP4 and the rest)."""
+    return _VIDEO_TYPES.get(os.path.splitext(name)[1].lower(), "video/mp4")
+
+
+def list_videos(roots: Sequence[str], limit: int, prefix: str = "", s3_filesystem: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """The video files under ``roots``, at most ``limit`` of them: ``{"videos": [{"uri", "name", "size", "root"}], "truncated"}``.
+
+    Each root is walked in name order, at most ``MAX_LIST_DEPTH`` folders deep, and the walk stops once ``limit + 1``
+    videos are found (so a huge root costs no more than the entries shown). ``name`` is the path under the root;
+    ``prefix`` keeps those whose name starts with it (folders that cannot match are not entered). Every entry
+    passes ``check_video_uri`` (a symlink out of its root is left out). ``s3_filesystem(root)``: the fsspec
+    filesystem of an ``s3://`` root (the featurizer's storage options).
+    """
+    prefix = prefix.lstrip("/")
+    found: list[dict[str, Any]] = []
+    for root in roots:
+        walk = _walk_s3(root, s3_filesystem) if root.startswith("s3://") else _walk_local(root)
+        for name, uri, size in walk(prefix):
+            try:
+                uri = check_video_uri(uri, roots)
+            except RequestError:
+                continue
+            found.append({"uri": uri, "name": name, "size": size, "root": root})
+            if len(found) > limit:
+                return {"videos": found[:limit], "truncated": True}
+    return {"videos": found, "truncated": False}
+
+
+def _may_hold(folder: str, prefix: str) -> bool:
+    """Whether names under ``folder`` (a path under the root, "" for the root) can start with ``prefix``."""
+    return not folder or folder.startswith(prefix) or prefix.startswith(folder + "/")
+
+
+def _walk_local(root: str) -> Callable[[str], Any]:
+    base = os.path.realpath(root.removeprefix("file://"))
+
+    def walk(prefix: str):
+        for folder, dirs, files in os.walk(base, followlinks=False):
+            rel = os.path.relpath(folder, base).replace(os.sep, "/")
+            rel = "" if rel == "." else rel
+            depth = 0 if not rel else rel.count("/") + 1
+            dirs[:] = sorted(d for d in dirs if depth < MAX_LIST_DEPTH and _may_hold(f"{rel}/{d}".lstrip("/"), prefix))
+            for f in sorted(files):
+                name = f"{rel}/{f}".lstrip("/")
+                if is_video_name(f) and name.startswith(prefix):
+                    path = os.path.join(folder, f)
+                    try:
+                        size = os.path.getsize(path)
+                    except OSError:
+                        continue  # gone, or a broken link
+                    yield name, path, size
+
+    return walk
+
+
+def _walk_s3(root: str, s3_filesystem: Callable[[str], Any] | None) -> Callable[[str], Any]:
+    def walk(prefix: str):
+        if s3_filesystem is None:
+            return
+        fs = s3_filesystem(root)
+        base = _dir_prefix(root)[len("s3://") :]
+        # one listing per folder (fsspec's walk), folders that cannot match the prefix pruned before they are listed
+        for folder, dirs, files in fs.walk(base, maxdepth=MAX_LIST_DEPTH + 1, detail=True):
+            rel = folder[len(base) :].strip("/") if folder.startswith(base) else ""
+            for d in list(dirs):
+                if not _may_hold(f"{rel}/{d}".lstrip("/"), prefix):
+                    del dirs[d]
+            for f in sorted(files):
+                name = f"{rel}/{f}".lstrip("/")
+                if is_video_name(f) and name.startswith(prefix):
+                    yield name, f"s3://{base}{name}", int(files[f].get("size") or 0)
+
+    return walk
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """An HTTP ``Range: bytes=...`` header (one range) -> ``(start, end)`` inclusive, within a file of ``size`` bytes;
+    None for no header. A range that cannot be served is a 416 ``range_not_satisfiable``."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        raise RequestError(416, "range_not_satisfiable", f"Range {header!r}: only one range of bytes is served")
+    first, _, last = spec.strip().partition("-")
+    try:
+        if not first:  # the last N bytes
+            start, end = max(0, size - int(last)), size - 1
+        else:
+            start, end = int(first), (int(last) if last else size - 1)
+    except ValueError:
+        raise RequestError(416, "range_not_satisfiable", f"Range {header!r} is not bytes=START-END") from None
+    end = min(end, size - 1)
+    if start < 0 or start > end:
+        raise RequestError(416, "range_not_satisfiable", f"Range {header!r} is outside the file's {size:,} bytes")
+    return start, end
