@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Deploys the detector as a Ray Serve app: POST /v1/detect (a feature sequence as JSON or .npy), "
             'POST /v1/detect/video (an upload, or {"uri": ...} under --video-root), GET /healthz, GET /v1/model, '
-            "OpenAPI at /docs. Runs on RAY_ADDRESS if set, else on a local Ray; stops on Ctrl-C. Settings: defaults < "
+            "OpenAPI at /docs, and a web viewer at / (a video with its detections; the videos under --video-root are listed). "
+            "Runs on RAY_ADDRESS if set, else on a local Ray; stops on Ctrl-C. Settings: defaults < "
             "--config < flags given < --set. For a cluster, deploy infra/serve/tal.yaml with `serve deploy` instead."
         ),
     )
@@ -92,7 +93,7 @@ def handle(args: argparse.Namespace) -> int:
         if not owns_ray():  # a local Ray this process started ends with it, Serve included
             serve.shutdown()
         return 130
-    print(f"serving {serve_args.model} at {url}  (OpenAPI: {url}/docs)")
+    print(f"serving {serve_args.model} at {url}  (viewer: {url}/ , OpenAPI: {url}/docs)")
     print(f"  curl {url}/v1/model")
     print(f"  curl -F video=@my_video.mp4 {url}/v1/detect/video")
     print(f"  python -m jobs.stream_client --url {url} --features steps.npy  (an online model: WebSocket ws{url[4:]}/v1/stream)")
