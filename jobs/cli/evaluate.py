@@ -58,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --predictions: write the metrics JSON to this file; with --model (required): the directory for "
         "predictions.json, metrics.json, precision_recall.png and timelines/",
     )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write report.html, one self-contained HTML report (tal report): with --model into --output DIR, with "
+        "--predictions beside the --output metrics file",
+    )
     p.add_argument("--plot", type=Path, metavar="pr.png", help="with --predictions: write precision/recall curves and per-class AP as PNG")
     model = p.add_argument_group("with --model")
     model.add_argument("--features", metavar="STORE", help="the feature store (a directory or an s3:// prefix)")
@@ -124,6 +130,7 @@ def handle(args: argparse.Namespace) -> int:
         proposals=args.proposals,
         output=args.output,
         plot=args.plot,
+        report=args.report,
     )
     report = run(request)
     print(format_report(report, request))
@@ -131,6 +138,8 @@ def handle(args: argparse.Namespace) -> int:
         print(f"  metrics -> {args.output}")
     if args.plot:
         print(f"  plot    -> {args.plot}")
+    if args.report:
+        print(f"  report  -> {args.output.parent / 'report.html'}")
     return 0
 
 
@@ -164,6 +173,7 @@ def _handle_model(args: argparse.Namespace, tiou) -> int:
         fuse_top_k=2 if args.fuse_top_k is None else args.fuse_top_k,
         online=args.online,
         ceiling=args.ceiling,
+        report=args.report,
     )
     report = run_model(request)
     if isinstance(report, ClassifierEvaluationReport):
