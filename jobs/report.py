@@ -78,6 +78,9 @@ class Evaluation:
     ground_truth: AnnotationSet  # the videos evaluated (subset applied)
     detections: dict[str, Detections]  # ground-truth video id -> detections
     metrics: DetectionMetrics  # recomputed, with the PR curves
+    scored_truth: AnnotationSet  # what evaluate_detection was given (with scored_subset), as tal evaluate gave it
+    scored_subset: str | None
+    predictions: dict[str, Detections]  # as read, under the ids of the predictions file
 
 
 def metrics_file_of(source: str | Path) -> Path:
@@ -123,11 +126,12 @@ def load_evaluation(source: str | Path) -> Evaluation:
         raise ReportError(f"{inputs.ground_truth}: {e}") from None
     if inputs.model is not None:  # --model evaluated only the videos it found in the store: those of predictions.json
         scoped = replace(scoped, videos={vid: v for vid, v in scoped.videos.items() if vid in predictions})
+    scored, scored_subset = (truth, inputs.subset) if inputs.model is None else (scoped, None)  # as tal evaluate scored them
     metrics = evaluate_detection(
-        truth if inputs.model is None else scoped,
+        scored,
         predictions,
         inputs.tiou,
-        subset=inputs.subset if inputs.model is None else None,
+        subset=scored_subset,
         ignore_ambiguous=inputs.ignore_ambiguous,
         top_k=inputs.top_k,
         keep_curves=True,
@@ -137,7 +141,7 @@ def load_evaluation(source: str | Path) -> Evaluation:
         resolved = scoped.resolve(vid)
         if resolved is not None:
             detections[resolved] = Detections.cat([detections[resolved], d]) if resolved in detections else d
-    return Evaluation(metrics_file, recorded, inputs, scoped, detections, metrics)
+    return Evaluation(metrics_file, recorded, inputs, scoped, detections, metrics, scored, scored_subset, predictions)
 
 
 def build_report(source: Path, *, output: Path | None = None, max_videos: int = 30, title: str | None = None) -> Path:
@@ -160,24 +164,45 @@ def build_report(source: Path, *, output: Path | None = None, max_videos: int = 
 
 
 def _error_analysis_inputs(evaluation: Evaluation) -> tuple[dict | None, dict[str, str] | None]:
-    """diagnosis.json beside metrics.json (``tal evaluate --diagnose``) and its figures, or ``(None, None)``."""
+    """The error analysis and its figures: diagnosis.json beside metrics.json (``tal evaluate --diagnose``), else
+    ``diagnose`` run here on the same inputs; ``(None, None)`` where this installation has no ``jobs.diagnosis``."""
     path = evaluation.metrics_file.parent / "diagnosis.json"
     if not path.exists():
-        return None, None
+        return _diagnose(evaluation)
     try:
         diagnosis = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ReportError(f"{path}: not valid JSON ({e})") from None
-    svgs = None
+    if not isinstance(diagnosis, dict):
+        raise ReportError(f"{path}: not a diagnosis JSON object")
     try:  # the figures need jobs.diagnosis (tal evaluate --diagnose); the tables do not
         from tal_models.evaluation.diagnosis import Diagnosis
 
         from jobs.diagnosis import diagnosis_svgs
-
-        svgs = diagnosis_svgs(Diagnosis.from_dict(diagnosis))
     except ImportError:
-        pass
-    return diagnosis, svgs
+        return diagnosis, None
+    try:
+        return diagnosis, diagnosis_svgs(Diagnosis.from_dict(diagnosis))
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # a diagnosis.json of another version: the tables still show
+        return {**diagnosis, "figures_error": f"{type(e).__name__}: {e}"}, None
+
+
+def _diagnose(evaluation: Evaluation) -> tuple[dict | None, dict[str, str] | None]:
+    """``tal_models.evaluation.diagnosis.diagnose`` of the evaluation, as ``tal evaluate --diagnose`` runs it."""
+    try:
+        from tal_models.evaluation.diagnosis import diagnose
+
+        from jobs.diagnosis import diagnosis_svgs
+        from jobs.evaluate import THUMOS_LIKE
+    except ImportError:
+        return None, None
+    bins = "thumos14" if evaluation.recorded.get("ground_truth_format") in THUMOS_LIKE else "activitynet"
+    inputs = evaluation.inputs
+    diagnosis = diagnose(
+        evaluation.scored_truth, evaluation.predictions, inputs.tiou, subset=evaluation.scored_subset,
+        ignore_ambiguous=inputs.ignore_ambiguous, bins=bins,
+    )  # fmt: skip
+    return diagnosis.to_dict(), diagnosis_svgs(diagnosis)
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -408,12 +433,20 @@ def error_analysis_section(diagnosis: Mapping[str, Any] | None, svgs: Mapping[st
         f"the top {_e(diagnosis.get('limit_factor', '?'))} &times; G predictions analysed; average mAP "
         f"{_pct(diagnosis['average_mAP']) if isinstance(diagnosis.get('average_mAP'), (int, float)) else '?'}%.</p>",
     ]
+    if diagnosis.get("figures_error"):
+        parts.append(f'<p class="warning">The figures could not be drawn from diagnosis.json ({_e(diagnosis["figures_error"])}).</p>')
     fp = diagnosis.get("false_positives") or {}
+    base = diagnosis.get("normalized_average_mAP")
+    normalized = f" (from {_pct(base)}%)" if isinstance(base, (int, float)) and np.isfinite(base) else ""
     if fp:
         types = list(fp.get("types", []))
         top_k = list(fp.get("top_k", []))
         breakdown = fp.get("breakdown", {})
-        header = "<tr><th>error type</th>" + "".join(f"<th>top-{_e(k)}G (%)</th>" for k in top_k) + "<th>mAP gain if removed (%)</th></tr>"
+        header = (
+            "<tr><th>type</th>"
+            + "".join(f"<th>{_e(k)}G (%)</th>" for k in top_k)
+            + "<th>mAP<sub>N</sub> gain if removed (points)</th></tr>"
+        )
         rows = []
         for t in types:
             fractions = breakdown.get(t, [])
@@ -423,9 +456,10 @@ def error_analysis_section(diagnosis: Mapping[str, Any] | None, svgs: Mapping[st
                 + (_num(gain) if isinstance(gain, (int, float)) else "<td></td>") + "</tr>"
             )  # fmt: skip
         parts.append(
-            '<h3>False positives</h3><p class="note">Share of each error type among the top k &times; G predictions, and the '
-            f'average-mAP gain when that type is removed.</p><table id="fp-table">{header}{"".join(rows)}</table>'
-            + _inline_svg(svgs.get("false_positives"), "fp")
+            '<h3>False positives</h3><p class="note">Share of each type among the predictions of each class ranked in the band '
+            "kG (((k-1)G, kG], G the class's instances), averaged over the tIoUs, and the average-mAP<sub>N</sub> gain when the "
+            f"predictions of that error type are removed{normalized}.</p>"
+            f'<table id="fp-table">{header}{"".join(rows)}</table>' + _inline_svg(svgs.get("false_positives"), "fp")
         )
     fn = diagnosis.get("false_negatives") or {}
     if fn:
@@ -441,8 +475,10 @@ def error_analysis_section(diagnosis: Mapping[str, Any] | None, svgs: Mapping[st
                 f'<table class="fn-table" data-characteristic="{_e(characteristic)}"><tr><th>{_e(characteristic)}</th>{head}</tr>'
                 f"<tr><th>missed (%)</th>{rate}</tr><tr><th>instances</th>{count}</tr></table>"
             )
+        overall = fn.get("overall_rate")
         parts.append(
-            '<h3>False negatives</h3><p class="note">Share of the ground truth missed, by characteristic of the instance.</p>'
+            '<h3>False negatives</h3><p class="note">Share of the ground truth missed, by characteristic of the instance'
+            + (f" (overall {_pct(overall)}%)" if isinstance(overall, (int, float)) else "") + ".</p>"
             + "".join(tables) + _inline_svg(svgs.get("false_negatives"), "fn")
         )  # fmt: skip
     sensitivity = diagnosis.get("sensitivity") or {}
