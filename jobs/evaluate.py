@@ -11,7 +11,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from tal_models.evaluation import (
     evaluate_detection,
     evaluate_proposals,
 )
+from tal_models.evaluation.diagnosis import Diagnosis, diagnose
 from tal_models.evaluation.online import OnlineMetrics, evaluate_offline, evaluate_online
 from tal_models.postprocess import fuse_video_classifier
 from tal_models.structures import Detections, LabelMap, video_id_candidates
@@ -62,6 +63,7 @@ class EvaluationRequest:
     output: Path | None = None
     plot: Path | None = None
     report: bool = False  # also report.html beside the metrics file (jobs.report; needs output)
+    diagnose: bool = False  # DETAD error analysis: diagnosis.json and diagnosis/*.png next to --output
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class EvaluationReport:
     ground_truth_format: str
     unknown_labels: dict[str, int]
     subsets: list[str]
+    diagnosis: Diagnosis | None = None
+    diagnosis_outputs: dict[str, Path] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = self.metrics.to_dict()
@@ -105,6 +109,14 @@ def run(request: EvaluationRequest) -> EvaluationReport:
     if request.proposals:
         proposal_metrics = evaluate_proposals(ground_truth, predictions.detections, tiou, subset=request.subset)
     report = EvaluationReport(metrics, proposal_metrics, gt_format, dict(predictions.unknown_labels), ground_truth.subsets)
+    if request.diagnose:
+        if request.output is None:
+            raise UsageError("--diagnose needs --output FILE: diagnosis.json and diagnosis/*.png are written beside it")
+        diagnosis, paths = run_diagnosis(
+            ground_truth, predictions.detections, tiou, request.output.parent, gt_format,
+            subset=request.subset, ignore_ambiguous=request.ignore_ambiguous,
+        )  # fmt: skip
+        report = replace(report, diagnosis=diagnosis, diagnosis_outputs=paths)
     if request.output is not None:
         request.output.parent.mkdir(parents=True, exist_ok=True)
         inputs = recorded_inputs(request.ground_truth, request.predictions, tiou, request.subset, request.ignore_ambiguous, request.top_k)
@@ -212,6 +224,7 @@ class ModelEvaluationRequest:
     online: bool = False  # an online checkpoint: also per-frame mAP, latency and instance mAP of its streamed events
     ceiling: str | None = None  # with online: an offline model whose same figures are the ceiling
     report: bool = False  # also report.html in output (jobs.report)
+    diagnose: bool = False  # DETAD error analysis: output/diagnosis.json and output/diagnosis/*.png
 
 
 @dataclass(frozen=True)
@@ -231,6 +244,7 @@ class ModelEvaluationReport:
     notes: tuple[str, ...] = ()  # how the model was scored (class-agnostic, fused), videos left unlabelled
     online_metrics: OnlineMetrics | None = None  # with --online
     ceiling_metrics: OnlineMetrics | None = None  # with --online --ceiling
+    diagnosis: Diagnosis | None = None  # with --diagnose
 
     def to_dict(self) -> dict:
         out = self.metrics.to_dict()
@@ -392,6 +406,10 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         online_metrics=online_metrics,
         ceiling_metrics=ceiling_metrics,
     )
+    if request.diagnose:
+        diagnosis, paths = run_diagnosis(evaluated, detections, tiou, out, gt_format, ignore_ambiguous=request.ignore_ambiguous)
+        outputs.update(paths)
+        report = replace(report, diagnosis=diagnosis)
     agnostic = ground_truth.label_map.names[0] if labeller is None and is_class_agnostic(checkpoint) else None
     inputs = recorded_inputs(request.annotations, outputs["predictions"], tiou, request.subset, request.ignore_ambiguous, request.top_k,
                              model=request.model, class_agnostic=agnostic)  # fmt: skip
@@ -671,6 +689,25 @@ def format_online_table(online: OnlineMetrics, ceiling: OnlineMetrics | None) ->
         frame = f"{100 * m.frame_mAP:.2f}" if np.isfinite(m.frame_mAP) else "-"
         lines.append(f"  {name:<9}  {frame:>12}  {100 * m.average_mAP:>{len(span) + 12}.2f}  {latency:>25}  {detected}")
     return lines
+
+
+def run_diagnosis(
+    ground_truth,
+    detections: Mapping[str, Detections],
+    tiou: np.ndarray,
+    out_dir: Path,
+    gt_format: str,
+    *,
+    subset: str | None = None,
+    ignore_ambiguous: bool = False,
+) -> tuple[Diagnosis, dict[str, Path]]:
+    """``--diagnose``: DETAD's analysis (THUMOS14's bins for THUMOS-style ground truth, else ActivityNet's), written
+    as ``out_dir/diagnosis.json`` and ``out_dir/diagnosis/*.png``."""
+    from jobs.diagnosis import write_diagnosis  # not at the top: importing it switches matplotlib to Agg
+
+    bins = "thumos14" if gt_format in THUMOS_LIKE else "activitynet"
+    diagnosis = diagnose(ground_truth, detections, tiou, subset=subset, ignore_ambiguous=ignore_ambiguous, bins=bins)
+    return diagnosis, write_diagnosis(diagnosis, out_dir)
 
 
 def safe_file_name(video_id: str) -> str:

@@ -64,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also write report.html, one self-contained HTML report (tal report): with --model into --output DIR, with "
         "--predictions beside the --output metrics file",
     )
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also DETAD's error analysis (false-positive types, false negatives and AP sensitivity by instance length, coverage "
+        "and instances per video): diagnosis.json and diagnosis/*.png in --output DIR (with --model) or beside --output FILE",
+    )
     p.add_argument("--plot", type=Path, metavar="pr.png", help="with --predictions: write precision/recall curves and per-class AP as PNG")
     model = p.add_argument_group("with --model")
     model.add_argument("--features", metavar="STORE", help="the feature store (a directory or an s3:// prefix)")
@@ -118,6 +124,8 @@ def handle(args: argparse.Namespace) -> int:
     if given:
         raise UsageError(f"{', '.join(given)} only apply with --model; --predictions scores an existing results file")
 
+    if args.diagnose and args.output is None:
+        raise UsageError("--diagnose needs --output FILE: diagnosis.json and diagnosis/*.png are written beside it")
     from jobs.evaluate import EvaluationRequest, format_report, run
 
     request = EvaluationRequest(
@@ -131,6 +139,7 @@ def handle(args: argparse.Namespace) -> int:
         output=args.output,
         plot=args.plot,
         report=args.report,
+        diagnose=args.diagnose,
     )
     report = run(request)
     print(format_report(report, request))
@@ -140,7 +149,19 @@ def handle(args: argparse.Namespace) -> int:
         print(f"  plot    -> {args.plot}")
     if args.report:
         print(f"  report  -> {args.output.parent / 'report.html'}")
+    _print_diagnosis(report.diagnosis, report.diagnosis_outputs)
     return 0
+
+
+def _print_diagnosis(diagnosis, paths) -> None:
+    """``--diagnose``: the summary, and where the JSON and figures went."""
+    if diagnosis is None:
+        return
+    from jobs.diagnosis import format_diagnosis
+
+    print(format_diagnosis(diagnosis))
+    for name, path in paths.items():
+        print(f"  {name:<15} -> {path}")
 
 
 def _handle_model(args: argparse.Namespace, tiou) -> int:
@@ -174,10 +195,12 @@ def _handle_model(args: argparse.Namespace, tiou) -> int:
         online=args.online,
         ceiling=args.ceiling,
         report=args.report,
+        diagnose=args.diagnose,
     )
     report = run_model(request)
     if isinstance(report, ClassifierEvaluationReport):
         print(format_classifier_report(report, request))
     else:
         print(format_model_report(report, request))
+        _print_diagnosis(report.diagnosis, {})  # the paths are among the report's outputs
     return 0

@@ -5,6 +5,7 @@
   classification task).
 - ``evaluate_proposals``: AR@AN and the area under the AR-AN curve.
 - ``evaluate_dense``: per-frame mAP of the dense multi-label protocols (MultiTHUMOS, Charades).
+- ``diagnose``: DETAD's error analysis (false-positive types, false negatives and AP sensitivity by instance characteristics).
 - ``parse_tiou``: threshold lists and ``start:stop:step`` ranges as the references build them.
 """
 
@@ -18,6 +19,7 @@ from tal_models.evaluation.detection import (
     evaluate_detection,
     interpolated_ap,
 )
+from tal_models.evaluation.diagnosis import Diagnosis, diagnose
 from tal_models.evaluation.proposals import ProposalMetrics, evaluate_proposals
 from tal_models.evaluation.thresholds import PROTOCOLS, parse_tiou
 
@@ -28,7 +30,9 @@ __all__ = [
     "ClassificationMetrics",
     "DenseMetrics",
     "DetectionMetrics",
+    "Diagnosis",
     "ProposalMetrics",
+    "diagnose",
     "evaluate_classification",
     "evaluate_dense",
     "evaluate_detection",
