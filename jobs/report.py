@@ -151,7 +151,7 @@ def build_report(source: Path, *, output: Path | None = None, max_videos: int = 
     JSON file (``tal evaluate --predictions ... --output FILE``). ``output``: the HTML file (default: report.html in
     the directory, or beside the metrics file). ``max_videos``: timelines drawn, the videos of lowest AP first.
     ``title``: the page's heading (default: the model or predictions file). The error analysis is read from
-    ``diagnosis.json`` beside metrics.json when ``tal evaluate --diagnose`` wrote one.
+    ``diagnosis.json`` beside metrics.json when ``tal evaluate --diagnose`` wrote one, else diagnosed here.
     """
     if max_videos < 0:
         raise ReportError(f"--videos must be >= 0, got {max_videos}")
@@ -165,7 +165,7 @@ def build_report(source: Path, *, output: Path | None = None, max_videos: int = 
 
 def _error_analysis_inputs(evaluation: Evaluation) -> tuple[dict | None, dict[str, str] | None]:
     """The error analysis and its figures: diagnosis.json beside metrics.json (``tal evaluate --diagnose``), else
-    ``diagnose`` run here on the same inputs; ``(None, None)`` where this installation has no ``jobs.diagnosis``."""
+    ``diagnose`` run here on the same inputs."""
     path = evaluation.metrics_file.parent / "diagnosis.json"
     if not path.exists():
         return _diagnose(evaluation)
@@ -175,27 +175,21 @@ def _error_analysis_inputs(evaluation: Evaluation) -> tuple[dict | None, dict[st
         raise ReportError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(diagnosis, dict):
         raise ReportError(f"{path}: not a diagnosis JSON object")
-    try:  # the figures need jobs.diagnosis (tal evaluate --diagnose); the tables do not
-        from tal_models.evaluation.diagnosis import Diagnosis
+    from jobs.diagnosis import diagnosis_svgs  # not at the top: it switches matplotlib to Agg
+    from tal_models.evaluation.diagnosis import Diagnosis
 
-        from jobs.diagnosis import diagnosis_svgs
-    except ImportError:
-        return diagnosis, None
     try:
         return diagnosis, diagnosis_svgs(Diagnosis.from_dict(diagnosis))
     except (KeyError, TypeError, ValueError, IndexError) as e:  # a diagnosis.json of another version: the tables still show
         return {**diagnosis, "figures_error": f"{type(e).__name__}: {e}"}, None
 
 
-def _diagnose(evaluation: Evaluation) -> tuple[dict | None, dict[str, str] | None]:
+def _diagnose(evaluation: Evaluation) -> tuple[dict, dict[str, str]]:
     """``tal_models.evaluation.diagnosis.diagnose`` of the evaluation, as ``tal evaluate --diagnose`` runs it."""
-    try:
-        from tal_models.evaluation.diagnosis import diagnose
+    from jobs.diagnosis import diagnosis_svgs
+    from jobs.evaluate import THUMOS_LIKE
+    from tal_models.evaluation.diagnosis import diagnose
 
-        from jobs.diagnosis import diagnosis_svgs
-        from jobs.evaluate import THUMOS_LIKE
-    except ImportError:
-        return None, None
     bins = "thumos14" if evaluation.recorded.get("ground_truth_format") in THUMOS_LIKE else "activitynet"
     inputs = evaluation.inputs
     diagnosis = diagnose(

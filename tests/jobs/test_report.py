@@ -17,6 +17,7 @@ from pipelines.annotations import write_activitynet
 from pipelines.store import FeatureSequence, FeatureStore, Provenance
 from tal_models.checkpoint import Checkpoint, save_checkpoint
 from tal_models.detectors import build_detector
+from tal_models.evaluation.diagnosis import CHARACTERISTICS, FP_TYPES
 from tal_models.presets import make_config
 from tal_models.structures import AnnotationSet, LabelMap, Segments, VideoAnnotation
 from tal_models.timing import FeatureTiming
@@ -88,11 +89,11 @@ def tal(*args) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def thumos(tmp_path_factory):
-    """``tal evaluate --predictions ... --report`` on the AutoLoc THUMOS14 case, in process: (exit code, stdout, folder)."""
+    """``tal evaluate --predictions ... --report --diagnose`` on the AutoLoc THUMOS14 case, in process: (exit code, stdout, folder)."""
     out = tmp_path_factory.mktemp("thumos_report")
     rc, stdout = tal(
         "evaluate", "--ground-truth", CASE / "ground_truth.json", "--predictions", CASE / "predictions.json",
-        "--tiou", "0.1:0.9:0.1", "--output", out / "metrics.json", "--report",
+        "--tiou", "0.1:0.9:0.1", "--output", out / "metrics.json", "--report", "--diagnose",
     )  # fmt: skip
     return rc, stdout, out
 
@@ -129,11 +130,30 @@ def test_evaluate_report_has_every_section_and_the_metrics_json_figures(thumos):
 
     assert page.svg_classes.count("timeline-svg") == min(210, 30)
     assert "pr-chart" in page.ids and "per-class-chart" in page.ids
-    assert NO_ERROR_ANALYSIS in "".join(page.text)  # no diagnosis.json here
+    _check_error_analysis(page, json.loads((out / "diagnosis.json").read_text()))
     # Self-contained: nothing to fetch, nothing to run.
     assert not [u for u in page.urls if u.startswith(("http://", "https://", "//"))], page.urls
     assert "script" not in page.tags and "link" not in page.tags and "img" not in page.tags
     assert report.stat().st_size < 1_000_000
+
+
+def _check_error_analysis(page: Page, diagnosis: dict) -> None:
+    """The error-analysis section shows ``diagnosis``'s figures: FP shares and removal gains, FN rates, its three SVGs."""
+    assert NO_ERROR_ANALYSIS not in "".join(page.text) and "could not be drawn" not in "".join(page.text)
+    fp = diagnosis["false_positives"]
+    rows = page.tables["fp-table"][1:]
+    assert [r[0][0] for r in rows] == fp["types"]
+    for row in rows:
+        kind = row[0][0]
+        assert [float(v) for _, v in row[1 : 1 + len(fp["top_k"])]] == pytest.approx(fp["breakdown"][kind], abs=1e-12)
+        if kind in fp["removed_gain"]:
+            assert float(row[-1][1]) == pytest.approx(fp["removed_gain"][kind], abs=1e-12)
+    fn = {t[0][0][0]: t for name, t in page.tables.items() if name.startswith("table") and t[1][0][0] == "missed (%)"}
+    for characteristic in ("coverage", "length", "num_instances"):
+        shown = [c[1] for c in fn[characteristic][1][1:]]
+        expected = diagnosis["false_negatives"][characteristic]["rate"]
+        assert [None if r is None else pytest.approx(r, abs=1e-12) for r in expected] == [None if v is None else float(v) for v in shown]
+    assert len([c for c in page.svg_classes if c not in ("timeline-svg",)]) == 2 + 3  # PR, per-class, then the 3 diagnosis figures
 
 
 @needs_data
@@ -175,11 +195,18 @@ def test_video_ids_and_labels_are_escaped(tmp_path):
     assert "script" not in page.tags and "b" not in page.tags
     assert NASTY_VIDEO in "".join(page.text) and NASTY_LABEL in "".join(page.text)
     assert page.svg_classes.count("timeline-svg") == 2  # both videos (fewer than --videos)
+    # No diagnosis.json: the report ran the diagnosis itself, as tal evaluate --diagnose would have.
+    assert not (tmp_path / "diagnosis.json").exists()
+    rc, _ = tal(
+        "evaluate", "--ground-truth", gt, "--predictions", pred, "--tiou", "0.5", "--output", tmp_path / "d" / "m.json", "--diagnose"
+    )
+    assert rc == 0
+    _check_error_analysis(page, json.loads((tmp_path / "d" / "diagnosis.json").read_text()))
 
 
 def _diagnosis() -> dict:
-    """A diagnosis dict per the contract of ``Diagnosis.to_dict()`` (made up here; the error types' names included)."""
-    types = ["double_detection", "wrong_label", "localization", "confusion", "background"]
+    """A diagnosis dict as ``Diagnosis.to_dict()`` lays it out, with made-up figures."""
+    types = list(FP_TYPES)
     return {
         "tiou": [0.5],
         "limit_factor": 10,
@@ -190,14 +217,14 @@ def _diagnosis() -> dict:
             "types": types,
             "top_k": [1, 2],
             "breakdown": {t: [0.1 * (i + 1), 0.05 * (i + 1)] for i, t in enumerate(types)},
-            "removed_gain": {t: 0.01 * i for i, t in enumerate(types)},
+            "removed_gain": {t: 0.01 * i for i, t in enumerate(types) if i},  # the error types
         },
         "false_negatives": {
             c: {"bins": ["XS", "S", "M"], "edges": [0, 1, 2, 3], "count": [1, 2, 0], "rate": [1.0, 0.5, 0.0]}
             for c in ("coverage", "length", "num_instances")
         },
         "sensitivity": {
-            **{c: {"bins": ["XS", "S"], "normalized_ap": [0.2, 0.4], "min": 0.2, "max": 0.4} for c in ("coverage", "length")},
+            **{c: {"bins": ["XS", "S"], "normalized_ap": [0.2, 0.4], "min": 0.2, "max": 0.4} for c in CHARACTERISTICS},
             "overall_normalized_ap": 0.3,
         },
     }
@@ -213,9 +240,10 @@ def test_error_analysis_section_renders_the_contract_dict_and_inlines_figures():
     page = Page(section)
     assert "error-analysis" in page.ids and {"fp-table"} <= page.ids
     fp = page.tables["fp-table"]
-    assert len(fp) == 1 + 5  # header + one row per type
-    assert [c[0] for c in fp[2]] == ["wrong_label", "20.00", "10.00", "1.00"]
-    assert len([t for t in page.tables.values() if t[0][0][0] in ("coverage", "length", "num_instances")]) == 3 + 2
+    assert len(fp) == 1 + 6  # header + one row per type
+    assert [c[0] for c in fp[1]] == ["true_positive", "10.00", "5.00", ""]  # no gain: not an error
+    assert [c[0] for c in fp[3]] == ["wrong_label", "30.00", "15.00", "2.00"]
+    assert len([t for t in page.tables.values() if t[0][0][0] in CHARACTERISTICS]) == 3 + 3  # false negatives, sensitivity
     assert "Overall normalized AP: 30.00%" in "".join(page.text)
     assert page.svg_classes.count("") == 3 and "DOCTYPE" not in section and "example.org" not in section
     assert {"fp-c1", "fn-c1", "sens-c1"} <= page.ids and "url(#fp-c1)" in section and 'href="#fp-c1"' in section
@@ -227,7 +255,13 @@ def test_the_report_reads_diagnosis_json_beside_metrics(tmp_path):
     assert tal("evaluate", "--ground-truth", gt, "--predictions", pred, "--tiou", "0.5", "--output", tmp_path / "m.json")[0] == 0
     (tmp_path / "diagnosis.json").write_text(json.dumps(_diagnosis()))
     page = Page(build_report(tmp_path / "m.json").read_text())
-    assert "fp-table" in page.ids and NO_ERROR_ANALYSIS not in "".join(page.text)
+    _check_error_analysis(page, _diagnosis())  # its tables and jobs.diagnosis's figures of it
+    broken = _diagnosis()
+    del broken["false_positives"]["breakdown"]["background"]  # a diagnosis.json the figures cannot draw: the tables still show
+    (tmp_path / "diagnosis.json").write_text(json.dumps(broken))
+    page = Page(build_report(tmp_path / "m.json").read_text())
+    text = "".join(page.text)
+    assert "could not be drawn" in text and "KeyError" in text and "fp-table" in page.ids
 
 
 def _error(capsys, *args) -> str:
