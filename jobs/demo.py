@@ -109,6 +109,7 @@ def run_demo(request: DemoRequest) -> int:
         output=root / "eval",
         subset="test",
         tiou=DEMO_TIOU,
+        report=True,
     )
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri  # where models:/ resolves
     report = run_model(evaluation)
@@ -132,6 +133,7 @@ def run_demo(request: DemoRequest) -> int:
     print(f"  features     {config.out}")
     print(f"  training     {root / 'train'} (checkpoints per epoch), MLflow run {summary_['mlflow_run_id']}")
     print(f"  evaluation   {root / 'eval'}: metrics.json, predictions.json, precision_recall.png, timelines/<video>.png")
+    print(f"  report       {report.outputs['report']}   (one HTML file: open it in a browser)")
     print(f"  MLflow UI    .venv/bin/mlflow ui --backend-store-uri {mlflow_uri}   (then http://127.0.0.1:5000)")
     print(f"  serve again  .venv/bin/tal serve --model models:/tal-detector@champion --mlflow-uri {mlflow_uri}")
     return 0

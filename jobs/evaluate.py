@@ -62,6 +62,7 @@ class EvaluationRequest:
     proposals: bool = False
     output: Path | None = None
     plot: Path | None = None
+    report: bool = False  # also report.html beside the metrics file (jobs.report; needs output)
     diagnose: bool = False  # DETAD error analysis: diagnosis.json and diagnosis/*.png next to --output
 
 
@@ -85,6 +86,8 @@ class EvaluationReport:
 
 
 def run(request: EvaluationRequest) -> EvaluationReport:
+    if request.report and request.output is None:
+        raise UsageError("--report needs --output FILE: the report is written beside the metrics JSON, which it reads")
     ground_truth = read_annotations(request.ground_truth)
     gt_format = ground_truth.format or "activitynet"
     if request.subset is not None and request.subset.lower() not in {s.lower() for s in ground_truth.subsets}:
@@ -116,12 +119,38 @@ def run(request: EvaluationRequest) -> EvaluationReport:
         report = replace(report, diagnosis=diagnosis, diagnosis_outputs=paths)
     if request.output is not None:
         request.output.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(request.output, report.to_dict(), indent=2)
+        inputs = recorded_inputs(request.ground_truth, request.predictions, tiou, request.subset, request.ignore_ambiguous, request.top_k)
+        write_json_atomic(request.output, {**report.to_dict(), "inputs": inputs}, indent=2)
     if request.plot is not None:
         from jobs.plots import plot_detection_metrics  # not at the top: importing jobs.plots switches matplotlib to Agg
 
         plot_detection_metrics(metrics, request.plot)
+    if request.report:
+        write_report(request.output)
     return report
+
+
+def recorded_inputs(
+    ground_truth: Path, predictions: Path, tiou, subset: str | None, ignore_ambiguous: bool, top_k, **extra: Any
+) -> dict[str, Any]:
+    """metrics.json's ``"inputs"``: what was scored, with absolute paths and the exact thresholds, so that ``tal report``
+    can read the same files and evaluate them again (``extra``: ``model``, ``class_agnostic`` with --model)."""
+    return {
+        "ground_truth": str(Path(ground_truth).resolve()),
+        "predictions": str(Path(predictions).resolve()),
+        "tiou": [float(t) for t in np.asarray(tiou).reshape(-1)],
+        "subset": subset,
+        "ignore_ambiguous": bool(ignore_ambiguous),
+        "top_k": [int(k) for k in top_k],
+        **extra,
+    }
+
+
+def write_report(metrics_file: Path) -> Path:
+    """``tal evaluate --report``: the HTML report (``jobs.report``) beside ``metrics_file``."""
+    from jobs.report import build_report  # not at the top: it imports jobs.plots, which switches matplotlib to Agg
+
+    return build_report(metrics_file)
 
 
 def format_report(report: EvaluationReport, request: EvaluationRequest) -> str:
@@ -194,6 +223,7 @@ class ModelEvaluationRequest:
     fuse_top_k: int = 2  # video classes each class-agnostic segment is labelled with
     online: bool = False  # an online checkpoint: also per-frame mAP, latency and instance mAP of its streamed events
     ceiling: str | None = None  # with online: an offline model whose same figures are the ceiling
+    report: bool = False  # also report.html in output (jobs.report)
     diagnose: bool = False  # DETAD error analysis: output/diagnosis.json and output/diagnosis/*.png
 
 
@@ -380,7 +410,10 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         diagnosis, paths = run_diagnosis(evaluated, detections, tiou, out, gt_format, ignore_ambiguous=request.ignore_ambiguous)
         outputs.update(paths)
         report = replace(report, diagnosis=diagnosis)
-    write_json_atomic(outputs["metrics"], report.to_dict(), indent=2)
+    agnostic = ground_truth.label_map.names[0] if labeller is None and is_class_agnostic(checkpoint) else None
+    inputs = recorded_inputs(request.annotations, outputs["predictions"], tiou, request.subset, request.ignore_ambiguous, request.top_k,
+                             model=request.model, class_agnostic=agnostic)  # fmt: skip
+    write_json_atomic(outputs["metrics"], {**report.to_dict(), "inputs": inputs}, indent=2)
     if online_metrics is not None:
         online_out = {"model": request.model, "online": online_metrics.to_dict()}
         if ceiling_metrics is not None:
@@ -399,6 +432,8 @@ def run_model(request: ModelEvaluationRequest) -> ModelEvaluationReport:
         plot_timeline(path, vid, video, detections[vid], ground_truth.label_map, video.duration, tiou=timeline_tiou)
     if request.timeline_videos and store_id_of:
         outputs["timelines"] = out / "timelines"
+    if request.report:
+        outputs["report"] = write_report(outputs["metrics"])
     return report
 
 

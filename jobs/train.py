@@ -31,6 +31,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -538,6 +539,28 @@ def _log_validation_artifacts(run, predictions_file: Path, job: TrainJob, planne
         run.log_artifact(str(predictions_file), "validation")
         run.log_artifact(str(Path(tmp) / "precision_recall.png"), "validation")
         run.log_artifact(str(Path(tmp) / "metrics.json"), "validation")
+        report = _validation_report(Path(tmp) / "report", truth, predictions_file, metrics)
+        if report is not None:
+            run.log_artifact(str(report), "validation")
+
+
+def _validation_report(directory: Path, truth: AnnotationSet, predictions_file: Path, metrics) -> Path | None:
+    """The final validation's HTML report (``jobs.report``), from an evaluation directory of its own: the validation
+    ground truth as ActivityNet JSON and a metrics.json whose inputs name it. A report that fails is a warning, not a
+    failed training run."""
+    from jobs.evaluate import recorded_inputs
+    from jobs.report import build_report
+    from pipelines.annotations import write_activitynet
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_activitynet(directory / "ground_truth.json", truth)
+        inputs = recorded_inputs(directory / "ground_truth.json", predictions_file, THUMOS14_TIOU, None, False, (1, 5))
+        (directory / "metrics.json").write_text(json.dumps({**metrics.to_dict(), "inputs": inputs}, indent=1))
+        return build_report(directory, title="Validation of the best checkpoint")
+    except Exception as e:  # noqa: BLE001 - the run's model and metrics are logged already; the report is a convenience
+        warnings.warn(f"the validation report was not written: {type(e).__name__}: {e}", stacklevel=2)
+        return None
 
 
 def _storage_path(out: str) -> str:

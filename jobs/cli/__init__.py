@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jobs.cli import demo, detect, evaluate, export, extract, serve, synth, train
+from jobs.cli import demo, detect, evaluate, export, extract, report, serve, synth, train
 from jobs.errors import UsageError
 
 __all__ = ["EXIT_BAD_INPUT", "build_parser", "main"]
@@ -25,7 +25,7 @@ EXIT_BAD_INPUT = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tal", description="Temporal action localization on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (demo, synth, extract, train, detect, serve, evaluate, export):
+    for module in (demo, synth, extract, train, detect, serve, evaluate, report, export):
         module.add_parser(sub)
     return parser
 

@@ -59,6 +59,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "predictions.json, metrics.json, precision_recall.png and timelines/",
     )
     p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write report.html, one self-contained HTML report (tal report): with --model into --output DIR, with "
+        "--predictions beside the --output metrics file",
+    )
+    p.add_argument(
         "--diagnose",
         action="store_true",
         help="also DETAD's error analysis (false-positive types, false negatives and AP sensitivity by instance length, coverage "
@@ -132,6 +138,7 @@ def handle(args: argparse.Namespace) -> int:
         proposals=args.proposals,
         output=args.output,
         plot=args.plot,
+        report=args.report,
         diagnose=args.diagnose,
     )
     report = run(request)
@@ -140,6 +147,8 @@ def handle(args: argparse.Namespace) -> int:
         print(f"  metrics -> {args.output}")
     if args.plot:
         print(f"  plot    -> {args.plot}")
+    if args.report:
+        print(f"  report  -> {args.output.parent / 'report.html'}")
     _print_diagnosis(report.diagnosis, report.diagnosis_outputs)
     return 0
 
@@ -185,6 +194,7 @@ def _handle_model(args: argparse.Namespace, tiou) -> int:
         fuse_top_k=2 if args.fuse_top_k is None else args.fuse_top_k,
         online=args.online,
         ceiling=args.ceiling,
+        report=args.report,
         diagnose=args.diagnose,
     )
     report = run_model(request)

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.cli import build_parser, main
 
-COMMANDS = {"demo", "synth", "extract", "import-features", "export-features", "train", "evaluate", "serve", "detect", "export"}
+COMMANDS = {"demo", "synth", "extract", "import-features", "export-features", "train", "evaluate", "serve", "detect", "export", "report"}
 
 
 def _subparsers():

@@ -18,6 +18,7 @@ from helpers import synthetic_store as _dataset
 
 import pipelines.store
 from jobs.errors import UsageError
+from jobs.report import SECTIONS
 from jobs.tracking import resolve_model
 from jobs.train import TrainJob, TrainPlan, VideoTargets, _epoch_batches, _read_shard, _Shard, _validate, plan, train
 from pipelines.shard_reader import ShardReader
@@ -78,7 +79,10 @@ def test_two_workers_train_log_and_register_a_champion(job):
     assert run.data.params["detector.arch"] == "temporalmaxer" and run.data.params["workers"] == "2"
     assert run.data.tags["features.backbone"] == "synthetic"
     validation = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "validation")}
-    assert validation == {"val_predictions.json", "precision_recall.png", "metrics.json"}
+    assert validation == {"val_predictions.json", "precision_recall.png", "metrics.json", "report.html"}
+    report = Path(client.download_artifacts(run.info.run_id, "validation/report.html", str(job.out)))
+    text = report.read_text()
+    assert all(f'id="{section}"' in text for section in SECTIONS) and "differs from metrics.json" not in text
     assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "config")} == {"preset.yaml"}
     version = client.get_model_version_by_alias("tal-detector", "champion")
     assert version.run_id == run.info.run_id
