@@ -135,7 +135,10 @@ def run_demo(request: DemoRequest) -> int:
     print(f"  evaluation   {root / 'eval'}: metrics.json, predictions.json, precision_recall.png, timelines/<video>.png")
     print(f"  report       {report.outputs['report']}   (one HTML file: open it in a browser)")
     print(f"  MLflow UI    .venv/bin/mlflow ui --backend-store-uri {mlflow_uri}   (then http://127.0.0.1:5000)")
-    print(f"  serve again  .venv/bin/tal serve --model models:/tal-detector@champion --mlflow-uri {mlflow_uri}")
+    print(
+        f"  viewer       .venv/bin/tal serve --model models:/tal-detector@champion --mlflow-uri {mlflow_uri} "
+        f"--video-root {(archive_dir / 'videos').resolve()}   (then http://127.0.0.1:8000/)"
+    )
     return 0
 
 
