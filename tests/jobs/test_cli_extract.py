@@ -108,6 +108,9 @@ def test_demo_end_to_end(tmp_path, ray_session, capsys):
     # trained, registered as the champion, evaluated on the test video
     assert "registered tal-detector version 1" in printed and "average mAP (tIoU 0.3:0.7) on the 1 test videos" in printed
     assert (out / "eval" / "predictions.json").exists() and (out / "eval" / "metrics.json").exists()
+    report = out / "eval" / "report.html"  # the HTML report, its path printed; the viewer's command printed
+    assert f"report       {report}" in printed and 'id="error-analysis"' in report.read_text()
+    assert "viewer       .venv/bin/tal serve" in printed and "--video-root" in printed
     # served: one test video through /v1/detect/video, its detections printed beside the ground truth
     assert "POST synth_" in printed and "feature steps; decode" in printed and "best detection of the same class" in printed
 
