@@ -313,11 +313,19 @@ def match(
     gt: FlatGroundTruth, pred: FlatPredictions, tiou: np.ndarray, rank: np.ndarray, pairs: _Pairs
 ) -> np.ndarray:
     """Greedy matching of the reference -> ``tp [T, N]`` (bool)."""
+    return match_instances(gt, pred, tiou, rank, pairs) >= 0
+
+
+def match_instances(
+    gt: FlatGroundTruth, pred: FlatPredictions, tiou: np.ndarray, rank: np.ndarray, pairs: _Pairs
+) -> np.ndarray:
+    """Greedy matching of the reference -> ``matched [T, N]``: the ground-truth row each prediction took, -1 if none
+    (a false positive at that threshold). The error analysis (``diagnosis``) needs the instance, the AP only ``>= 0``."""
     t, n = len(tiou), len(pred.score)
-    tp = np.zeros((t, n), dtype=bool)
+    matched = np.full((t, n), -1, np.int64)
     cand = _reference_order(pairs, float(tiou.min()))
     if len(cand) == 0:
-        return tp  # every prediction is a false positive at every threshold
+        return matched  # every prediction is a false positive at every threshold
     # Compact [A, C] layout of the candidates: A contested predictions, C the most candidates.
     cand_pred = pairs.pred[cand]
     rows = np.unique(cand_pred)
@@ -346,8 +354,8 @@ def match(
         chosen = np.take_along_axis(np.broadcast_to(cols, free.shape), free.argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
         ti, ai = np.nonzero(hit)
         locked[ti, chosen[ti, ai]] = True
-        tp[:, rows[a]] = hit
-    return tp
+        matched[:, rows[a]] = np.where(hit, chosen, -1)
+    return matched
 
 
 def _ambiguous_overlap(gt: FlatGroundTruth, pred: FlatPredictions) -> np.ndarray:

@@ -4,8 +4,8 @@ Temporal Action Detectors", ECCV 2018), written from the definitions of its publ
 Legend: N predictions, G ground-truth instances, T tIoU thresholds, K classes with ground truth.
 
 Matching is the ActivityNet matching of ``detection`` (per class, predictions by decreasing score,
-each taking the unmatched ground truth of its video with the highest tIoU); here it also records
-*which* instance each true positive took, ``matched [T, N]``.
+each taking the unmatched ground truth of its video with the highest tIoU), as
+``detection.match_instances``, which also says *which* instance each true positive took, ``matched [T, N]``.
 
 Normalised AP (DETAD's AP_N). Precision is computed as if every class had the same number of
 instances, the average ``G / K``: with recall ``r`` and ``fp`` false positives so far,
@@ -63,14 +63,11 @@ import numpy as np
 from tal_models.evaluation.detection import (
     FlatGroundTruth,
     FlatPredictions,
-    _gt_group_key,
-    _Pairs,
     _prepare,
-    _ragged_position,
-    _reference_order,
     evaluate_detection,
     flatten,
     interpolated_ap,
+    match_instances,
 )
 from tal_models.structures import AnnotationSet, Detections
 from tal_models.structures import tiou as segment_tiou
@@ -180,7 +177,7 @@ def diagnose(
         ground_truth = scoped
     gt, pred, _, _, _ = flatten(ground_truth, detections)
     rank, pairs = _prepare(gt, pred)
-    matched = _match_with_ground_truth(gt, pred, tiou, rank, pairs)  # [T, N]
+    matched = match_instances(gt, pred, tiou, rank, pairs)  # [T, N]
     npos = np.bincount(gt.label, minlength=gt.num_classes)  # [K] G_c
     avg_npos = len(gt.label) / gt.num_classes if gt.num_classes else 0.0  # G / K
     by_class = [np.flatnonzero(pred.label == c)[np.argsort(rank[pred.label == c])] for c in range(gt.num_classes)]  # decreasing score
@@ -287,41 +284,6 @@ def _bin_spec(bins) -> dict[str, tuple[list[float], list[str]]]:
             raise ValueError(f"bins for {name}: {len(edges)} increasing edges need {len(edges) - 1} labels")
         spec[name] = ([float(e) for e in edges], list(labels))
     return spec
-
-
-def _match_with_ground_truth(gt: FlatGroundTruth, pred: FlatPredictions, tiou: np.ndarray, rank: np.ndarray, pairs: _Pairs) -> np.ndarray:
-    """``detection.match`` that also records the instance: ``[T, N]`` ground-truth row, -1 if unmatched."""
-    t, n = len(tiou), len(pred.score)
-    matched = np.full((t, n), -1, np.int64)
-    cand = _reference_order(pairs, float(tiou.min()))
-    if len(cand) == 0:
-        return matched
-    cand_pred = pairs.pred[cand]
-    rows = np.unique(cand_pred)
-    column = _ragged_position(cand_pred)
-    row_of = np.searchsorted(rows, cand_pred)
-    values = np.full((len(rows), int(column.max()) + 1), -np.inf)
-    gt_index = np.full(values.shape, -1, np.int64)
-    values[row_of, column] = pairs.tiou[cand]
-    gt_index[row_of, column] = pairs.gt[cand]
-    group = _gt_group_key(gt)[gt_index[:, 0]]
-    by_group = np.lexsort((rank[rows], group))
-    step = np.empty(len(rows), np.int64)
-    step[by_group] = _ragged_position(group[by_group])
-    locked = np.zeros((t, len(gt.label) + 1), dtype=bool)
-    reaches = values[None, :, :] >= tiou[:, None, None]  # [T, A, C]
-    step_order = np.argsort(step, kind="stable")
-    step_bounds = np.searchsorted(step[step_order], np.arange(step.max() + 2))
-    for k in range(step.max() + 1):
-        a = step_order[step_bounds[k] : step_bounds[k + 1]]  # at most one prediction per group
-        cols = gt_index[a]  # [A_k, C]
-        free = reaches[:, a, :] & ~locked[:, cols]  # [T, A_k, C]
-        hit = free.any(axis=2)  # [T, A_k]
-        chosen = np.take_along_axis(np.broadcast_to(cols, free.shape), free.argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
-        ti, ai = np.nonzero(hit)
-        locked[ti, chosen[ti, ai]] = True
-        matched[:, rows[a]] = np.where(hit, chosen, -1)
-    return matched
 
 
 def _fp_types(gt: FlatGroundTruth, pred: FlatPredictions, tiou: np.ndarray, matched: np.ndarray, min_tiou: float) -> np.ndarray:
