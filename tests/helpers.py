@@ -132,3 +132,49 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     model = open_clip.CLIP(**TINY_CLIP_CONFIG)
     torch.save(model.state_dict(), weights_path)
     return config_path, weights_path
+
+
+SERVED_LABELS = ["jump", "run", "wave"]
+
+
+def register_untrained_detector(root: Path, experiment: str, sampling) -> tuple[str, object, object]:
+    """A small untrained TemporalMaxer for the Serve tests, registered as ``models:/tal-detector@champion`` in a SQLite
+    MLflow store under ``root``: (tracking URI, its Checkpoint, the MobileNetV2 backbone its provenance names). Its heads
+    are set so that it detects something (scores near 0.5 rather than the focal prior, segments of some length)."""
+    from jobs.tracking import TrainingRun, register_checkpoint
+    from pipelines.backbones import BackboneConfig, build_backbone
+    from pipelines.extract import provenance_for, settings_json
+    from tal_models.checkpoint import Checkpoint, save_checkpoint
+    from tal_models.detectors import build_detector
+    from tal_models.heads import ClassificationHead, OffsetRegressionHead
+    from tal_models.presets import make_config
+
+    torch.manual_seed(0)
+    config = make_config("temporalmaxer", num_classes=len(SERVED_LABELS), input_dim=1280, max_seq_len=64, embed_dim=16, levels=3)
+    model = build_detector(config)
+    for head in model.modules():
+        if isinstance(head, ClassificationHead):
+            torch.nn.init.zeros_(head.tower.out.conv.bias)
+        if isinstance(head, OffsetRegressionHead):
+            torch.nn.init.constant_(head.tower.out.conv.bias, 2.0)
+    backbone_config = BackboneConfig(name="mobilenet_v2")
+    backbone = build_backbone(backbone_config, "cpu", num_threads=1)
+    provenance = provenance_for(backbone, sampling, settings_json(backbone_config, sampling)).to_dict()
+    checkpoint = Checkpoint.from_model(model.eval(), SERVED_LABELS, provenance)
+    save_checkpoint(checkpoint, root / "model.pt")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    (root / "mlruns").mkdir()
+    with TrainingRun(uri, experiment, "fixture") as run:
+        run.log_artifact(root / "model.pt", "checkpoint")
+    register_checkpoint(uri, run.run_id, "checkpoint/model.pt", 0.5, "fixture")
+    return uri, checkpoint, backbone
+
+
+def synthetic_video(root: Path, seed: int) -> Path:
+    """One real 4-5 s synthetic H.264 MP4 (160 x 120, 10 fps, 3 classes) under ``root``."""
+    from pipelines.synth import synthesize
+
+    synth = synthesize(
+        root / "synth", videos=1, seed=seed, classes=3, duration_range=(4.0, 5.0), size=(160, 120), fps=10.0, workers=1, progress=False
+    )
+    return Path(next(iter(synth.videos.values())))

@@ -14,21 +14,13 @@ import time
 
 import pytest
 import requests
-import torch
-from helpers import free_port
+from helpers import SERVED_LABELS, free_port, register_untrained_detector, synthetic_video
 
 from jobs.serve_api import MAX_LIST_DEPTH, RequestError, list_videos, parse_range
 from jobs.serve_config import ServeArgs
-from jobs.tracking import TrainingRun, register_checkpoint
-from pipelines.backbones import BackboneConfig, build_backbone
-from pipelines.extract import SamplingConfig, provenance_for, settings_json
-from pipelines.synth import synthesize
-from tal_models.checkpoint import Checkpoint, save_checkpoint
-from tal_models.detectors import build_detector
-from tal_models.heads import ClassificationHead, OffsetRegressionHead
-from tal_models.presets import make_config
+from pipelines.extract import SamplingConfig
 
-LABELS = ["jump", "run", "wave"]
+LABELS = SERVED_LABELS
 TIMEOUT = 120
 FRAME_S = 0.1  # the synthetic video runs at 10 fps
 
@@ -41,31 +33,11 @@ def served(tmp_path_factory, ray_session, moto_s3):
 
     begin = time.perf_counter()
     root = tmp_path_factory.mktemp("viewer")
-    torch.manual_seed(0)
-    model = build_detector(make_config("temporalmaxer", num_classes=len(LABELS), input_dim=1280, max_seq_len=64, embed_dim=16, levels=3))
-    for head in model.modules():  # untrained, yet with detections of some length and spread scores
-        if isinstance(head, ClassificationHead):
-            torch.nn.init.zeros_(head.tower.out.conv.bias)
-        if isinstance(head, OffsetRegressionHead):
-            torch.nn.init.constant_(head.tower.out.conv.bias, 2.0)
-    backbone_config = BackboneConfig(name="mobilenet_v2")
-    sampling = SamplingConfig(fps=5.0, window=2, stride=2, chunk_frames=16)
-    backbone = build_backbone(backbone_config, "cpu", num_threads=1)
-    provenance = provenance_for(backbone, sampling, settings_json(backbone_config, sampling)).to_dict()
-    save_checkpoint(Checkpoint.from_model(model.eval(), LABELS, provenance), root / "model.pt")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    (root / "mlruns").mkdir()
-    with TrainingRun(uri, "viewer-tests", "fixture") as run:
-        run.log_artifact(root / "model.pt", "checkpoint")
-    register_checkpoint(uri, run.run_id, "checkpoint/model.pt", 0.5, "fixture")
-
-    synth = synthesize(
-        root / "synth", videos=1, seed=5, classes=3, duration_range=(4.0, 5.0), size=(160, 120), fps=10.0, workers=1, progress=False
-    )
+    uri, _, _ = register_untrained_detector(root, "viewer-tests", SamplingConfig(fps=5.0, window=2, stride=2, chunk_frames=16))
     videos = root / "videos"
     (videos / "sub").mkdir(parents=True)
     synthetic = videos / "synthetic.mp4"
-    shutil.copy(next(iter(synth.videos.values())), synthetic)
+    shutil.copy(synthetic_video(root, seed=5), synthetic)
     shutil.copy(synthetic, videos / "sub" / "copy.mp4")
     (videos / "notes.txt").write_text("not a video")
     (root / "outside.mp4").write_bytes(synthetic.read_bytes())  # beside the root, not under it

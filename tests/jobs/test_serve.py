@@ -17,21 +17,15 @@ import numpy as np
 import pytest
 import requests
 import torch
-from helpers import free_port
+from helpers import SERVED_LABELS, free_port, register_untrained_detector, synthetic_video
 
 from jobs.serve_config import ServeArgs
-from jobs.tracking import TrainingRun, register_checkpoint
-from pipelines.backbones import BackboneConfig, build_backbone
-from pipelines.extract import SamplingConfig, features_for_video, provenance_for, settings_json
-from pipelines.synth import synthesize
-from tal_models.checkpoint import Checkpoint, save_checkpoint
-from tal_models.detectors import build_detector
-from tal_models.heads import ClassificationHead, OffsetRegressionHead
-from tal_models.presets import make_config
+from pipelines.extract import SamplingConfig, features_for_video
+from tal_models.checkpoint import Checkpoint
 
 SHARED_VIDEO = Path(__file__).resolve().parents[3] / "shared" / "data" / "videos" / "bigbuckbunny_720p_h264.mp4"
 SAMPLING = SamplingConfig(fps=5.0, window=2, stride=2, chunk_frames=16)
-LABELS = ["jump", "run", "wave"]
+LABELS = SERVED_LABELS
 MAX_BODY_MB = 2.0  # small, so that a 413 is cheap to provoke
 TIMEOUT = 120
 
@@ -49,32 +43,11 @@ def served(tmp_path_factory, ray_session, moto_s3):
     from jobs.serve import run_app
 
     root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    model = build_detector(make_config("temporalmaxer", num_classes=len(LABELS), input_dim=1280, max_seq_len=64, embed_dim=16, levels=3))
-    for head in model.modules():  # untrained, yet with detections: scores near 0.5 (not the focal prior), segments of some length
-        if isinstance(head, ClassificationHead):
-            torch.nn.init.zeros_(head.tower.out.conv.bias)
-        if isinstance(head, OffsetRegressionHead):
-            torch.nn.init.constant_(head.tower.out.conv.bias, 2.0)
-    backbone_config = BackboneConfig(name="mobilenet_v2")
-    backbone = build_backbone(backbone_config, "cpu", num_threads=1)
-    provenance = provenance_for(backbone, SAMPLING, settings_json(backbone_config, SAMPLING)).to_dict()
-    checkpoint = Checkpoint.from_model(model.eval(), LABELS, provenance)
-    save_checkpoint(checkpoint, root / "model.pt")
-
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    (root / "mlruns").mkdir()
-    with TrainingRun(uri, "serve-tests", "fixture") as run:
-        run.log_artifact(root / "model.pt", "checkpoint")
-    register_checkpoint(uri, run.run_id, "checkpoint/model.pt", 0.5, "fixture")
-
-    synth = synthesize(
-        root / "synth", videos=1, seed=3, classes=3, duration_range=(4.0, 5.0), size=(160, 120), fps=10.0, workers=1, progress=False
-    )
+    uri, checkpoint, backbone = register_untrained_detector(root, "serve-tests", SAMPLING)
     videos = root / "videos"
     videos.mkdir()
     synthetic = videos / "synthetic.mp4"
-    shutil.copy(next(iter(synth.videos.values())), synthetic)
+    shutil.copy(synthetic_video(root, seed=3), synthetic)
     moto_s3.fs.mkdir("serve-videos")
     moto_s3.fs.put(str(synthetic), "serve-videos/in/synthetic.mp4")
 
