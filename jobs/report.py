@@ -100,12 +100,7 @@ def load_evaluation(source: str | Path) -> Evaluation:
     """Read ``source`` (an evaluation directory or a metrics JSON file), its recorded ground truth and predictions, and
     evaluate again with the PR curves kept. ``ReportError`` for anything missing or malformed."""
     metrics_file = metrics_file_of(source)
-    try:
-        recorded = json.loads(metrics_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{metrics_file}: not valid JSON ({e})") from None
-    if not isinstance(recorded, dict):
-        raise ReportError(f"{metrics_file}: not a metrics JSON object")
+    recorded = _json_object(metrics_file, "metrics")
     if "tiou" not in recorded or "mAP" not in recorded:
         raise ReportError(f"{metrics_file}: not the metrics of a detection evaluation (no tiou / mAP); the report is for detectors")
     if "inputs" not in recorded:
@@ -169,12 +164,7 @@ def _error_analysis_inputs(evaluation: Evaluation) -> tuple[dict | None, dict[st
     path = evaluation.metrics_file.parent / "diagnosis.json"
     if not path.exists():
         return _diagnose(evaluation)
-    try:
-        diagnosis = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(diagnosis, dict):
-        raise ReportError(f"{path}: not a diagnosis JSON object")
+    diagnosis = _json_object(path, "diagnosis")
     from jobs.diagnosis import diagnosis_svgs  # not at the top: it switches matplotlib to Agg
     from tal_models.evaluation.diagnosis import Diagnosis
 
@@ -182,6 +172,16 @@ def _error_analysis_inputs(evaluation: Evaluation) -> tuple[dict | None, dict[st
         return diagnosis, diagnosis_svgs(Diagnosis.from_dict(diagnosis))
     except (KeyError, TypeError, ValueError, IndexError) as e:  # a diagnosis.json of another version: the tables still show
         return {**diagnosis, "figures_error": f"{type(e).__name__}: {e}"}, None
+
+
+def _json_object(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: not a {what} JSON object")
+    return data
 
 
 def _diagnose(evaluation: Evaluation) -> tuple[dict, dict[str, str]]:
