@@ -18,9 +18,13 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the session. Missing, it fails the test (``bash scripts/test.sh`` installs it): no skip."""
+    """One headless Chromium per test module. Missing, it fails the test (``bash scripts/test.sh`` installs it): no skip.
+
+    Not one per session: Playwright's sync API keeps an asyncio loop running on the main thread until it stops, and
+    every later ``asyncio.run`` of the session (the Serve and stream API tests) would fail with "cannot be called from
+    a running event loop"."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
