@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -178,3 +181,18 @@ def synthetic_video(root: Path, seed: int) -> Path:
         root / "synth", videos=1, seed=seed, classes=3, duration_range=(4.0, 5.0), size=(160, 120), fps=10.0, workers=1, progress=False
     )
     return Path(next(iter(synth.videos.values())))
+
+
+def run_tal(*args) -> subprocess.CompletedProcess[str]:
+    """``tal ARGS`` in this process (``jobs.cli.main``): exit code, stdout and stderr as a subprocess would give them,
+    without the seconds a new interpreter spends importing torch. The console script itself is run by a few tests."""
+    from jobs.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own errors (exit 2) and --help (exit 0)
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["tal", *argv], code, out.getvalue(), err.getvalue())

@@ -1,4 +1,5 @@
-"""``tal evaluate`` as a user runs it: the installed console script, real files, exit codes."""
+"""``tal evaluate`` as a user runs it: the installed console script (the first test), then the same CLI in process
+(``helpers.run_tal``), real files, exit codes and stderr."""
 
 import json
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_tal
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
@@ -51,7 +53,7 @@ def test_evaluate_thumos_defaults_and_ambiguous(tmp_path):
     pred = tmp_path / "pred.json"
     pred.write_text(json.dumps({"version": "x", "results": results}))
     out = tmp_path / "metrics.json"
-    r = tal("evaluate", "--ground-truth", gt, "--predictions", pred, "--subset", "test", "--output", out)
+    r = run_tal("evaluate", "--ground-truth", gt, "--predictions", pred, "--subset", "test", "--output", out)
     assert r.returncode == 0, r.stderr
     metrics = json.loads(out.read_text())
     assert metrics["tiou"] == [0.3, 0.4, 0.5, 0.6, 0.7]  # THUMOS default
@@ -73,7 +75,7 @@ def test_evaluate_thumos_defaults_and_ambiguous(tmp_path):
 def test_unusable_predictions_exit_2_with_one_line(tmp_path, content, needle):
     pred = tmp_path / "predictions.json"
     pred.write_text(content)
-    r = tal("evaluate", "--ground-truth", CASE / "ground_truth.json", "--predictions", pred)
+    r = run_tal("evaluate", "--ground-truth", CASE / "ground_truth.json", "--predictions", pred)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tal evaluate: error:") and needle in lines[0]
@@ -88,7 +90,7 @@ def test_bad_flags_and_missing_files_exit_2(tmp_path):
         (("--ground-truth", gt, "--predictions", pred, "--subset", "training"), "training"),
     ]
     for args, needle in cases:
-        r = tal("evaluate", *args)
+        r = run_tal("evaluate", *args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
 
