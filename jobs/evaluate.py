@@ -88,6 +88,8 @@ class EvaluationReport:
 def run(request: EvaluationRequest) -> EvaluationReport:
     if request.report and request.output is None:
         raise UsageError("--report needs --output FILE: the report is written beside the metrics JSON, which it reads")
+    if request.diagnose and request.output is None:
+        raise UsageError("--diagnose needs --output FILE: diagnosis.json and diagnosis/*.png are written beside it")
     ground_truth = read_annotations(request.ground_truth)
     gt_format = ground_truth.format or "activitynet"
     if request.subset is not None and request.subset.lower() not in {s.lower() for s in ground_truth.subsets}:
@@ -110,8 +112,6 @@ def run(request: EvaluationRequest) -> EvaluationReport:
         proposal_metrics = evaluate_proposals(ground_truth, predictions.detections, tiou, subset=request.subset)
     report = EvaluationReport(metrics, proposal_metrics, gt_format, dict(predictions.unknown_labels), ground_truth.subsets)
     if request.diagnose:
-        if request.output is None:
-            raise UsageError("--diagnose needs --output FILE: diagnosis.json and diagnosis/*.png are written beside it")
         diagnosis, paths = run_diagnosis(
             ground_truth, predictions.detections, tiou, request.output.parent, gt_format,
             subset=request.subset, ignore_ambiguous=request.ignore_ambiguous,
