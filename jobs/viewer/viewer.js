@@ -248,54 +248,38 @@ function fileHandled() {
   $("stage").dataset.files = String(Number($("stage").dataset.files || 0) + 1);
 }
 
-$("results-file").addEventListener("change", async (event) => {
-  try {
-    await openResults(event.target);
-  } finally {
-    fileHandled();
-  }
-});
+// An ActivityNet file: results ({"results": {video id: detections}}) or ground truth ({"database": {video id: ...}}).
+// Kept in the state, then its entry for the video on the page is drawn (or a pick is offered, by apply).
+const JSON_FILES = {
+  "results-file": {key: "results", what: "ActivityNet results file", entries: "detections", apply: (id) => applyResults(id)},
+  "gt-file": {key: "database", what: "ActivityNet ground-truth file", entries: "annotations", apply: (id) => applyTruth(id)},
+};
 
-$("gt-file").addEventListener("change", async (event) => {
-  try {
-    await openTruth(event.target);
-  } finally {
-    fileHandled();
-  }
-});
-
-async function openResults(input) {
-  const file = await readJson(input);
-  if (!file) return;
-  const results = file.data && file.data.results;
-  if (!results || typeof results !== "object") {
-    showError(`${file.name}: not an ActivityNet results file (no "results" object of video id -> detections)`);
-    return;
-  }
-  clearError();
-  state.results = results;
-  if (!state.current) {
-    showError(`${file.name} is read: load a video first, its entry is then drawn`);
-    return;
-  }
-  applyResults(state.current.id);
+for (const [id, kind] of Object.entries(JSON_FILES)) {
+  $(id).addEventListener("change", async (event) => {
+    try {
+      await openJson(event.target, kind);
+    } finally {
+      fileHandled();
+    }
+  });
 }
 
-async function openTruth(input) {
+async function openJson(input, kind) {
   const file = await readJson(input);
   if (!file) return;
-  const database = file.data && file.data.database;
-  if (!database || typeof database !== "object") {
-    showError(`${file.name}: not an ActivityNet ground-truth file (no "database" object of video id -> annotations)`);
+  const entries = file.data && file.data[kind.key];
+  if (!entries || typeof entries !== "object") {
+    showError(`${file.name}: not an ${kind.what} (no "${kind.key}" object of video id -> ${kind.entries})`);
     return;
   }
   clearError();
-  state.database = database;
+  state[kind.key] = entries;
   if (!state.current) {
     showError(`${file.name} is read: load a video first, its entry is then drawn`);
     return;
   }
-  applyTruth(state.current.id);
+  kind.apply(state.current.id);
 }
 
 $("results-pick").addEventListener("change", (e) => e.target.value && (clearError(), applyResults(e.target.value)));
