@@ -166,19 +166,26 @@ def crop_batches(train: list[dict], steps: int, batch_size: int, max_seq_len: in
     order drawn from ``g`` (``agnostic``: every label 0, one class "action")."""
     from tal_models.batch import collate, random_crop
 
+    for batch in epoch_batches(len(train), steps, batch_size, g):
+        crops = []
+        for j in batch:
+            s = train[j]
+            labels = np.zeros_like(s["labels"]) if agnostic else s["labels"]
+            feats, segs, labels, _ = random_crop(s["features"], s["segments"], labels, max_seq_len, g)
+            crops.append({"features": feats, "segments": segs, "labels": labels, "video_id": s["video_id"]})
+        yield collate(crops, pad_multiple)
+
+
+def epoch_batches(n: int, steps: int, batch_size: int, g: np.random.Generator):
+    """``steps`` index batches of ``batch_size`` out of ``n`` samples, epoch after epoch, each epoch in an order drawn from
+    ``g`` (a last incomplete batch is dropped). The caller may draw from ``g`` between batches: the draws interleave."""
     done = 0
     while done < steps:
-        order = g.permutation(len(train))
-        for i in range(0, len(order) - batch_size + 1, batch_size):
+        order = g.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
             if done == steps:
                 return
-            crops = []
-            for j in order[i : i + batch_size]:
-                s = train[j]
-                labels = np.zeros_like(s["labels"]) if agnostic else s["labels"]
-                feats, segs, labels, _ = random_crop(s["features"], s["segments"], labels, max_seq_len, g)
-                crops.append({"features": feats, "segments": segs, "labels": labels, "video_id": s["video_id"]})
-            yield collate(crops, pad_multiple)
+            yield order[i : i + batch_size]
             done += 1
 
 

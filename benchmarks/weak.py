@@ -133,23 +133,18 @@ def video_batches(train: list[dict], steps: int, batch_size: int, max_seq_len: i
                   pad_multiple: int) -> Iterator:  # fmt: skip
     """``steps`` batches of whole training videos at video level (``video_level``), each resampled to at most
     ``max_seq_len`` steps by ``cam.sample_video`` (steps drawn from ``g``), epoch after epoch in an order drawn from ``g``."""
+    from benchmarks.accuracy_vs_actionformer import epoch_batches
     from tal_models.batch import collate
     from tal_models.cam import sample_video
 
     batch_size = min(batch_size, len(train))  # a small training split still gives whole batches
-    done = 0
-    while done < steps:
-        order = g.permutation(len(train))
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            if done == steps:
-                return
-            videos = []
-            for j in order[i : i + batch_size]:
-                s = video_level(train[j])
-                feats, segs, labels, _ = sample_video(s["features"], s["segments"], s["labels"], max_seq_len, g)
-                videos.append({"features": feats, "segments": segs, "labels": labels, "video_id": s["video_id"]})
-            yield collate(videos, pad_multiple)
-            done += 1
+    for batch in epoch_batches(len(train), steps, batch_size, g):
+        videos = []
+        for j in batch:
+            s = video_level(train[j])
+            feats, segs, labels, _ = sample_video(s["features"], s["segments"], s["labels"], max_seq_len, g)
+            videos.append({"features": feats, "segments": segs, "labels": labels, "video_id": s["video_id"]})
+        yield collate(videos, pad_multiple)
 
 
 def fit_videos(net, train: list[dict], steps: int, batch_size: int, lr: float, weight_decay: float, seed: int) -> tuple:
